@@ -1,0 +1,24 @@
+"""The single, framework-free description of Darknet-53 that both models read."""
+
+from darknet_arch.config import (
+    DARKNET53,
+    DARKNET_LEAKY_SLOPE,
+    SEED_LEAKY_SLOPE,
+    DarknetConfig,
+    InputShapeError,
+    StageSpec,
+    check_input_shape,
+)
+from darknet_arch.summary import ModelSummary, summarize
+
+__all__ = [
+    "DARKNET53",
+    "DARKNET_LEAKY_SLOPE",
+    "SEED_LEAKY_SLOPE",
+    "DarknetConfig",
+    "InputShapeError",
+    "ModelSummary",
+    "StageSpec",
+    "check_input_shape",
+    "summarize",
+]

@@ -1,0 +1,148 @@
+"""Darknet-53 as data: depths, widths, activation and BatchNorm settings, and the layer names.
+
+Both `torch_ref` and `flax_darknet` build their networks by looping over a `DarknetConfig`, and
+`porting` derives its key maps from the same names, so the architecture is written down once.
+This module imports neither framework.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+# Darknet's own leaky slope; nn.LeakyReLU() and timm default to 0.01 (what the seed's code used).
+DARKNET_LEAKY_SLOPE = 0.1
+SEED_LEAKY_SLOPE = 0.01
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+    """One stage: a stride-2 3x3 conv to `out_channels`, then `num_blocks` residual blocks."""
+
+    out_channels: int
+    num_blocks: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DarknetConfig:
+    """Architecture of a Darknet backbone plus classifier head (defaults: Darknet-53)."""
+
+    in_channels: int = 3
+    stem_channels: int = 32
+    stem_kernel: int = 3
+    down_kernel: int = 3
+    down_stride: int = 2
+    # Residual block: 1x1 conv to out_channels // bottleneck_ratio, then a 3x3 conv back.
+    bottleneck_ratio: int = 2
+    block_kernel: int = 3
+    stages: tuple[StageSpec, ...] = (
+        StageSpec(64, 1),
+        StageSpec(128, 2),
+        StageSpec(256, 8),
+        StageSpec(512, 8),
+        StageSpec(1024, 4),
+    )
+    # Stages whose outputs are returned as feature maps (stride 8, 16 and 32 for Darknet-53).
+    feature_stages: tuple[int, ...] = (2, 3, 4)
+    leaky_slope: float = DARKNET_LEAKY_SLOPE
+    # PyTorch's convention: running = (1 - m) * running + m * batch. Flax's momentum is 1 - m.
+    bn_momentum: float = 0.1
+    bn_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise ValueError("DarknetConfig.stages must not be empty")
+        for i, stage in enumerate(self.stages):
+            if stage.out_channels % self.bottleneck_ratio:
+                raise ValueError(
+                    f"stage {i}: out_channels {stage.out_channels} is not divisible by "
+                    f"bottleneck_ratio {self.bottleneck_ratio}"
+                )
+        for i in self.feature_stages:
+            if not 0 <= i < len(self.stages):
+                raise ValueError(f"feature_stages index {i} is outside 0..{len(self.stages) - 1}")
+
+    @property
+    def total_stride(self) -> int:
+        """Input sides must be multiples of this (32 for Darknet-53)."""
+        return self.down_stride ** len(self.stages)
+
+    @property
+    def width(self) -> int:
+        """Channels of the last stage: the pooled feature size fed to the classifier."""
+        return self.stages[-1].out_channels
+
+    def stage_stride(self, index: int) -> int:
+        """Stride of stage `index`'s output relative to the input."""
+        return self.down_stride ** (index + 1)
+
+    def feature_names(self) -> tuple[str, ...]:
+        """Keys of the feature-map dict both models return: ('stride8', 'stride16', 'stride32')."""
+        return tuple(f"stride{self.stage_stride(i)}" for i in self.feature_stages)
+
+    def feature_channels(self) -> dict[str, int]:
+        """Channel count of each returned feature map."""
+        return {
+            name: self.stages[i].out_channels for name, i in zip(self.feature_names(), self.feature_stages, strict=True)
+        }
+
+    # Layer names are the checkpoint format: they follow the seed's code, conv1..conv6,
+    # residual_block1..5 and fc, so its state_dicts load unchanged.
+    @staticmethod
+    def stem_name() -> str:
+        return "conv1"
+
+    @staticmethod
+    def down_name(stage: int) -> str:
+        return f"conv{stage + 2}"
+
+    @staticmethod
+    def blocks_name(stage: int) -> str:
+        return f"residual_block{stage + 1}"
+
+    @staticmethod
+    def head_name() -> str:
+        return "fc"
+
+    def with_slope(self, leaky_slope: float | None) -> DarknetConfig:
+        """This config with another leaky slope (None keeps it)."""
+        if leaky_slope is None:
+            return self
+        return dataclasses.replace(self, leaky_slope=float(leaky_slope))
+
+
+DARKNET53 = DarknetConfig()
+
+
+class InputShapeError(ValueError):
+    """An input batch whose rank, layout, channel count, size or dtype the network cannot take."""
+
+
+def check_input_shape(shape: Sequence[int], layout: str, config: DarknetConfig) -> None:
+    """Raise InputShapeError unless `shape` is a 4-D batch in `layout` ('NHWC' or 'NCHW') the net takes."""
+    c = config.in_channels
+    expected = f"(N, H, W, {c})" if layout == "NHWC" else f"(N, {c}, H, W)"
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 4:
+        raise InputShapeError(f"expected a 4-D {layout} batch {expected}, got shape {shape} (rank {len(shape)})")
+    if layout == "NHWC":
+        h, w, channels = shape[1], shape[2], shape[3]
+        other_layout_channels = shape[1]
+    elif layout == "NCHW":
+        channels, h, w = shape[1], shape[2], shape[3]
+        other_layout_channels = shape[3]
+    else:
+        raise ValueError(f"layout must be 'NHWC' or 'NCHW', got {layout!r}")
+    if channels != c:
+        hint = ""
+        if other_layout_channels == c:
+            other = "NCHW" if layout == "NHWC" else "NHWC"
+            perm = "x.transpose(0, 2, 3, 1)" if layout == "NHWC" else "x.permute(0, 3, 1, 2)"
+            hint = f"; this looks like an {other} batch, convert it with {perm}"
+        raise InputShapeError(f"expected a {layout} batch {expected} with {c} channels, got shape {shape}{hint}")
+    stride = config.total_stride
+    if h < stride or w < stride or h % stride or w % stride:
+        raise InputShapeError(
+            f"expected H and W to be positive multiples of {stride} (the network's total stride), "
+            f"got H={h}, W={w} in shape {shape}"
+        )
