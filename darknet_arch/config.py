@@ -139,10 +139,10 @@ def check_input_shape(shape: Sequence[int], layout: str, config: DarknetConfig) 
             other = "NCHW" if layout == "NHWC" else "NHWC"
             perm = "x.transpose(0, 2, 3, 1)" if layout == "NHWC" else "x.permute(0, 3, 1, 2)"
             hint = f"; this looks like an {other} batch, convert it with {perm}"
-        raise InputShapeError(f"expected a {layout} batch {expected} with {c} channels, got shape {shape}{hint}")
+        raise InputShapeError(f"expected an {layout} batch {expected} with {c} channels, got shape {shape}{hint}")
     stride = config.total_stride
     if h < stride or w < stride or h % stride or w % stride:
         raise InputShapeError(
-            f"expected H and W to be positive multiples of {stride} (the network's total stride), "
-            f"got H={h}, W={w} in shape {shape}"
+            f"expected an {layout} batch {expected} with H and W positive multiples of {stride} "
+            f"(the network's total stride), got H={h}, W={w} in shape {shape}"
         )
