@@ -1,0 +1,94 @@
+"""`port-weights`: convert Darknet-53 weights between PyTorch, Flax and Darknet files (thin layer over porting)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from porting.convert import DIRECTIONS, SIDE_HELP, check_conversion, convert
+from porting.errors import PortingError
+from porting.torch_flax import SOURCES
+
+EXIT_ERROR = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser: one subcommand per direction, SRC DST and shared options."""
+    parser = argparse.ArgumentParser(prog="port-weights", description=__doc__)
+    sub = parser.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
+    for direction, (src_side, dst_side) in DIRECTIONS.items():
+        p = sub.add_parser(direction, help=f"{src_side} ({SIDE_HELP[src_side]}) -> {dst_side} ({SIDE_HELP[dst_side]})")
+        p.add_argument("src", metavar="SRC", help=f"input: {SIDE_HELP[src_side]}")
+        p.add_argument("dst", metavar="DST", help=f"output: {SIDE_HELP[dst_side]}")
+        p.add_argument(
+            "--num-classes",
+            type=int,
+            default=None,
+            help="classifier width; a head-less SRC (darknet53.conv.74) gets a freshly initialised head",
+        )
+        p.add_argument(
+            "--reset-head",
+            action="store_true",
+            help="replace a head whose width differs from --num-classes by a freshly initialised one",
+        )
+        p.add_argument(
+            "--leaky-slope",
+            type=float,
+            default=None,
+            help="LeakyReLU slope to record and use for --check (default: what SRC records or implies)",
+        )
+        p.add_argument(
+            "--source",
+            choices=SOURCES,
+            default="auto",
+            help="naming of a PyTorch SRC: torch_ref and seed share names, timm is timm's darknet53",
+        )
+        p.add_argument("--seed", type=int, default=0, help="seed of a freshly initialised head")
+        p.add_argument(
+            "--check",
+            action="store_true",
+            help="run torch_ref and Flax on one random batch and print the max difference of each output",
+        )
+        p.add_argument("--force", action="store_true", help="overwrite an existing DST")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `port-weights` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    if args.num_classes is not None and args.num_classes < 1:
+        print(f"port-weights: error: --num-classes must be >= 1, got {args.num_classes}", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        result = convert(
+            args.direction,
+            args.src,
+            args.dst,
+            num_classes=args.num_classes,
+            leaky_slope=args.leaky_slope,
+            source=args.source,
+            seed=args.seed,
+            force=args.force,
+            reset_head=args.reset_head,
+        )
+        head = "none" if result.num_classes is None else f"{result.num_classes} classes"
+        print(
+            f"wrote {result.dst} ({args.direction}, from {result.source_format}, head: {head}, "
+            f"leaky_slope: {result.leaky_slope})"
+        )
+        for note in result.notes:
+            print(f"note: {note}")
+        if args.check:
+            diffs = check_conversion(
+                args.direction, args.src, args.dst, leaky_slope=result.leaky_slope, source=args.source
+            )
+            for name, (diff, scale) in diffs.items():
+                print(f"check {name}: max |torch - flax| = {diff:.3e} (max |torch| = {scale:.3e})")
+    except (PortingError, OSError) as exc:
+        print(f"port-weights: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,232 @@
+"""Darknet `.weights` files (the classifier `darknet53.weights` and the backbone-only `darknet53.conv.74`).
+
+Layout (shared/reference.md section 4): int32 major, minor, revision; `seen` as 8 bytes when
+major*10 + minor >= 2 (and both < 1000), else 4; then little-endian float32, unit by unit in cfg order. A
+batch-normalized conv stores biases (BN beta), scales (gamma), rolling mean, rolling variance, then the OIHW
+weights; the classifier head (a 1x1 conv without BN) stores biases then weights (out, in, 1, 1).
+
+BatchNorm epsilon: the values are ported unchanged and our models compute (x - mean) / sqrt(var + 1e-5), which
+is Darknet's GPU convention; Darknet's CPU path uses (x - mean) / (sqrt(var) + 1e-6) (see docs/porting.md).
+The file size is checked exactly BEFORE any float is read, so a truncated, padded or foreign file is refused
+and a header cannot make us allocate anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import struct
+from typing import BinaryIO
+
+import numpy as np
+
+from darknet_arch import DARKNET53, DarknetConfig
+from porting import keymap
+from porting.errors import PortingError
+from porting.state import CanonicalStateDict, check_keys_and_shapes, check_running_var, convert_all, shape_of
+from porting.torch_flax import INFER, Infer
+
+INT32 = struct.Struct("<i")
+SEEN_LONG = struct.Struct("<Q")  # size_t on the 64-bit machines Darknet runs on
+SEEN_SHORT = struct.Struct("<i")
+HEADER_INTS = 3
+LONG_HEADER_BYTES = HEADER_INTS * INT32.size + SEEN_LONG.size  # 20
+SHORT_HEADER_BYTES = HEADER_INTS * INT32.size + SEEN_SHORT.size  # 16
+FLOAT32 = np.dtype("<f4")
+# Darknet reads `seen` as size_t only for version >= 0.2 with sane major/minor; >= 1000 flags transposed FC weights.
+LONG_SEEN_MIN_VERSION = 2
+VERSION_FLAG = 1000
+
+# Per unit, the order Darknet writes its tensors, as torch_ref suffixes (biases = BN beta, scales = gamma).
+CONV_BN_FILE_ORDER = (
+    f"{keymap.TORCH_BN}.bias",
+    f"{keymap.TORCH_BN}.weight",
+    f"{keymap.TORCH_BN}.running_mean",
+    f"{keymap.TORCH_BN}.running_var",
+    f"{keymap.TORCH_CONV}.weight",
+)
+HEAD_FILE_ORDER = ("bias", "weight")
+
+
+@dataclasses.dataclass(frozen=True)
+class DarknetHeader:
+    """The version numbers and images-seen counter at the start of a .weights file."""
+
+    major: int = 0
+    minor: int = 2
+    revision: int = 0
+    seen: int = 0
+
+    @property
+    def size(self) -> int:
+        """16 or 20 bytes, decided as Darknet's loader decides it."""
+        long_seen = (
+            self.major * 10 + self.minor >= LONG_SEEN_MIN_VERSION
+            and self.major < VERSION_FLAG
+            and self.minor < VERSION_FLAG
+        )
+        return LONG_HEADER_BYTES if long_seen else SHORT_HEADER_BYTES
+
+    def to_bytes(self) -> bytes:
+        ints = b"".join(INT32.pack(v) for v in (self.major, self.minor, self.revision))
+        return ints + (SEEN_LONG if self.size == LONG_HEADER_BYTES else SEEN_SHORT).pack(self.seen)
+
+
+# What our exports write: version 0.2.0, seen 0, an 8-byte seen (20-byte header).
+DEFAULT_HEADER = DarknetHeader()
+
+
+@dataclasses.dataclass(frozen=True)
+class DarknetWeights:
+    """A parsed .weights file: header, canonical (torch_ref-named) float32 tensors, and head width."""
+
+    header: DarknetHeader
+    state: CanonicalStateDict
+    num_classes: int | None
+
+
+def parse_header(data: bytes) -> DarknetHeader:
+    """Parse the first 16 or 20 bytes; PortingError for a short or impossible header."""
+    if len(data) < SHORT_HEADER_BYTES:
+        raise PortingError(f"not a Darknet .weights file: {len(data)} bytes, shorter than the 16-byte header")
+    major, minor, revision = (INT32.unpack_from(data, i * INT32.size)[0] for i in range(HEADER_INTS))
+    if min(major, minor, revision) < 0:
+        raise PortingError(
+            f"not a Darknet .weights file: header version {major}.{minor}.{revision} has a negative number"
+        )
+    size = DarknetHeader(major, minor, revision).size
+    if len(data) < size:
+        raise PortingError(f"not a Darknet .weights file: {len(data)} bytes, shorter than its {size}-byte header")
+    seen_struct = SEEN_LONG if size == LONG_HEADER_BYTES else SEEN_SHORT
+    seen = seen_struct.unpack_from(data, HEADER_INTS * INT32.size)[0]
+    return DarknetHeader(major, minor, revision, seen)
+
+
+def _unit_orders(config: DarknetConfig, num_classes: int | None) -> list[tuple[str, tuple[int, ...]]]:
+    """(torch key, torch shape) of every float in file order."""
+    order = []
+    for unit in keymap.units(config, num_classes):
+        rules = {r.torch_suffix: r for r in unit.rules}
+        for suffix in CONV_BN_FILE_ORDER if unit.kind == "conv_bn" else HEAD_FILE_ORDER:
+            order.append((unit.torch_key(rules[suffix]), unit.torch_shape(rules[suffix])))
+    return order
+
+
+def darknet_float_count(config: DarknetConfig = DARKNET53, num_classes: int | None = None) -> int:
+    """Floats after the header: 40,620,640 for Darknet-53's backbone, 41,645,640 with the 1000-class head."""
+    return sum(int(np.prod(shape)) for _, shape in _unit_orders(config, num_classes))
+
+
+def _resolve_head(
+    payload_bytes: int, header: DarknetHeader, config: DarknetConfig, num_classes: int | Infer | None
+) -> int | None:
+    """The head width the file's exact size implies, or PortingError with expected and actual sizes."""
+    total = header.size + payload_bytes
+    backbone = darknet_float_count(config, None)
+    per_class = config.width + 1  # a 1x1 conv's weights plus its bias
+    if num_classes != INFER:
+        expected = header.size + FLOAT32.itemsize * darknet_float_count(config, num_classes)
+        if total != expected:
+            head = "no head (backbone only)" if num_classes is None else f"a {num_classes}-class head"
+            raise PortingError(
+                f"Darknet .weights size mismatch: expected {expected} bytes ({header.size}-byte header + 4 x "
+                f"{darknet_float_count(config, num_classes)} floats for this network with {head}), got {total}"
+            )
+        return num_classes
+    if payload_bytes % FLOAT32.itemsize == 0:
+        extra = payload_bytes // FLOAT32.itemsize - backbone
+        if extra == 0:
+            return None
+        if extra > 0 and extra % per_class == 0:
+            return extra // per_class
+    example = header.size + FLOAT32.itemsize * (backbone + 1000 * per_class)
+    raise PortingError(
+        f"Darknet .weights size mismatch: expected {header.size + FLOAT32.itemsize * backbone} bytes (backbone only, "
+        f"{backbone} floats) or that plus 4 x {per_class} bytes per class of a classifier head (e.g. {example} for "
+        f"1000 classes), got {total}: truncated, extra bytes, or another network"
+    )
+
+
+def _split(floats: np.ndarray, config: DarknetConfig, num_classes: int | None) -> CanonicalStateDict:
+    state, offset = {}, 0
+    for key, shape in _unit_orders(config, num_classes):
+        n = int(np.prod(shape))
+        state[key] = floats[offset : offset + n].reshape(shape)
+        offset += n
+    # Torch key order (weight before BN), whatever order the file had.
+    order = keymap.expected_torch_shapes(config, num_classes)
+    canonical = {k: np.ascontiguousarray(state[k], dtype=np.float32) for k in order}
+    for key, arr in canonical.items():
+        if not np.all(np.isfinite(arr)):
+            raise PortingError(f"{key}: contains NaN or Inf values in the Darknet file")
+    check_running_var(canonical)
+    return canonical
+
+
+def _read_exact(f: BinaryIO, n: int) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise PortingError(f"Darknet .weights file changed while reading: wanted {n} bytes, got {len(data)}")
+    return data
+
+
+def read_darknet_weights(
+    source: str | os.PathLike | bytes,
+    *,
+    config: DarknetConfig = DARKNET53,
+    num_classes: int | Infer | None = INFER,
+) -> DarknetWeights:
+    """Read a .weights file (path or bytes); 'infer' picks the head from the exact size (none: backbone only)."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        data = bytes(source)
+        header = parse_header(data[:LONG_HEADER_BYTES])
+        classes = _resolve_head(len(data) - header.size, header, config, num_classes)
+        floats = np.frombuffer(data, FLOAT32, offset=header.size).astype(np.float32)
+        return DarknetWeights(header, _split(floats, config, classes), classes)
+    try:
+        with open(source, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            header = parse_header(f.read(min(size, LONG_HEADER_BYTES)))
+            classes = _resolve_head(size - header.size, header, config, num_classes)
+            f.seek(header.size)
+            # Only now, with the size proven to be exactly what the network needs, read the floats.
+            count = (size - header.size) // FLOAT32.itemsize
+            floats = np.frombuffer(_read_exact(f, count * FLOAT32.itemsize), FLOAT32).astype(np.float32)
+    except OSError as exc:
+        raise PortingError(f"cannot read Darknet weights {os.fspath(source)!r}: {exc}") from exc
+    return DarknetWeights(header, _split(floats, config, classes), classes)
+
+
+def darknet_bytes(
+    state: CanonicalStateDict, *, config: DarknetConfig = DARKNET53, header: DarknetHeader = DEFAULT_HEADER
+) -> bytes:
+    """Serialise a canonical state dict (checked strictly) as a Darknet .weights file."""
+    weight = state.get(f"{config.head_name()}.weight")
+    shape = shape_of(weight)
+    classes = shape[0] if shape is not None and len(shape) == 2 else None
+    expected = keymap.expected_torch_shapes(config, classes)
+    check_keys_and_shapes(state, expected, what="writing Darknet weights")
+    arrays = convert_all(state, expected)
+    parts = [header.to_bytes()]
+    parts.extend(arrays[key].astype(FLOAT32).tobytes() for key, _ in _unit_orders(config, classes))
+    return b"".join(parts)
+
+
+def write_darknet_weights(
+    dst: str | os.PathLike,
+    state: CanonicalStateDict,
+    *,
+    config: DarknetConfig = DARKNET53,
+    header: DarknetHeader = DEFAULT_HEADER,
+    force: bool = False,
+) -> None:
+    """Write a canonical state dict as a .weights file (20-byte header by default), atomically."""
+    from porting.files import atomic_write
+
+    payload = darknet_bytes(state, config=config, header=header)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+
+    atomic_write(dst, write, force)

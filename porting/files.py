@@ -1,0 +1,321 @@
+"""Reading and writing the container formats, chosen by path, with atomic writes and small metadata.
+
+Formats: PyTorch `.pt`/`.pth` (torch.load with weights_only=True only) and `.safetensors`; Flax `.msgpack`
+(flax.serialization bytes of {"params", "batch_stats", "meta"}) and orbax checkpoint directories; Darknet
+`.weights` / `.conv.NN`. Metadata {"num_classes", "leaky_slope", "source_format"} goes into the safetensors
+header, the msgpack `meta` entry, `porting_meta.json` inside an orbax directory, and a `<file>.meta.json`
+sidecar next to a .pt/.pth (whose payload stays a plain state_dict that `load_state_dict` takes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from porting.errors import PortingError
+
+TORCH_SUFFIXES = (".pt", ".pth")
+SAFETENSORS_SUFFIX = ".safetensors"
+MSGPACK_SUFFIX = ".msgpack"
+DARKNET_SUFFIX = ".weights"
+DARKNET_PARTIAL = re.compile(r"\.conv\.\d+$")  # darknet53.conv.74, written by `darknet partial`
+PT_SIDECAR_SUFFIX = ".meta.json"
+ORBAX_META_FILE = "porting_meta.json"
+ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt")
+META_KEY = "meta"
+META_FIELDS = ("num_classes", "leaky_slope", "source_format")
+TMP_TAG = ".porting-tmp-"
+
+Meta = dict[str, Any]
+
+
+def format_of(path: str | os.PathLike) -> str:
+    """'torch', 'safetensors', 'msgpack', 'orbax' or 'darknet' from the path; PortingError otherwise."""
+    p = Path(path)
+    name = p.name.lower()
+    if p.suffix.lower() in TORCH_SUFFIXES:
+        return "torch"
+    if name.endswith(SAFETENSORS_SUFFIX):
+        return "safetensors"
+    if name.endswith(MSGPACK_SUFFIX):
+        return "msgpack"
+    if name.endswith(DARKNET_SUFFIX) or DARKNET_PARTIAL.search(name):
+        return "darknet"
+    if p.is_dir() or not p.suffix:
+        return "orbax"
+    raise PortingError(
+        f"cannot tell the format of {os.fspath(path)!r}: expected .pt/.pth/.safetensors (PyTorch), .msgpack or an "
+        f"orbax directory (Flax), or .weights/.conv.NN (Darknet)"
+    )
+
+
+def clean_meta(raw: Any, where: str) -> Meta:
+    """Validate a metadata mapping: known fields with the right types, unknown ones dropped."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise PortingError(f"{where}: metadata must be a mapping, got {type(raw).__name__}")
+    meta: Meta = {}
+    classes, slope, source = raw.get("num_classes"), raw.get("leaky_slope"), raw.get("source_format")
+    if classes is not None:
+        if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1:
+            raise PortingError(f"{where}: metadata num_classes must be a positive int, got {classes!r}")
+        meta["num_classes"] = classes
+    if slope is not None:
+        if isinstance(slope, bool) or not isinstance(slope, int | float):
+            raise PortingError(f"{where}: metadata leaky_slope must be a number, got {slope!r}")
+        meta["leaky_slope"] = float(slope)
+    if source is not None:
+        meta["source_format"] = str(source)
+    return meta
+
+
+def _meta_to_strings(meta: Meta) -> dict[str, str]:
+    return {k: json.dumps(meta[k]) for k in META_FIELDS if meta.get(k) is not None}
+
+
+def _strings_to_meta(raw: Mapping[str, str] | None, where: str) -> Meta:
+    parsed = {}
+    for k in META_FIELDS:
+        if raw and k in raw:
+            try:
+                parsed[k] = json.loads(raw[k])
+            except (TypeError, ValueError) as exc:
+                raise PortingError(f"{where}: metadata {k}={raw[k]!r} is not JSON") from exc
+    return clean_meta(parsed, where)
+
+
+# ---------------------------------------------------------------------------------------------- atomic writes
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
+def check_destination(dst: str | os.PathLike, force: bool) -> None:
+    """Refuse an existing DST unless `force`, and a DST whose directory does not exist."""
+    dst = os.fspath(dst)
+    if os.path.lexists(dst) and not force:
+        raise PortingError(f"{dst!r} already exists; pass force=True (--force) to overwrite it")
+    parent = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(parent):
+        raise PortingError(f"cannot write {dst!r}: directory {parent!r} does not exist")
+
+
+def atomic_write(dst: str | os.PathLike, write: Callable[[str], None], force: bool) -> None:
+    """Call write(tmp) for a temporary name in DST's directory, then rename it onto DST (files or directories).
+
+    An interrupted or failed run leaves DST untouched and no temporary behind.
+    """
+    dst = os.path.abspath(os.fspath(dst))
+    check_destination(dst, force)
+    directory, name = os.path.split(dst)
+    tmp = os.path.join(directory, f".{name}{TMP_TAG}{uuid.uuid4().hex}")
+    try:
+        write(tmp)
+        if os.path.isfile(tmp):
+            # Some writers (safetensors) create 0600 files; give the output the usual umask-derived mode.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+        if os.path.isdir(tmp) and os.path.lexists(dst):
+            # os.replace cannot put a directory over a non-empty one: move the old one aside first.
+            old = os.path.join(directory, f".{name}{TMP_TAG}old-{uuid.uuid4().hex}")
+            os.replace(dst, old)
+            os.replace(tmp, dst)
+            _remove(old)
+        else:
+            os.replace(tmp, dst)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _write_json(path: str, payload: Mapping[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=1, sort_keys=True)
+
+
+# ------------------------------------------------------------------------------------------------ PyTorch
+
+
+def _unwrap_checkpoint(obj: Any, where: str) -> tuple[Mapping[str, Any], Meta]:
+    if not isinstance(obj, Mapping):
+        raise PortingError(f"{where}: expected a state_dict or a checkpoint dict, got {type(obj).__name__}")
+    for key in ("state_dict", "model"):
+        if isinstance(obj.get(key), Mapping):
+            return obj[key], clean_meta(obj.get(META_KEY), where)
+    return obj, {}
+
+
+def read_torch_file(path: str | os.PathLike) -> tuple[Mapping[str, Any], Meta]:
+    """A state_dict from .pt/.pth (weights_only=True, never anything else) or .safetensors, and its metadata."""
+    import torch
+
+    where = os.fspath(path)
+    if not os.path.isfile(where):
+        raise PortingError(f"{where!r} does not exist or is not a file")
+    if format_of(where) == "safetensors":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        try:
+            with safe_open(where, framework="pt") as f:
+                raw_meta = f.metadata()
+            state = load_file(where, device="cpu")
+        except Exception as exc:  # safetensors raises its own and OS errors for corrupt headers
+            raise PortingError(f"{where}: not a readable safetensors file: {type(exc).__name__}: {exc}") from exc
+        return state, _strings_to_meta(raw_meta, where)
+    try:
+        obj = torch.load(where, map_location="cpu", weights_only=True)
+    except Exception as exc:  # the weights-only unpickler refuses any global it does not allow
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise PortingError(
+            f"{where}: refused by torch.load(weights_only=True) (a pickle payload or not a torch file): "
+            f"{type(exc).__name__}: {first}"
+        ) from exc
+    state, meta = _unwrap_checkpoint(obj, where)
+    sidecar = where + PT_SIDECAR_SUFFIX
+    if not meta and os.path.isfile(sidecar):
+        try:
+            with open(sidecar, encoding="utf-8") as f:
+                meta = clean_meta(json.load(f), sidecar)
+        except ValueError as exc:
+            raise PortingError(f"{sidecar}: not valid JSON metadata: {exc}") from exc
+    return state, meta
+
+
+def write_torch_file(dst: str | os.PathLike, state_dict: Mapping[str, Any], meta: Meta, force: bool = False) -> None:
+    """Write a torch state_dict as .pt/.pth (plain state_dict + sidecar) or .safetensors (metadata in header)."""
+    import torch
+
+    dst = os.fspath(dst)
+    fmt = format_of(dst)
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        tensors = {k: v.contiguous() for k, v in state_dict.items()}
+        atomic_write(dst, lambda tmp: save_file(tensors, tmp, metadata=_meta_to_strings(meta)), force)
+        return
+    if fmt != "torch":
+        raise PortingError(f"{dst!r}: a PyTorch output must end in .pt, .pth or .safetensors")
+    check_destination(dst + PT_SIDECAR_SUFFIX, force)
+    atomic_write(dst, lambda tmp: torch.save(dict(state_dict), tmp), force)
+    atomic_write(dst + PT_SIDECAR_SUFFIX, lambda tmp: _write_json(tmp, clean_meta(meta, dst)), True)
+
+
+# --------------------------------------------------------------------------------------------------- Flax
+
+
+def _orbax_item_dir(path: Path) -> tuple[Path, list[str]]:
+    """The directory that holds the pytree: PATH itself, or the newest step (and single item) of a manager dir."""
+    notes = []
+    if not any((path / m).exists() for m in ORBAX_MARKERS):
+        steps = sorted((p for p in path.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+        if steps:
+            path = steps[-1]
+            notes.append(f"orbax: read the newest step {path.name} of a checkpoint manager directory")
+        if not any((path / m).exists() for m in ORBAX_MARKERS):
+            items = [p for p in path.iterdir() if p.is_dir() and any((p / m).exists() for m in ORBAX_MARKERS)]
+            if len(items) == 1:
+                path = items[0]
+                notes.append(f"orbax: read item {path.name!r}")
+    return path, notes
+
+
+def _pick_variables(tree: Any, where: str) -> tuple[dict[str, Any], list[str]]:
+    """{"params", "batch_stats"} out of a restored tree; other top-level entries (step, opt_state) are noted."""
+    if isinstance(tree, Mapping) and "params" not in tree and len(tree) == 1:
+        ((_, inner),) = tree.items()
+        if isinstance(inner, Mapping) and "params" in inner:
+            tree = inner
+    if not isinstance(tree, Mapping) or "params" not in tree:
+        keys = list(tree)[:10] if isinstance(tree, Mapping) else type(tree).__name__
+        raise PortingError(f"{where}: expected a checkpoint holding 'params' and 'batch_stats', got {keys}")
+    ignored = sorted(str(k) for k in tree if k not in ("params", "batch_stats", META_KEY))
+    notes = [f"ignored checkpoint entries: {', '.join(ignored)}"] if ignored else []
+    return {k: tree[k] for k in ("params", "batch_stats") if k in tree}, notes
+
+
+def read_flax_file(path: str | os.PathLike) -> tuple[dict[str, Any], Meta, list[str]]:
+    """Flax variables, metadata and notes from a .msgpack file or an orbax checkpoint directory."""
+    where = os.fspath(path)
+    if format_of(where) == "msgpack":
+        from flax import serialization
+
+        if not os.path.isfile(where):
+            raise PortingError(f"{where!r} does not exist or is not a file")
+        with open(where, "rb") as f:
+            data = f.read()
+        try:
+            tree = serialization.msgpack_restore(data)
+        except Exception as exc:  # msgpack raises several unrelated types on corrupt input
+            raise PortingError(f"{where}: not a Flax msgpack file: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(tree, Mapping):
+            raise PortingError(f"{where}: expected a msgpack dict of params and batch_stats, got {type(tree).__name__}")
+        meta = clean_meta(tree.get(META_KEY), where)
+        unexpected = [k for k in tree if k not in ("params", "batch_stats", META_KEY)]
+        if unexpected:
+            raise PortingError(
+                f"{where}: unexpected top-level entries {unexpected}; expected params, batch_stats, meta"
+            )
+        return {k: tree[k] for k in ("params", "batch_stats") if k in tree}, meta, []
+    directory = Path(where)
+    if not directory.is_dir():
+        raise PortingError(f"{where!r} is not an orbax checkpoint directory (or a .msgpack file)")
+    item, notes = _orbax_item_dir(directory.absolute())
+    import orbax.checkpoint as ocp
+
+    try:
+        tree = ocp.StandardCheckpointer().restore(item)
+    except Exception as exc:  # orbax raises many types for a directory that is not a checkpoint
+        raise PortingError(f"{where}: not a readable orbax checkpoint: {type(exc).__name__}: {exc}") from exc
+    variables, more = _pick_variables(tree, where)
+    meta: Meta = {}
+    for candidate in (item / ORBAX_META_FILE, directory / ORBAX_META_FILE):
+        if candidate.is_file():
+            try:
+                meta = clean_meta(json.loads(candidate.read_text(encoding="utf-8")), os.fspath(candidate))
+            except ValueError as exc:
+                raise PortingError(f"{candidate}: not valid JSON metadata: {exc}") from exc
+            break
+    return variables, meta, notes + more
+
+
+def write_flax_file(dst: str | os.PathLike, variables: Mapping[str, Any], meta: Meta, force: bool = False) -> None:
+    """Write Flax variables as .msgpack (with a `meta` entry) or, for any other name, an orbax directory."""
+    dst = os.fspath(dst)
+    meta = clean_meta(meta, dst)
+    if format_of(dst) == "msgpack":
+        from flax import serialization
+
+        payload = serialization.msgpack_serialize({**variables, META_KEY: meta})
+
+        def write_bytes(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                f.write(payload)
+
+        atomic_write(dst, write_bytes, force)
+        return
+    if format_of(dst) != "orbax":
+        raise PortingError(f"{dst!r}: a Flax output must end in .msgpack or be an orbax directory name")
+    import orbax.checkpoint as ocp
+
+    def write_dir(tmp: str) -> None:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(os.path.abspath(tmp), dict(variables))
+        checkpointer.wait_until_finished()
+        _write_json(os.path.join(tmp, ORBAX_META_FILE), meta)
+
+    atomic_write(dst, write_dir, force)

@@ -1,0 +1,122 @@
+"""Strict checks shared by every direction: keys, shapes (after the documented transpose), dtypes, finiteness.
+
+The canonical form every reader produces and every writer takes is a "canonical state dict": torch_ref
+(seed) key names -> C-contiguous float32 numpy arrays in torch layout, without num_batches_tracked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from porting.errors import PortingError
+
+CanonicalStateDict = dict[str, np.ndarray]
+
+# Float dtypes numpy reports with kind "V" (ml_dtypes) but which are still floating point.
+_EXTRA_FLOAT_DTYPES = frozenset({"bfloat16"})
+# Keep long error messages readable: list this many keys per category, then a count.
+MAX_LISTED = 40
+
+
+def is_float_dtype(dtype: Any) -> bool:
+    """True for numpy float dtypes and bfloat16."""
+    dtype = np.dtype(dtype)
+    return dtype.kind == "f" or dtype.name in _EXTRA_FLOAT_DTYPES
+
+
+def _describe_type(value: Any) -> str:
+    dtype = getattr(value, "dtype", None)
+    return f"{type(value).__name__} of dtype {dtype}" if dtype is not None else type(value).__name__
+
+
+def to_float32(key: str, value: Any) -> np.ndarray:
+    """`value` (torch tensor, numpy or jax array) as a float32 numpy array, or PortingError naming `key`."""
+    if hasattr(value, "detach") and hasattr(value, "is_floating_point"):  # torch.Tensor, without importing torch
+        if not value.is_floating_point():
+            raise PortingError(f"{key}: expected a floating-point tensor, got dtype {value.dtype}")
+        tensor = value.detach().cpu()
+        arr = tensor.float().numpy() if str(tensor.dtype) != "torch.float32" else tensor.numpy()
+    elif hasattr(value, "dtype") and hasattr(value, "shape"):
+        arr = np.asarray(value)
+        if not is_float_dtype(arr.dtype):
+            raise PortingError(f"{key}: expected a floating-point array, got dtype {arr.dtype}")
+    else:
+        raise PortingError(f"{key}: expected a tensor or array, got {_describe_type(value)}")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.all(np.isfinite(arr)):
+        bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+        raise PortingError(f"{key}: contains {bad} NaN or Inf value(s) of {arr.size}")
+    return arr
+
+
+def shape_of(value: Any) -> tuple[int, ...] | None:
+    """The shape of an array-like value, None for anything else."""
+    shape = getattr(value, "shape", None)
+    try:
+        return tuple(int(s) for s in shape) if shape is not None else None
+    except TypeError:
+        return None
+
+
+def _listing(title: str, keys: list[str]) -> str:
+    shown = ", ".join(repr(k) for k in keys[:MAX_LISTED])
+    more = f" ... and {len(keys) - MAX_LISTED} more" if len(keys) > MAX_LISTED else ""
+    return f"{title} ({len(keys)}): {shown}{more}"
+
+
+def check_keys_and_shapes(
+    found: Mapping[str, Any],
+    expected: Mapping[str, tuple[int, ...]],
+    *,
+    what: str,
+    optional: Iterable[str] = (),
+    shape_note: Mapping[str, str] | None = None,
+) -> None:
+    """Raise one PortingError listing ALL missing keys, ALL unexpected keys and every shape mismatch.
+
+    `optional` keys may be present or absent (num_batches_tracked); `shape_note` explains a key's expected
+    layout (e.g. "HWIO = torch OIHW transposed (2, 3, 1, 0)").
+    """
+    optional = set(optional)
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected and k not in optional]
+    problems = []
+    if missing:
+        problems.append(_listing("missing keys", missing))
+    if unexpected:
+        problems.append(_listing("unexpected keys", unexpected))
+    for key, want in expected.items():
+        if key not in found:
+            continue
+        got = shape_of(found[key])
+        if got is None:
+            problems.append(f"{key}: expected a tensor or array of shape {want}, got {_describe_type(found[key])}")
+        elif got != tuple(want):
+            note = f" ({shape_note[key]})" if shape_note and key in shape_note else ""
+            problems.append(f"size mismatch for {key}: expected shape {tuple(want)}{note}, got {got}")
+    if problems:
+        raise PortingError(f"error(s) in {what}:\n  " + "\n  ".join(problems))
+
+
+def convert_all(found: Mapping[str, Any], keys: Iterable[str]) -> CanonicalStateDict:
+    """Convert the listed keys to float32 numpy, raising PortingError on the first non-float or non-finite one."""
+    return {k: to_float32(k, found[k]) for k in keys}
+
+
+def check_counter(key: str, value: Any) -> None:
+    """A num_batches_tracked entry must be an integer scalar (it is dropped, Flax and Darknet have none)."""
+    shape = shape_of(value)
+    dtype = getattr(value, "dtype", None)
+    is_int = dtype is not None and ("int" in str(dtype))
+    if shape not in ((), (1,)) or not is_int:
+        raise PortingError(f"{key}: expected an integer scalar counter, got {_describe_type(value)} of shape {shape}")
+
+
+def check_running_var(state: CanonicalStateDict) -> None:
+    """A negative running variance makes sqrt(var + eps) NaN: refuse it, naming the key."""
+    for key, arr in state.items():
+        if key.endswith("running_var") and arr.size and float(arr.min()) < 0:
+            raise PortingError(f"{key}: running variance has negative values (min {float(arr.min())})")
