@@ -1,0 +1,92 @@
+"""Round trips are bit-exact: torch -> flax -> torch, flax -> torch -> flax, darknet -> torch -> darknet (bytes)."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+import flax_darknet
+import torch_ref
+from porting import (
+    PortingError,
+    convert,
+    flax_to_torch_state_dict,
+    load_flax_variables,
+    read_torch_file,
+    torch_state_dict_to_flax,
+)
+from tests.porting_helpers import TINY, darknet_layers, flax_leaf, randomize_torch_state, torch_key_to_flax
+
+CLASSES = 7
+
+
+@pytest.fixture
+def torch_model() -> torch.nn.Module:
+    model = torch_ref.Darknet53(num_classes=CLASSES, config=TINY)
+    randomize_torch_state(model, seed=5)
+    return model
+
+
+def _assert_state_dicts_bit_equal(a: dict, b: dict, ordered: bool = True) -> None:
+    assert list(a) == list(b) if ordered else sorted(a) == sorted(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype, key
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_torch_flax_torch_is_bit_exact_and_follows_the_naming_contract(torch_model):
+    state = torch_model.state_dict()
+    variables = torch_state_dict_to_flax(state, config=TINY)
+    for key, value in state.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        path, transpose = torch_key_to_flax(key)
+        want = value.numpy() if transpose is None else value.numpy().transpose(transpose)
+        np.testing.assert_array_equal(flax_leaf(variables, path), want, err_msg=key)
+    back = flax_to_torch_state_dict(variables, config=TINY)
+    _assert_state_dicts_bit_equal(state, back)
+    torch_ref.Darknet53(num_classes=CLASSES, config=TINY).load_state_dict(back, strict=True)
+
+
+def test_flax_torch_flax_is_bit_exact():
+    model = flax_darknet.Darknet53(num_classes=CLASSES, config=TINY)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32))
+    # Random values everywhere (running stats included) so no swap of two same-shaped tensors could pass.
+    rng = np.random.default_rng(7)
+    variables = jax.tree.map(lambda s: rng.uniform(0.5, 3.0, s.shape).astype(np.float32), shapes)
+    back = torch_state_dict_to_flax(flax_to_torch_state_dict(variables, config=TINY), config=TINY)
+    assert jax.tree.structure(back) == jax.tree.structure(jax.tree.map(np.asarray, dict(variables)))
+    for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(variables), strict=True):
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, np.asarray(want))
+
+
+@pytest.mark.parametrize(("torch_name", "flax_name"), [("m.pt", "m.msgpack"), ("m.safetensors", "ckpt")])
+def test_file_round_trip_is_bit_exact_and_records_metadata(tmp_path, torch_model, torch_name, flax_name):
+    src = tmp_path / "src.pth"
+    torch.save(torch_model.state_dict(), src)
+    flax_path, torch_path = tmp_path / flax_name, tmp_path / torch_name
+    convert("torch2flax", src, flax_path, config=TINY, leaky_slope=0.01)
+    convert("flax2torch", flax_path, torch_path, config=TINY)
+    state, meta = read_torch_file(torch_path)
+    # safetensors stores keys sorted; .pt keeps torch_ref's order.
+    _assert_state_dicts_bit_equal(torch_model.state_dict(), dict(state), ordered=torch_name.endswith(".pt"))
+    assert meta == {"num_classes": CLASSES, "leaky_slope": 0.01, "source_format": "flax_msgpack"
+                    if flax_name.endswith(".msgpack") else "orbax"}  # fmt: skip
+    result = load_flax_variables(flax_path, config=TINY)
+    assert (result.num_classes, result.leaky_slope, result.notes) == (CLASSES, 0.01, ())
+
+
+def test_darknet_torch_darknet_is_byte_exact(tmp_path):
+    from tests.porting_helpers import write_weights_file
+
+    src, mid, back = tmp_path / "net.weights", tmp_path / "net.pt", tmp_path / "back.weights"
+    write_weights_file(src, darknet_layers(TINY, CLASSES, seed=6))
+    convert("darknet2torch", src, mid, config=TINY)
+    convert("torch2darknet", mid, back, config=TINY)
+    assert back.read_bytes() == src.read_bytes()
+    with pytest.raises(PortingError, match="already exists"):
+        convert("torch2darknet", mid, back, config=TINY)
+    assert back.read_bytes() == src.read_bytes()
