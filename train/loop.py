@@ -1,0 +1,404 @@
+"""The Flax training loop: data -> sharded jitted steps -> metrics, checkpoints, plots; exact resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from darknet_arch import DarknetConfig
+from train import checkpointing as ckpt
+from train import metrics as metrics_lib
+from train.data import DEMO_IMAGE_SIZE, DataSplits, load_splits, make_eval_iter, make_train_iter
+from train.logging_utils import Progress, RunLogger, atomic_write_text
+from train.options import DEFAULT_IMAGE_SIZE, ConfigError, TrainConfig, config_differences, dumps
+from train.sharding import Topology, check_batch_size, make_topology, place_batch, replicate, to_host
+from train.state import TrainState, create_model, create_train_state, make_optimizer, make_schedule
+from train.steps import eval_step, train_step
+
+CONFIG_FILE = "config.json"
+DATA_SUMMARY_FILE = "data_summary.json"
+SUMMARY_FILE = "summary.json"
+DEFAULT_COMPILE_CACHE = Path.home() / ".cache" / "darknet53-jax" / "xla"
+
+
+class WorkdirError(ValueError):
+    """A workdir that exists without --resume/--overwrite, cannot be written, or has nothing to resume."""
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite steps in a row; a checkpoint was saved first."""
+
+
+class Interrupted(RuntimeError):
+    """SIGTERM/SIGINT: the current step finished and a checkpoint was saved."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved")
+        self.signum, self.step = signum, step
+
+
+def setup_compilation_cache(cache: str | None) -> str | None:
+    """Turn on JAX's persistent compilation cache (start-up in seconds when warm); returns the folder."""
+    if cache is None:
+        return None
+    folder = DEFAULT_COMPILE_CACHE if cache == "default" else Path(cache)
+    folder.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return str(folder)
+
+
+def resolve_image_size(config: TrainConfig) -> TrainConfig:
+    """Fill in the default image size: the demo's for --data demo, else DEFAULT_IMAGE_SIZE."""
+    if config.image_size is not None:
+        return config
+    size = DEMO_IMAGE_SIZE if config.data == "demo" else DEFAULT_IMAGE_SIZE
+    return dataclasses.replace(config, image_size=size)
+
+
+def prepare_workdir(config: TrainConfig, is_main: bool) -> Path:
+    """Check (before any work) that the workdir may be used and written; clear it for --overwrite."""
+    workdir = Path(config.workdir)
+    exists = workdir.exists() and any(workdir.iterdir()) if workdir.is_dir() else workdir.exists()
+    if workdir.exists() and not workdir.is_dir():
+        raise WorkdirError(f"--workdir {workdir} exists and is not a folder")
+    if config.resume:
+        if not (workdir / ckpt.LATEST_DIR).is_dir():
+            raise WorkdirError(f"--resume: {workdir} holds no checkpoints ({workdir / ckpt.LATEST_DIR} is missing)")
+    elif exists and not config.overwrite:
+        raise WorkdirError(
+            f"--workdir {workdir} already exists and is not empty; pass --resume to continue it, "
+            "--overwrite to replace it, or choose another folder"
+        )
+    if not is_main:
+        return workdir
+    if exists and config.overwrite:
+        shutil.rmtree(workdir)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise WorkdirError(f"--workdir {workdir} is not writable: {e}") from e
+    return workdir
+
+
+def load_init_variables(config: TrainConfig, model_config: DarknetConfig, num_classes: int) -> tuple[Any, list[str]]:
+    """--init-from: variables from any file porting reads, the head re-initialised when the class count differs."""
+    import porting  # only needed here; keeps the plain training path free of the porting package
+
+    try:
+        result = porting.load_flax_variables(
+            config.init_from,
+            num_classes=num_classes,
+            leaky_slope=config.leaky_slope,
+            seed=config.seed,
+            config=model_config,
+        )
+    except porting.PortingError as e:
+        raise ConfigError(f"--init-from {config.init_from}: {e}") from e
+    if result.leaky_slope is not None and float(result.leaky_slope) != float(model_config.leaky_slope):
+        raise ConfigError(
+            f"--init-from {config.init_from} was trained with leaky slope {result.leaky_slope} but the model uses "
+            f"{model_config.leaky_slope}; pass --leaky-slope {result.leaky_slope}"
+        )
+    return jax.tree_util.tree_map(np.asarray, result.variables), list(result.notes)
+
+
+def _check_same_tree(expected: Any, got: Any, what: str) -> None:
+    """Strict structure and shape check (like load_state_dict(strict=True))."""
+    e = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+    g = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(got)}
+    missing, extra = sorted(set(e) - set(g)), sorted(set(g) - set(e))
+    wrong = [f"{k}: {g[k]} != {e[k]}" for k in sorted(set(e) & set(g)) if e[k] != g[k]]
+    if missing or extra or wrong:
+        raise ConfigError(
+            f"{what} does not fit this network: missing {missing[:5]}, unexpected {extra[:5]}, wrong shapes {wrong[:5]}"
+        )
+
+
+@dataclasses.dataclass
+class LoopState:
+    """Host-side counters saved in every checkpoint's meta."""
+
+    step: int = 0
+    nonfinite_total: int = 0
+    nonfinite_run: int = 0
+    best_f1: float = -1.0
+    best_step: int | None = None
+
+
+def evaluate(
+    state: TrainState, eval_iter: Any, eval_fn: Any, topology: Topology, num_classes: int, class_names: list[str]
+) -> dict[str, Any]:
+    """Loss, accuracy, macro F1, per-class F1 and confusion matrix over the whole eval split."""
+    cm = np.zeros((num_classes, num_classes), np.int64)
+    loss_sum = 0.0
+    for batch in eval_iter:
+        out = eval_fn(state, place_batch(batch, topology))
+        preds = to_host(out["pred"])
+        labels = to_host(place_batch({"l": batch["label"]}, topology)["l"])
+        mask = to_host(place_batch({"m": batch["mask"]}, topology)["m"]).astype(bool)
+        cm += metrics_lib.confusion_matrix(labels[mask], preds[mask], num_classes)
+        loss_sum += float(out["loss_sum"])
+    return metrics_lib.summarize(cm, loss_sum, class_names)
+
+
+class _SignalFlag:
+    """Remembers SIGTERM/SIGINT so the loop can finish the step, save and stop."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _SignalFlag:
+        for s in (signal.SIGTERM, signal.SIGINT):
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def train(
+    config: TrainConfig,
+    *,
+    model_config: DarknetConfig | None = None,
+    splits: DataSplits | None = None,
+    topology: Topology | None = None,
+    verbose: bool = True,
+) -> dict[str, Any]:
+    """Run (or resume) training as `config` says; returns the summary also written to summary.json."""
+    setup_compilation_cache(config.compile_cache)
+    config = resolve_image_size(config)
+    topology = topology or make_topology()
+    check_batch_size(config.batch_size, topology)
+    model_config = model_config or config.model_config
+    is_main = topology.is_main
+    say = print if (verbose and is_main) else (lambda *a, **k: None)
+    workdir = prepare_workdir(config, is_main)
+
+    if splits is None:
+        splits = load_splits(config.data, val_fraction=config.val_fraction, seed=config.seed, val_path=config.val_path)
+    class_names = list(splits.class_names)
+    num_classes = len(class_names)
+
+    resume_meta = None
+    if config.resume:
+        try:
+            resume_step, resume_meta = ckpt.read_meta(workdir / ckpt.LATEST_DIR)
+        except ckpt.CheckpointError as e:
+            raise WorkdirError(f"--resume: {e}") from e
+        saved = resolve_image_size(TrainConfig.from_json(resume_meta["config"]))
+        diffs = config_differences(saved, config)
+        if diffs:
+            raise WorkdirError("--resume with another config than the saved run: " + "; ".join(diffs))
+        if resume_meta["class_names"] != class_names:
+            raise WorkdirError(
+                f"--resume: the data's classes {class_names} differ from the run's {resume_meta['class_names']}"
+            )
+
+    local_batch = topology.local_batch_size(config.batch_size)
+    train_iter = make_train_iter(
+        splits.train,
+        batch_size=local_batch,
+        image_size=config.image_size,
+        seed=config.seed,
+        augment=config.augment,
+        num_workers=config.num_workers,
+        process_index=topology.process_index,
+        process_count=topology.process_count,
+        cache_dir=config.cache_dir,
+    )
+    eval_iter = make_eval_iter(
+        splits.val,
+        batch_size=local_batch,
+        image_size=config.image_size,
+        num_workers=config.num_workers,
+        process_index=topology.process_index,
+        process_count=topology.process_count,
+        cache_dir=config.cache_dir,
+    )
+    steps_per_epoch = train_iter.steps_per_epoch
+    total_steps = config.steps or config.epochs * steps_per_epoch
+
+    model = create_model(model_config, num_classes, config.precision)
+    tx = make_optimizer(config, make_schedule(config, steps_per_epoch, total_steps))
+    rng = jax.random.PRNGKey(config.seed)
+    init_rng, _ = jax.random.split(rng)
+    state = create_train_state(init_rng, model, config.image_size, tx)
+    if config.init_from and not config.resume:
+        variables, notes = load_init_variables(config, model_config, num_classes)
+        _check_same_tree(
+            {"params": state.params, "batch_stats": state.batch_stats}, variables, f"--init-from {config.init_from}"
+        )
+        state = create_train_state(init_rng, model, config.image_size, tx, variables=variables)
+        for note in notes:
+            say(f"init-from: {note}")
+        say(f"init-from: loaded {config.init_from}")
+    state = replicate(state, topology)
+
+    loop = LoopState()
+    checkpointer = ckpt.Checkpointer(workdir, keep=config.keep_checkpoints) if is_main else None
+    if checkpointer is not None and checkpointer.removed_tmp:
+        say(f"removed {len(checkpointer.removed_tmp)} leftover temporary checkpoint folder(s)")
+    if resume_meta is not None:
+        state = ckpt.restore_state(workdir / ckpt.LATEST_DIR, resume_step, state)
+        train_iter.set_state(ckpt.decode_data_state(resume_meta["data_state"]))
+        loop = LoopState(**resume_meta["loop"])
+        say(f"resumed from step {loop.step} in {workdir}")
+
+    if is_main:
+        atomic_write_text(workdir / CONFIG_FILE, dumps(config) + "\n")
+        atomic_write_text(workdir / DATA_SUMMARY_FILE, json.dumps(splits.summary(), indent=2) + "\n")
+    say(dumps(config))
+    say(
+        f"data: {splits.format}, {len(splits.train)} train / {len(splits.val)} val images, {num_classes} classes; "
+        f"{steps_per_epoch} steps per epoch, {total_steps} steps; devices: {topology.num_devices} "
+        f"({jax.default_backend()}), compute {np.dtype(model.dtype).name}"
+    )
+
+    train_fn = jax.jit(functools.partial(train_step, label_smoothing=config.label_smoothing), donate_argnums=0)
+    eval_fn = jax.jit(eval_step)
+    logger = RunLogger(workdir, enabled=is_main)
+    progress = Progress(total_steps, loop.step, config.log_every, enabled=verbose and is_main)
+
+    def meta(val: dict | None) -> dict:
+        return {
+            "config": config.to_json(),
+            "class_names": class_names,
+            "data_state": ckpt.encode_data_state(train_iter.get_state()),
+            "rng": np.asarray(jax.random.key_data(rng)).tolist(),
+            "loop": dataclasses.asdict(loop),
+            "val": None if val is None else {k: val[k] for k in ("loss", "accuracy", "macro_f1")},
+            "image_size": config.image_size,
+            "model_config": dataclasses.asdict(model_config),
+        }
+
+    def save(val: dict | None = None, is_best: bool = False) -> None:
+        if checkpointer is not None:
+            checkpointer.save(loop.step, state, meta(val), is_best=is_best)
+
+    epoch_loss, epoch_correct, epoch_seen = 0.0, 0, 0
+    last_val: dict | None = None
+    t_last, n_last = time.perf_counter(), 0
+    t_start = time.perf_counter()
+    try:
+        with _SignalFlag() as flag:
+            while loop.step < total_steps:
+                batch = next(train_iter)
+                state, m = train_fn(state, place_batch(batch, topology))
+                loop.step += 1
+                finite = bool(m["finite"])
+                if finite:
+                    loop.nonfinite_run = 0
+                    epoch_loss += float(m["loss"]) * config.batch_size
+                    epoch_correct += int(m["correct"])
+                    epoch_seen += config.batch_size
+                else:
+                    loop.nonfinite_total += 1
+                    loop.nonfinite_run += 1
+                    progress.message(
+                        f"step {loop.step}: non-finite loss or gradient, step skipped "
+                        f"({loop.nonfinite_run} in a row, {loop.nonfinite_total} in total)"
+                    )
+                    logger.log(
+                        {
+                            "kind": "nonfinite",
+                            "step": loop.step,
+                            "in_a_row": loop.nonfinite_run,
+                            "total": loop.nonfinite_total,
+                        }
+                    )
+                    if loop.nonfinite_run >= config.max_nonfinite:
+                        save()
+                        if checkpointer is not None:
+                            checkpointer.wait()
+                        raise NonFiniteError(
+                            f"{loop.nonfinite_run} non-finite steps in a row (limit --max-nonfinite "
+                            f"{config.max_nonfinite}) at step {loop.step}; checkpoint saved in {workdir}. "
+                            "Lower --lr, add --grad-clip, or check the data"
+                        )
+                n_last += config.batch_size
+                now = time.perf_counter()
+                rate = n_last / max(now - t_last, 1e-9)
+                progress.update(loop.step, float(m["loss"]), rate, loop.step // steps_per_epoch)
+                if loop.step % config.log_every == 0:
+                    t_last, n_last = now, 0
+
+                end_of_epoch = loop.step % steps_per_epoch == 0 or loop.step == total_steps
+                periodic = config.checkpoint_every is not None and loop.step % config.checkpoint_every == 0
+                if end_of_epoch:
+                    epoch = (loop.step - 1) // steps_per_epoch + 1
+                    if epoch_seen:
+                        logger.log(
+                            {
+                                "kind": "train_epoch",
+                                "step": loop.step,
+                                "epoch": epoch,
+                                "loss": epoch_loss / epoch_seen,
+                                "accuracy": epoch_correct / epoch_seen,
+                                "lr": float(tx_lr(config, steps_per_epoch, total_steps, loop.step)),
+                            }
+                        )
+                    epoch_loss, epoch_correct, epoch_seen = 0.0, 0, 0
+                    last_val = evaluate(state, eval_iter, eval_fn, topology, num_classes, class_names)
+                    is_best = last_val["macro_f1"] > loop.best_f1
+                    if is_best:
+                        loop.best_f1, loop.best_step = last_val["macro_f1"], loop.step
+                    logger.log({"kind": "val", "step": loop.step, "epoch": epoch, **last_val})
+                    logger.plot(class_names)
+                    progress.message(
+                        f"epoch {epoch} step {loop.step}: val loss {last_val['loss']:.4f} "
+                        f"acc {last_val['accuracy']:.4f} macro F1 {last_val['macro_f1']:.4f}"
+                        + (" (best)" if is_best else "")
+                    )
+                    if config.checkpoint_every is None or periodic or loop.step == total_steps or is_best:
+                        save(last_val, is_best=is_best)
+                elif periodic:
+                    save()
+                if flag.signum is not None:
+                    if not (end_of_epoch or periodic):
+                        save()
+                    if checkpointer is not None:
+                        checkpointer.wait()
+                    raise Interrupted(flag.signum, loop.step)
+    finally:
+        if checkpointer is not None:
+            checkpointer.close()
+        logger.close()
+        train_iter.close()
+
+    summary = {
+        "steps": loop.step,
+        "train_seconds": time.perf_counter() - t_start,
+        "best_macro_f1": loop.best_f1,
+        "best_step": loop.best_step,
+        "nonfinite_steps": loop.nonfinite_total,
+        "final_val": None if last_val is None else {k: last_val[k] for k in ("loss", "accuracy", "macro_f1")},
+        "workdir": str(workdir),
+    }
+    if is_main:
+        atomic_write_text(workdir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def tx_lr(config: TrainConfig, steps_per_epoch: int, total_steps: int, step: int) -> float:
+    """The learning rate the schedule gave the last step (for the logs)."""
+    return float(make_schedule(config, steps_per_epoch, total_steps)(max(step - 1, 0)))

@@ -1,0 +1,76 @@
+"""TrainState with BatchNorm statistics, the optax optimizer, its schedule and the weight-decay mask."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+
+from darknet_arch import DarknetConfig
+from flax_darknet import Darknet53
+from train.options import TrainConfig
+
+
+class TrainState(train_state.TrainState):
+    """flax TrainState plus the BatchNorm running statistics (as in flax examples/imagenet)."""
+
+    batch_stats: Any
+
+
+def compute_dtype(precision: str, platform: str | None = None) -> Any:
+    """'bf16' -> bfloat16, 'fp32' -> float32, 'auto' -> bfloat16 on accelerators and float32 on CPU."""
+    if precision == "auto":
+        platform = platform or jax.default_backend()
+        return jnp.float32 if platform == "cpu" else jnp.bfloat16
+    return {"bf16": jnp.bfloat16, "fp32": jnp.float32}[precision]
+
+
+def create_model(model_config: DarknetConfig, num_classes: int, precision: str = "fp32") -> Darknet53:
+    """The Flax Darknet with float32 parameters and the compute dtype `precision` asks for."""
+    return Darknet53(
+        num_classes=num_classes, config=model_config, dtype=compute_dtype(precision), param_dtype=jnp.float32
+    )
+
+
+def make_schedule(config: TrainConfig, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+    """Linear warm-up from 0 to the peak lr, then cosine decay to 0 at total_steps."""
+    warmup = min(round(config.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=config.lr, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1)
+    )
+
+
+def decay_mask(params: Any) -> Any:
+    """True for conv and dense kernels; False for BatchNorm scale/bias and every bias (no decay there)."""
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+    return flax.traverse_util.unflatten_dict({path: path[-1] == "kernel" for path in flat})
+
+
+def make_optimizer(config: TrainConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """SGD with Nesterov momentum (coupled L2 decay, as torch.optim.SGD) or AdamW, decay masked, optional clip."""
+    parts = []
+    if config.grad_clip is not None:
+        parts.append(optax.clip_by_global_norm(config.grad_clip))
+    if config.optimizer == "sgd":
+        if config.weight_decay:
+            parts.append(optax.add_decayed_weights(config.weight_decay, mask=decay_mask))
+        parts.append(optax.sgd(schedule, momentum=config.momentum, nesterov=True))
+    else:
+        parts.append(optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask))
+    return optax.chain(*parts)
+
+
+def create_train_state(
+    rng: jax.Array, model: Darknet53, image_size: int, tx: optax.GradientTransformation, variables: Any = None
+) -> TrainState:
+    """Initialise the model (or take `variables`, e.g. from --init-from) and the optimizer state."""
+    if variables is None:
+        dummy = jnp.zeros((1, image_size, image_size, model.config.in_channels), jnp.float32)
+        variables = jax.jit(lambda r: model.init(r, dummy, train=False))(rng)
+    return TrainState.create(
+        apply_fn=model.apply, params=variables["params"], batch_stats=variables["batch_stats"], tx=tx
+    )

@@ -1,0 +1,70 @@
+"""Pure train and eval steps: uint8 batches in, normalised inside, non-finite steps skipped without a trace."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from train.options import IMAGENET_MEAN, IMAGENET_STD
+from train.state import TrainState
+
+
+def normalize(images: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+    """uint8 (or float 0..255) RGB NHWC -> (x / 255 - mean) / std in `dtype`; the same as train.torch and predict."""
+    x = images.astype(jnp.float32) / 255.0
+    x = (x - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(IMAGENET_STD, jnp.float32)
+    return x.astype(dtype)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = jax.tree_util.tree_leaves(tree)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def train_step(
+    state: TrainState, batch: dict[str, jax.Array], label_smoothing: float = 0.0
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One SGD/AdamW step; a non-finite loss or gradient returns `state` unchanged with metrics["finite"]=False."""
+    images = normalize(batch["image"])
+    labels = batch["label"]
+    num_classes = None
+
+    def loss_fn(params: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
+        nonlocal num_classes
+        logits, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats}, images, train=True, mutable=["batch_stats"]
+        )
+        num_classes = logits.shape[-1]
+        targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+        loss = optax.softmax_cross_entropy(logits, targets).mean()
+        return loss, (logits, updates["batch_stats"])
+
+    (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    finite = jnp.isfinite(loss) & _all_finite(grads)
+    new_state = state.apply_gradients(grads=grads, batch_stats=new_stats)
+    # Select the whole state (step, params, optimizer state, BN statistics): a skipped step leaves no trace.
+    state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    metrics = {
+        "loss": loss,
+        "correct": jnp.sum(jnp.argmax(logits, -1) == labels),
+        "finite": finite,
+        "grad_norm": optax.global_norm(grads),
+    }
+    return state, metrics
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Per-example predictions and the summed loss over the unmasked examples (running BN statistics)."""
+    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, normalize(batch["image"]))
+    mask = batch["mask"].astype(jnp.float32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    return {"pred": jnp.argmax(logits, -1), "loss_sum": jnp.sum(losses * mask), "logits": logits}
+
+
+def predict_step(state: TrainState, images: jax.Array) -> jax.Array:
+    """Softmax probabilities for a uint8 batch."""
+    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, normalize(images))
+    return jax.nn.softmax(logits, axis=-1)
