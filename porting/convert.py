@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+from collections.abc import Callable
 
 import numpy as np
 
@@ -97,6 +99,17 @@ def convert(
     return ConvertResult(dst, classes, slope, loaded.source_format, tuple(notes))
 
 
+@functools.lru_cache(maxsize=4)
+def _flax_forward(config: DarknetConfig, num_classes: int | None, leaky_slope: float | None) -> Callable:
+    """One jitted function giving (logits, feature maps), compiled once per architecture."""
+    import jax
+
+    import flax_darknet
+
+    model = flax_darknet.Darknet53(num_classes, leaky_slope, config)
+    return jax.jit(lambda v, x: (model.apply(v, x), model.apply(v, x, return_features=True)))
+
+
 def compare_models(
     torch_state: CanonicalStateDict,
     flax_state: CanonicalStateDict,
@@ -110,10 +123,8 @@ def compare_models(
 
     Returns {"logits" (or "pooled"), "stride8", ...: (max |torch - flax|, max |torch|)}.
     """
-    import jax
     import torch
 
-    import flax_darknet
     import torch_ref
 
     num_classes = None
@@ -127,12 +138,9 @@ def compare_models(
         tx = torch.from_numpy(x)
         t_out = {"logits" if num_classes else "pooled": tmodel(tx).numpy()}
         t_out.update({k: v.permute(0, 2, 3, 1).numpy() for k, v in tmodel.forward_features(tx).items()})
-    fmodel = flax_darknet.Darknet53(num_classes, leaky_slope, config)
     variables = canonical_to_flax(flax_state, config)
-    fx = x.transpose(0, 2, 3, 1)
-    f_out = {"logits" if num_classes else "pooled": np.asarray(jax.jit(fmodel.apply)(variables, fx))}
-    feats = jax.jit(lambda v, a: fmodel.apply(v, a, return_features=True))(variables, fx)
-    f_out.update({k: np.asarray(v) for k, v in feats.items()})
+    logits, feats = _flax_forward(config, num_classes, leaky_slope)(variables, x.transpose(0, 2, 3, 1))
+    f_out = {"logits" if num_classes else "pooled": np.asarray(logits), **{k: np.asarray(v) for k, v in feats.items()}}
     return {k: (float(np.max(np.abs(t_out[k] - f_out[k]))), float(np.max(np.abs(t_out[k])))) for k in t_out}
 
 
