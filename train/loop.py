@@ -242,7 +242,7 @@ def train(
     tx = make_optimizer(config, make_schedule(config, steps_per_epoch, total_steps))
     rng = jax.random.PRNGKey(config.seed)
     init_rng, _ = jax.random.split(rng)
-    state = create_train_state(init_rng, model, config.image_size, tx)
+    state = create_train_state(init_rng, model, config.image_size, tx, zero_residual=config.zero_init_residual)
     if config.init_from and not config.resume:
         variables, notes = load_init_variables(config, model_config, num_classes)
         _check_same_tree(

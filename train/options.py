@@ -62,6 +62,7 @@ class TrainConfig:
     image_size: int | None = None  # None: the demo's size for --data demo, else DEFAULT_IMAGE_SIZE
     precision: str = "auto"  # "auto": bf16 on GPU/TPU, fp32 on CPU
     augment: bool = True
+    zero_init_residual: bool = True  # residual blocks start as the identity (stable early SGD on the deep net)
     seed: int = 0
     num_workers: int = 0
     cache_dir: str | None = None
@@ -94,13 +95,12 @@ class TrainConfig:
         return cls(**d)
 
 
-# Fields that may differ between a run and its --resume without changing what is being trained.
+# Fields that may differ between a run and its --resume without changing what is being trained
+# (epochs/steps are not among them: they shape the learning-rate schedule).
 RESUME_MUTABLE = frozenset(
     {
         "resume",
         "overwrite",
-        "epochs",
-        "steps",
         "num_workers",
         "cache_dir",
         "log_every",
@@ -204,6 +204,12 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     a("--image-size", type=int, default=None, help="default: the demo's size for --data demo, else 256")
     a("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="auto: bf16 on GPU, fp32 on CPU")
     a("--no-augment", dest="augment", action="store_false")
+    a(
+        "--no-zero-init-residual",
+        dest="zero_init_residual",
+        action="store_false",
+        help="keep the random scale of each residual block's last BatchNorm",
+    )
     a("--seed", type=int, default=0)
     a("--num-workers", type=int, default=0, help="data-loading worker processes")
     a("--cache-dir", default=None, help="decoded-image cache folder for the data pipeline")
@@ -247,6 +253,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         image_size=args.image_size,
         precision=args.precision,
         augment=args.augment,
+        zero_init_residual=args.zero_init_residual,
         seed=args.seed,
         num_workers=args.num_workers,
         cache_dir=args.cache_dir,

@@ -64,13 +64,34 @@ def make_optimizer(config: TrainConfig, schedule: optax.Schedule) -> optax.Gradi
     return optax.chain(*parts)
 
 
+def zero_init_residual(params: Any) -> Any:
+    """Zero the last BatchNorm scale of every residual block, so each block starts as the identity.
+
+    The deep residual stream of a freshly initialised Darknet-53 otherwise grows block by block and early
+    SGD steps diverge (Goyal et al. 2017, torchvision's zero_init_residual).
+    """
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+    out = {
+        path: jnp.zeros_like(v) if len(path) >= 3 and path[-3:] == ("layer2", "bn", "scale") else v
+        for path, v in flat.items()
+    }
+    return flax.traverse_util.unflatten_dict(out)
+
+
 def create_train_state(
-    rng: jax.Array, model: Darknet53, image_size: int, tx: optax.GradientTransformation, variables: Any = None
+    rng: jax.Array,
+    model: Darknet53,
+    image_size: int,
+    tx: optax.GradientTransformation,
+    variables: Any = None,
+    zero_residual: bool = False,
 ) -> TrainState:
     """Initialise the model (or take `variables`, e.g. from --init-from) and the optimizer state."""
     if variables is None:
         dummy = jnp.zeros((1, image_size, image_size, model.config.in_channels), jnp.float32)
         variables = jax.jit(lambda r: model.init(r, dummy, train=False))(rng)
+        if zero_residual:
+            variables = {**variables, "params": zero_init_residual(variables["params"])}
     return TrainState.create(
         apply_fn=model.apply, params=variables["params"], batch_stats=variables["batch_stats"], tx=tx
     )

@@ -1,0 +1,174 @@
+"""`python -m train.predict --checkpoint DIR --data PATH [--out FILE]`: class predictions from a trained run.
+
+--data is either the mask layout's eval/ folder (info.csv + images/): the output is info.csv with `ans` filled,
+rows in the original order (the submission file); or any folder of images: the output is `path,class,probability`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from darknet_arch import DarknetConfig, StageSpec
+from train.checkpointing import BEST_DIR, LATEST_DIR, CheckpointError, read_meta, restore_variables
+from train.data import NO_LABEL, DataError, Records, load_eval_folder, make_eval_iter
+from train.data.scan import is_image_name
+from train.logging_utils import atomic_write_text
+
+EVAL_CSV = "info.csv"
+EXIT_BAD_INPUT = 2
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, int]:
+    """A workdir (best, else latest), a checkpoint folder (its latest) or a step folder -> (manager dir, step)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"--checkpoint {path} is not a folder")
+    for sub in (BEST_DIR, LATEST_DIR):
+        if (path / sub).is_dir() and any(p.name.isdigit() for p in (path / sub).iterdir()):
+            path = path / sub
+            break
+    if path.name.isdigit() and (path / "state").is_dir():
+        return path.parent, int(path.name)
+    steps = sorted(int(p.name) for p in path.iterdir() if p.name.isdigit())
+    if not steps:
+        raise CheckpointError(
+            f"--checkpoint {path}: no checkpoint found (expected a training workdir, its {BEST_DIR}/ or "
+            f"{LATEST_DIR}/ folder, or a step folder)"
+        )
+    return path, steps[-1]
+
+
+def model_config_from_json(d: dict[str, Any]) -> DarknetConfig:
+    """Inverse of dataclasses.asdict(DarknetConfig)."""
+    d = dict(d)
+    d["stages"] = tuple(StageSpec(**s) for s in d["stages"])
+    d["feature_stages"] = tuple(d["feature_stages"])
+    return DarknetConfig(**d)
+
+
+@dataclasses.dataclass
+class Predictor:
+    """A restored network with its class names and input size; `probabilities(records)` runs it."""
+
+    variables: Any
+    model_config: DarknetConfig
+    class_names: list[str]
+    image_size: int
+    precision: str
+    batch_size: int
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, batch_size: int | None = None) -> Predictor:
+        directory, step = resolve_checkpoint(path)
+        _, meta = read_meta(directory, step)
+        return cls(
+            variables=restore_variables(directory, step),
+            model_config=model_config_from_json(meta["model_config"]),
+            class_names=list(meta["class_names"]),
+            image_size=int(meta["image_size"]),
+            precision=meta["config"]["precision"],
+            batch_size=batch_size or int(meta["config"]["batch_size"]),
+        )
+
+    def probabilities(self, records: Records) -> np.ndarray:
+        """(len(records), num_classes) softmax probabilities, in record order."""
+        import jax
+
+        from train.state import create_model
+        from train.steps import normalize
+
+        model = create_model(self.model_config, len(self.class_names), self.precision)
+
+        @jax.jit
+        def probs(variables: Any, images: jax.Array) -> jax.Array:
+            return jax.nn.softmax(model.apply(variables, normalize(images)), axis=-1)
+
+        out = []
+        for batch in make_eval_iter(records, batch_size=self.batch_size, image_size=self.image_size):
+            p = np.asarray(probs(self.variables, batch["image"]))
+            out.append(p[batch["mask"]])
+        return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
+
+
+def list_images(folder: Path) -> Records:
+    """Every image file under `folder` (recursive, sorted), unlabelled."""
+    paths = sorted(str(p) for p in folder.rglob("*") if p.is_file() and is_image_name(p.name))
+    if not paths:
+        raise DataError(f"{folder}: no image files found")
+    return Records(tuple(paths), np.full(len(paths), NO_LABEL, np.int32), tuple(paths))
+
+
+def submission_csv(eval_folder: Path, preds: np.ndarray) -> str:
+    """info.csv with the `ans` column set to `preds`, rows and other columns unchanged."""
+    with open(eval_folder / EVAL_CSV, newline="") as f:
+        reader = csv.DictReader(f)
+        fields = list(reader.fieldnames or [])
+        rows = list(reader)
+    if "ans" not in fields:
+        fields.append("ans")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for row, p in zip(rows, preds, strict=True):
+        writer.writerow({**row, "ans": int(p)})
+    return buf.getvalue()
+
+
+def predict(checkpoint: str, data: str, out: str | None, force: bool = False) -> tuple[Path, int]:
+    """Write predictions for `data` to `out`; returns (output path, number of images)."""
+    folder = Path(data)
+    if not folder.is_dir():
+        raise DataError(f"--data {folder} is not a folder")
+    is_eval = (folder / EVAL_CSV).is_file()
+    out_path = Path(out) if out else Path("submission.csv" if is_eval else "predictions.csv")
+    if is_eval and out_path.resolve() == (folder / EVAL_CSV).resolve():
+        raise DataError(f"--out {out_path} is the input {EVAL_CSV}; write the submission to another file")
+    if out_path.exists() and not force:
+        raise DataError(f"--out {out_path} already exists; pass --force to replace it")
+    if not out_path.parent.is_dir():
+        raise DataError(f"--out {out_path}: folder {out_path.parent} does not exist")
+    predictor = Predictor.from_checkpoint(checkpoint)
+    records = load_eval_folder(folder) if is_eval else list_images(folder)
+    probs = predictor.probabilities(records)
+    preds = probs.argmax(-1)
+    if is_eval:
+        text = submission_csv(folder, preds)
+    else:
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["path", "class", "probability"])
+        for path, p, pr in zip(records.paths, preds, probs, strict=True):
+            writer.writerow([os.path.relpath(path, folder), predictor.class_names[p], f"{pr[p]:.6f}"])
+        text = buf.getvalue()
+    atomic_write_text(out_path, text)
+    return out_path, len(records)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.predict", description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, help="training workdir (uses best/), or a checkpoint folder")
+    p.add_argument("--data", required=True, help="eval/ folder with info.csv, or a folder of images")
+    p.add_argument("--out", default=None, help="output CSV (default: submission.csv or predictions.csv here)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    args = p.parse_args(argv)
+    try:
+        out, n = predict(args.checkpoint, args.data, args.out, force=args.force)
+    except (DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"wrote {n} predictions to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
