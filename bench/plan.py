@@ -1,0 +1,90 @@
+"""Which cases a run measures, in priority order, so a time budget cuts the least important ones."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import itertools
+
+from bench.common import FLAX_VARIANTS, MODES, TORCH_VARIANTS, CaseSpec
+
+WARM_CACHE_LABEL = "warm-cache"
+# The goal figures first (bf16 train at every batch size, bf16 inference and torch.compile at the first),
+# then the fp32 baselines at the first batch size, then every remaining combination.
+_EVERY_BATCH = (("flax", "train", "bf16"), ("torch", "train", "eager_amp_bf16_cl"))
+_FIRST_BATCH = (
+    ("flax", "infer", "bf16"),
+    ("torch", "infer", "eager_amp_bf16_cl"),
+    ("torch", "train", "compile_amp_bf16_cl"),
+    ("torch", "infer", "compile_amp_bf16_cl"),
+)
+_FIRST_BATCH_FP32 = (
+    ("flax", "train", "fp32"),
+    ("flax", "infer", "fp32"),
+    ("torch", "train", "eager_fp32"),
+    ("torch", "infer", "eager_fp32"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanSettings:
+    """Shapes and timing shared by every case of a run."""
+
+    batch_sizes: tuple[int, ...]
+    image_size: int
+    arch: str
+    warmup: int
+    steps: int
+    repeats: int
+
+
+def all_combinations() -> list[tuple[str, str, str]]:
+    """Every (framework, mode, variant) the benchmark knows."""
+    flax = [("flax", m, v) for m, v in itertools.product(MODES, FLAX_VARIANTS)]
+    torch = [("torch", m, v) for m, v in itertools.product(MODES, TORCH_VARIANTS)]
+    return flax + torch
+
+
+def build_plan(
+    settings: PlanSettings, cache_dir: str, only: list[str] | None = None, skip: list[str] | None = None
+) -> tuple[list[CaseSpec], list[str]]:
+    """(cases to run in order, 'name: skipped: reason' lines for the ones `only`/`skip` removed).
+
+    The first batch size's bf16 Flax train step runs with a fresh persistent compilation cache in
+    `cache_dir` (its compile time is the cold one), and a second process reruns it with that cache warm.
+    """
+    first, *rest = settings.batch_sizes
+    keys: list[tuple[str, str, str, int]] = []
+    for combo in _EVERY_BATCH:
+        keys += [(*combo, b) for b in settings.batch_sizes]
+    keys += [(*combo, first) for combo in _FIRST_BATCH]
+    keys.append(("warm", "", "", first))
+    keys += [(*combo, first) for combo in _FIRST_BATCH_FP32]
+    keys += [(*combo, b) for b in rest for combo in all_combinations() if (*combo, b) not in keys]
+
+    common = dict(image_size=settings.image_size, arch=settings.arch, warmup=settings.warmup)
+    timing = dict(steps=settings.steps, repeats=settings.repeats)
+    specs: list[CaseSpec] = []
+    for framework, mode, variant, batch in keys:
+        if framework == "warm":
+            # Start-up is the figure here: one short window is enough.
+            specs.append(
+                CaseSpec(
+                    "flax", "train", "bf16", batch, cache_dir=cache_dir, label=WARM_CACHE_LABEL, steps=settings.steps,
+                    repeats=1, **common,
+                )
+            )  # fmt: skip
+            continue
+        cache = cache_dir if (framework, mode, variant, batch) == ("flax", "train", "bf16", first) else None
+        specs.append(CaseSpec(framework, mode, variant, batch, cache_dir=cache, **common, **timing))
+
+    skipped: list[str] = []
+    kept: list[CaseSpec] = []
+    for spec in specs:
+        if only and not any(fnmatch.fnmatch(spec.name, p) for p in only):
+            skipped.append(f"{spec.name}: skipped: not selected by --only {' '.join(only)}")
+        elif skip and any(fnmatch.fnmatch(spec.name, p) for p in skip):
+            skipped.append(f"{spec.name}: skipped: excluded by --skip {' '.join(skip)}")
+        else:
+            kept.append(spec)
+    return kept, skipped
