@@ -90,3 +90,17 @@ def test_darknet_torch_darknet_is_byte_exact(tmp_path):
     with pytest.raises(PortingError, match="already exists"):
         convert("torch2darknet", mid, back, config=TINY)
     assert back.read_bytes() == src.read_bytes()
+
+
+def test_an_orbax_training_checkpoint_gives_its_params_and_batch_stats(tmp_path, torch_model):
+    import orbax.checkpoint as ocp
+
+    variables = torch_state_dict_to_flax(torch_model.state_dict(), config=TINY)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "train_state", {**variables, "step": np.int32(7), "opt_state": {"mu": np.ones(3)}})
+    checkpointer.wait_until_finished()
+    result = load_flax_variables(tmp_path / "train_state", config=TINY)
+    assert result.notes == ("ignored checkpoint entries: opt_state, step",)
+    assert (result.num_classes, result.leaky_slope, result.source_format) == (CLASSES, None, "orbax")
+    for got, want in zip(jax.tree.leaves(result.variables), jax.tree.leaves(variables), strict=True):
+        np.testing.assert_array_equal(got, want)
