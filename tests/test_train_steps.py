@@ -1,0 +1,106 @@
+"""The jitted train step: non-finite batches leave no trace, decay mask, schedule, sharding invariance."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from tests.train_helpers import REPO, SIZE, TINY, random_batch, subprocess_env
+from train.options import TrainConfig
+from train.state import create_model, create_train_state, decay_mask, make_optimizer, make_schedule, zero_init_residual
+from train.steps import train_step
+
+
+@pytest.fixture(scope="module")
+def tiny_state():
+    config = TrainConfig(data="demo", workdir="unused", lr=0.1, warmup_epochs=0.0)
+    model = create_model(TINY, 18, "fp32")
+    tx = make_optimizer(config, make_schedule(config, 10, 10))
+    return create_train_state(jax.random.PRNGKey(0), model, SIZE, tx)
+
+
+@pytest.fixture(scope="module")
+def step_fn():
+    return jax.jit(train_step)  # not donated: the test keeps the input state to compare
+
+
+def _leaves(state):
+    return jax.tree_util.tree_leaves_with_path(
+        {"step": state.step, "params": state.params, "opt": state.opt_state, "bs": state.batch_stats}
+    )
+
+
+def test_nan_batch_leaves_every_leaf_unchanged(tiny_state, step_fn):
+    batch = random_batch(np.random.default_rng(1), 4)
+    image = batch["image"].astype(np.float32)
+    image[0, 0, 0, 0] = np.nan  # a float batch can carry a NaN; the step normalises it like uint8
+    new, metrics = step_fn(tiny_state, {"image": image, "label": batch["label"]})
+    assert not bool(metrics["finite"])
+    before, after = _leaves(tiny_state), _leaves(new)
+    assert len(before) == len(after)
+    for (path, a), (_, b) in zip(before, after, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+    # The same step on a finite batch does change parameters, statistics, optimizer state and step.
+    good, metrics = step_fn(tiny_state, batch)
+    assert bool(metrics["finite"])
+    changed = [
+        not np.array_equal(np.asarray(a), np.asarray(b)) for (_, a), (_, b) in zip(before, _leaves(good), strict=True)
+    ]
+    assert sum(changed) > len(changed) // 2
+    assert int(good.step) == int(tiny_state.step) + 1
+
+
+def test_weight_decay_mask_covers_only_conv_and_dense_kernels(tiny_state):
+    flat = traverse_util.flatten_dict(decay_mask(tiny_state.params))
+    decayed = sorted("/".join(k) for k, v in flat.items() if v)
+    # Independent count from the architecture: stem + 5 down convs + 2 convs per block + the fc kernel.
+    expected = 1 + len(TINY.stages) + 2 * sum(s.num_blocks for s in TINY.stages) + 1
+    assert len(decayed) == expected
+    assert all(k.endswith("conv/kernel") or k == "fc/kernel" for k in decayed)
+    assert not any(k.endswith(("scale", "bias")) for k in decayed)
+
+
+def test_zero_init_residual_zeroes_only_last_bn_scale_of_blocks(tiny_state):
+    flat = traverse_util.flatten_dict(zero_init_residual(tiny_state.params), sep="/")
+    zeroed = sorted(k for k, v in flat.items() if not np.any(np.asarray(v)) and k.endswith("scale"))
+    assert len(zeroed) == sum(s.num_blocks for s in TINY.stages)
+    assert all("/layer2/bn/scale" in k for k in zeroed)
+
+
+def test_schedule_warms_up_linearly_then_follows_a_cosine():
+    config = TrainConfig(data="demo", workdir="unused", lr=0.4, warmup_epochs=2.0)
+    sched = make_schedule(config, steps_per_epoch=5, total_steps=30)
+    for step in range(31):
+        want = 0.4 * step / 10 if step < 10 else 0.4 * 0.5 * (1 + math.cos(math.pi * (step - 10) / 20))
+        assert float(sched(step)) == pytest.approx(want, rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.slow
+def test_one_step_on_four_devices_equals_one_device(tmp_path):
+    results = {}
+    for devices in (1, 4):
+        out = tmp_path / f"d{devices}.npz"
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "tests" / "train_helpers.py"), "one-step", str(out)],
+            env=subprocess_env(devices),
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[devices] = dict(np.load(out))
+    assert int(results[1]["devices"]) == 1 and int(results[4]["devices"]) == 4
+    one, four = results[1], results[4]
+    assert set(one) == set(four)
+    for key in sorted(one):
+        if key == "devices":
+            continue
+        a, b = one[key].astype(np.float64), four[key].astype(np.float64)
+        scale = max(np.abs(a).max(), 1e-12)
+        assert np.abs(a - b).max() <= 1e-5 * scale, key

@@ -1,0 +1,93 @@
+"""Shared pieces of the training tests: a tiny network, tiny configs, and CLI runs in subprocesses.
+
+Run as a script it does one train step and saves the result (the multi-device test starts it twice):
+    python tests/train_helpers.py one-step OUT.npz
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from darknet_arch import DarknetConfig, StageSpec  # noqa: E402
+
+TINY = DarknetConfig(
+    stem_channels=8, stages=(StageSpec(16, 1), StageSpec(32, 1), StageSpec(32, 1), StageSpec(64, 1), StageSpec(64, 1))
+)
+SIZE = 32
+
+
+def subprocess_env(devices: int | None = None) -> dict[str, str]:
+    """Environment for a child python: repo importable, 1 thread per op, optional fake CPU devices."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["JAX_PLATFORMS"] = "cpu"
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    if devices:
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    env["XLA_FLAGS"] = " ".join(flags)
+    return env
+
+
+def run_module(module: str, args: list[str], timeout: float = 240, **kw) -> subprocess.CompletedProcess:
+    """`python -m module args` in the repo, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kw,
+    )
+
+
+def tiny_cli_args(workdir: Path, *extra: str) -> list[str]:
+    """Flags for a tiny demo run that is quick on CI."""
+    return ["--data", "demo", "--arch", "tiny", "--workdir", str(workdir), "--compile-cache", "none", *extra]
+
+
+def random_batch(rng: np.random.Generator, n: int, num_classes: int = 18) -> dict[str, np.ndarray]:
+    return {
+        "image": rng.integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8),
+        "label": rng.integers(0, num_classes, (n,), dtype=np.int32),
+    }
+
+
+def one_step(out: str) -> None:
+    """Init the tiny net, run one jitted, sharded step over all devices, save params and batch stats."""
+    import jax
+    from flax import traverse_util
+
+    from train.options import TrainConfig
+    from train.sharding import make_topology, place_batch, replicate
+    from train.state import create_model, create_train_state, make_optimizer, make_schedule
+    from train.steps import train_step
+
+    topology = make_topology()
+    config = TrainConfig(data="demo", workdir="unused", lr=0.1, warmup_epochs=0.0, batch_size=8)
+    model = create_model(TINY, 18, "fp32")
+    tx = make_optimizer(config, make_schedule(config, 10, 10))
+    state = replicate(create_train_state(jax.random.PRNGKey(0), model, SIZE, tx), topology)
+    batch = place_batch(random_batch(np.random.default_rng(0), 8), topology)
+    state, metrics = jax.jit(train_step, donate_argnums=0)(state, batch)
+    flat = traverse_util.flatten_dict({"params": state.params, "batch_stats": state.batch_stats}, sep="/")
+    np.savez(
+        out,
+        devices=topology.num_devices,
+        loss=np.asarray(metrics["loss"]),
+        **{k: np.asarray(v) for k, v in flat.items()},
+    )
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "one-step":
+        one_step(sys.argv[2])
