@@ -130,3 +130,17 @@ def test_nan_in_a_weights_file_names_the_tensor(tmp_path, layers):
     write_weights_file(path, broken)
     with pytest.raises(PortingError, match=r"fc\.weight.*NaN"):
         load_flax_variables(path, config=TINY)
+
+
+def test_check_after_darknet2torch_with_a_fresh_head_compares_the_backbones(tmp_path):
+    from porting import check_conversion, convert
+
+    src, dst = tmp_path / "tiny.conv.74", tmp_path / "tiny.safetensors"
+    write_weights_file(src, darknet_layers(TINY, None, seed=12))
+    result = convert("darknet2torch", src, dst, num_classes=4, config=TINY)
+    assert (result.num_classes, result.leaky_slope, result.source_format) == (4, 0.1, "darknet")
+    assert any("tiny.conv.74 has no classifier head" in n for n in result.notes)
+    diffs = check_conversion("darknet2torch", src, dst, config=TINY)
+    assert set(diffs) == {"pooled", *TINY.feature_names()}
+    for name, (diff, scale) in diffs.items():
+        assert diff <= TOL * scale, name
