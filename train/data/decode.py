@@ -1,0 +1,143 @@
+"""Decode one image file to a uint8 RGB array of a fixed size, with optional train-time augmentation.
+
+Order of work: read the header (size, EXIF orientation), choose the crop box in the upright frame, ask
+libjpeg for a reduced-size decode that still covers the crop at the output size (`Image.draft`), decode,
+apply the EXIF orientation, convert the mode to 8-bit RGB, then crop and resize in one `resize(box=...)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .errors import DataError
+
+# Transparent pixels are composited onto white: the usual look of a transparent PNG in a viewer.
+BACKGROUND_RGB = (255, 255, 255)
+# EXIF tag 0x0112; values 5..8 swap width and height.
+EXIF_ORIENTATION_TAG = 0x0112
+_TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+# 16-bit samples map to 8 bits by value / 257 (65535 -> 255, exact at both ends).
+_UINT16_TO_UINT8 = 257.0
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+RESAMPLE = Image.Resampling.BILINEAR  # antialiased when shrinking (Pillow scales the filter support)
+# Attempts at a crop of the sampled area and aspect before falling back to the largest fitting one.
+_CROP_ATTEMPTS = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """Train-time augmentation: random resized crop and horizontal flip.
+
+    crop_scale is the crop's area as a fraction of the image; crop_ratio multiplies the image's own aspect
+    ratio (so scale=(1, 1), ratio=(1, 1) is exactly the evaluation transform: the whole image resized).
+    """
+
+    random_crop: bool = True
+    crop_scale: tuple[float, float] = (0.7, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: bool = True
+
+    def __post_init__(self) -> None:
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise DataError(f"AugmentConfig.crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
+        lo, hi = self.crop_ratio
+        if not 0 < lo <= hi:
+            raise DataError(f"AugmentConfig.crop_ratio must satisfy 0 < lo <= hi, got {self.crop_ratio}")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any augmentation is applied."""
+        return self.random_crop or self.hflip
+
+
+NO_AUGMENT = AugmentConfig(random_crop=False, hflip=False)
+
+
+def as_augment_config(augment: bool | AugmentConfig) -> AugmentConfig:
+    """True -> the default AugmentConfig, False -> none."""
+    if isinstance(augment, AugmentConfig):
+        return augment
+    return AugmentConfig() if augment else NO_AUGMENT
+
+
+def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The random stream of one (seed, epoch, record index): independent of batch size and worker count."""
+    return np.random.default_rng([seed, epoch, index])
+
+
+def sample_crop(
+    width: int, height: int, aug: AugmentConfig, rng: np.random.Generator
+) -> tuple[float, float, float, float]:
+    """A random (left, top, right, bottom) crop box inside a width x height image."""
+    if not aug.random_crop:
+        return (0.0, 0.0, float(width), float(height))
+    area = width * height
+    log_lo, log_hi = math.log(aug.crop_ratio[0]), math.log(aug.crop_ratio[1])
+    aspect = width / height
+    for _ in range(_CROP_ATTEMPTS):
+        target = area * rng.uniform(*aug.crop_scale)
+        ratio = math.exp(rng.uniform(log_lo, log_hi)) * aspect
+        w, h = math.sqrt(target * ratio), math.sqrt(target / ratio)
+        if w <= width and h <= height:
+            break
+    else:  # keep the last aspect, shrunk to fit
+        shrink = min(width / w, height / h)
+        w, h = w * shrink, h * shrink
+    left, top = rng.uniform(0, width - w), rng.uniform(0, height - h)
+    return (left, top, left + w, top + h)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB: alpha composited on BACKGROUND_RGB, 16-bit scaled (not clipped) to 8."""
+    if img.mode == "RGB" and "transparency" not in img.info:
+        return img
+    if img.mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(img).astype(np.float64) / _UINT16_TO_UINT8
+        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "F":  # float images: taken as already on the 0..255 scale
+        return Image.fromarray(np.clip(np.rint(np.asarray(img)), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode in ("LA", "La", "PA", "RGBa") or "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode == "RGBA":
+        background = Image.new("RGB", img.size, BACKGROUND_RGB)
+        background.paste(img.convert("RGB"), mask=img.getchannel("A"))
+        return background
+    return img.convert("RGB")
+
+
+def decode_image(
+    path: str,
+    image_size: int,
+    aug: AugmentConfig = NO_AUGMENT,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """Decode `path` to uint8 (image_size, image_size, 3); with `aug`, crop and flip using `rng`."""
+    if aug.enabled and rng is None:
+        raise ValueError("decode_image: augmentation needs an rng")
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            upright = img.getexif().get(EXIF_ORIENTATION_TAG, 1) in _TRANSPOSING_ORIENTATIONS
+            up_w, up_h = (height, width) if upright else (width, height)
+            box = sample_crop(up_w, up_h, aug, rng) if aug.random_crop else (0.0, 0.0, float(up_w), float(up_h))
+            flip = aug.hflip and bool(rng.integers(2))
+            if img.format == "JPEG":
+                # Reduced-size decoding: the smallest DCT scale whose crop still has >= image_size pixels per side.
+                scale = image_size / min(box[2] - box[0], box[3] - box[1])
+                if scale < 1:
+                    img.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))
+            img = ImageOps.exif_transpose(img)
+            img = to_rgb(img)
+            fx, fy = img.width / up_w, img.height / up_h
+            out = img.resize(
+                (image_size, image_size), RESAMPLE, box=(box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
+            )
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: cannot decode image: {e}") from e
+    array = np.asarray(out, dtype=np.uint8)
+    return array[:, ::-1] if flip else array

@@ -1,0 +1,307 @@
+"""Train and eval iterators on grain: uint8 NHWC batches of fixed shape, deterministic, resumable, sharded.
+
+Batch k of the training stream is a pure function of (records, seed, k): epoch = k // steps_per_epoch picks a
+permutation seeded by (seed, epoch); each process takes its own batch_size slice of the global batch; each
+image's augmentation is seeded by (seed, epoch, record index). So the iterator state is just the step
+counter: it restores exactly, on any worker count, and is the same on every process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import grain
+import numpy as np
+
+from .decode import NO_AUGMENT, AugmentConfig, as_augment_config, decode_image, example_rng
+from .errors import DataError
+from .records import Records
+
+STATE_VERSION = 1
+# Padding rows of an eval batch: zero image, label 0 (a valid index keeps per-example losses finite), mask False.
+PAD_LABEL = 0
+# Batches decoded ahead by threads in each process (PIL releases the GIL while decoding and resizing).
+READ_THREADS = max(1, min(4, os.cpu_count() or 1))
+
+
+class ImageSource:
+    """Decodes record i to uint8 (S, S, 3), from its file or from a decoded cache."""
+
+    def __init__(
+        self, records: Records, image_size: int, cache_dir: str | os.PathLike | None = None, num_workers: int = 0
+    ) -> None:
+        self.paths = records.paths
+        self.image_size = image_size
+        self.cache = None
+        if cache_dir is not None:
+            from .cache import DecodedCache  # only needed with a cache
+
+            self.cache = DecodedCache.build(records, image_size, cache_dir, num_workers=num_workers)
+
+    def get(self, i: int, aug: AugmentConfig, rng: np.random.Generator | None) -> np.ndarray:
+        """Record i's image, augmented by `aug` with `rng`."""
+        if self.cache is not None:
+            return self.cache.get(i, aug, rng)
+        return decode_image(self.paths[i], self.image_size, aug, rng)
+
+
+def records_fingerprint(records: Records) -> str:
+    """A short hash of the paths and labels: a saved state only restores onto the same records."""
+    h = hashlib.sha1()
+    for p, lbl in zip(records.paths, records.labels.tolist(), strict=True):
+        h.update(f"{p}\0{lbl}\n".encode())
+    return h.hexdigest()[:16]
+
+
+class _TrainBatch:
+    """Step k -> the batch dict of this process (picklable, for grain's worker processes)."""
+
+    def __init__(
+        self,
+        source: ImageSource,
+        labels: np.ndarray,
+        batch_size: int,
+        seed: int,
+        aug: AugmentConfig,
+        steps_per_epoch: int,
+        process_index: int,
+        process_count: int,
+    ) -> None:
+        self.source, self.labels, self.batch_size, self.seed, self.aug = source, labels, batch_size, seed, aug
+        self.steps_per_epoch, self.process_index, self.process_count = steps_per_epoch, process_index, process_count
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.labels)))
+        return self._perm[1]
+
+    def indices(self, step: int) -> tuple[int, np.ndarray]:
+        """(epoch, record indices) of this process's batch at `step`."""
+        epoch, b = divmod(step, self.steps_per_epoch)
+        start = (b * self.process_count + self.process_index) * self.batch_size
+        return epoch, self.permutation(epoch)[start : start + self.batch_size]
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        epoch, idx = self.indices(step)
+        aug = self.aug
+        images = [
+            self.source.get(int(i), aug, example_rng(self.seed, epoch, int(i)) if aug.enabled else None) for i in idx
+        ]
+        return {"image": np.stack(images), "label": self.labels[idx].astype(np.int32)}
+
+
+def _parse_absl_flags() -> None:
+    # grain's worker processes read absl flags; outside an absl app nobody parsed them, so take the defaults.
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS(sys.argv[:1], known_only=True)
+
+
+def _grain_iter(ds: grain.MapDataset, num_workers: int) -> Iterator[dict[str, np.ndarray]]:
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=2 * READ_THREADS))
+    if num_workers > 0:
+        _parse_absl_flags()
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return iter(it_ds)
+
+
+def _check_process(process_index: int, process_count: int) -> None:
+    if not 0 <= process_index < process_count:
+        raise DataError(f"process_index must be in [0, {process_count}), got {process_index}")
+
+
+class TrainIterator:
+    """Infinite iterator of training batches; get_state()/set_state() resume exactly mid-epoch."""
+
+    def __init__(
+        self,
+        records: Records,
+        *,
+        batch_size: int,
+        image_size: int,
+        seed: int,
+        augment: bool | AugmentConfig = True,
+        num_workers: int = 0,
+        process_index: int = 0,
+        process_count: int = 1,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> None:
+        _check_process(process_index, process_count)
+        global_batch = batch_size * process_count
+        if batch_size < 1 or len(records) < global_batch:
+            raise DataError(
+                f"need at least one full batch: {len(records)} training records < batch_size {batch_size} x "
+                f"{process_count} process(es)"
+            )
+        self.steps_per_epoch = len(records) // global_batch  # the remainder of each epoch is dropped
+        self.batch_size, self.image_size, self.seed, self.num_workers = batch_size, image_size, seed, num_workers
+        self.process_index, self.process_count = process_index, process_count
+        self._fingerprint = records_fingerprint(records)
+        source = ImageSource(records, image_size, cache_dir, num_workers)
+        self._fn = _TrainBatch(
+            source,
+            records.labels,
+            batch_size,
+            seed,
+            as_augment_config(augment),
+            self.steps_per_epoch,
+            process_index,
+            process_count,
+        )
+        self._step = 0
+        self._it: Iterator | None = None
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the next batch."""
+        return self._step // self.steps_per_epoch
+
+    def __iter__(self) -> TrainIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._it is None:
+            self._it = _grain_iter(grain.MapDataset.range(self._step, sys.maxsize).map(self._fn), self.num_workers)
+        batch = next(self._it)
+        self._step += 1
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        """JSON-able state; identical on every process (restore any process from any one's state)."""
+        return {
+            "version": STATE_VERSION,
+            "step": self._step,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "process_count": self.process_count,
+            "records": self._fingerprint,
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Continue from a get_state() dict: the next batch is the one that followed it."""
+        mine = self.get_state()
+        for key in ("version", "seed", "batch_size", "process_count", "records"):
+            if state.get(key) != mine[key]:
+                raise DataError(
+                    f"iterator state does not match this iterator: {key} {state.get(key)!r} != {mine[key]!r}"
+                )
+        step = state.get("step")
+        if not isinstance(step, int) or step < 0:
+            raise DataError(f"iterator state: step must be a non-negative int, got {step!r}")
+        self.close()
+        self._step = step
+
+    def close(self) -> None:
+        """Stop prefetching (and worker processes)."""
+        it, self._it = self._it, None
+        if it is not None and hasattr(it, "close"):
+            it.close()
+
+
+def make_train_iter(
+    records: Records,
+    *,
+    batch_size: int,
+    image_size: int,
+    seed: int,
+    augment: bool | AugmentConfig = True,
+    num_workers: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+    cache_dir: str | os.PathLike | None = None,
+) -> TrainIterator:
+    """Infinite training batches {"image": uint8 (B, S, S, 3), "label": int32 (B,)}, B per process."""
+    return TrainIterator(
+        records,
+        batch_size=batch_size,
+        image_size=image_size,
+        seed=seed,
+        augment=augment,
+        num_workers=num_workers,
+        process_index=process_index,
+        process_count=process_count,
+        cache_dir=cache_dir,
+    )
+
+
+class _EvalBatch:
+    """Batch b -> this process's padded batch with its mask."""
+
+    def __init__(
+        self, source: ImageSource, labels: np.ndarray, batch_size: int, process_index: int, process_count: int
+    ) -> None:
+        self.source, self.labels, self.batch_size = source, labels, batch_size
+        self.process_index, self.process_count = process_index, process_count
+
+    def __call__(self, b: int) -> dict[str, np.ndarray]:
+        start = (b * self.process_count + self.process_index) * self.batch_size
+        idx = np.arange(start, min(start + self.batch_size, len(self.labels)))
+        s = self.source.image_size
+        image = np.zeros((self.batch_size, s, s, 3), np.uint8)
+        label = np.full((self.batch_size,), PAD_LABEL, np.int32)
+        mask = np.zeros((self.batch_size,), np.bool_)
+        for j, i in enumerate(idx):
+            image[j] = self.source.get(int(i), NO_AUGMENT, None)
+        label[: len(idx)] = self.labels[idx]
+        mask[: len(idx)] = True
+        return {"image": image, "label": label, "mask": mask}
+
+
+class EvalIterable:
+    """Finite, re-iterable evaluation batches; the same number of batches on every process."""
+
+    def __init__(
+        self,
+        records: Records,
+        *,
+        batch_size: int,
+        image_size: int,
+        num_workers: int = 0,
+        process_index: int = 0,
+        process_count: int = 1,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> None:
+        _check_process(process_index, process_count)
+        if batch_size < 1:
+            raise DataError(f"batch_size must be >= 1, got {batch_size}")
+        self.num_batches = math.ceil(len(records) / (batch_size * process_count))
+        self.num_workers = num_workers
+        source = ImageSource(records, image_size, cache_dir, num_workers)
+        self._fn = _EvalBatch(source, records.labels, batch_size, process_index, process_count)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        if self.num_batches == 0:
+            return iter(())
+        return _grain_iter(grain.MapDataset.range(self.num_batches).map(self._fn), self.num_workers)
+
+
+def make_eval_iter(
+    records: Records,
+    *,
+    batch_size: int,
+    image_size: int,
+    num_workers: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+    cache_dir: str | os.PathLike | None = None,
+) -> EvalIterable:
+    """Every record exactly once over all processes: {"image", "label", "mask"}; padding rows have mask False."""
+    return EvalIterable(
+        records,
+        batch_size=batch_size,
+        image_size=image_size,
+        num_workers=num_workers,
+        process_index=process_index,
+        process_count=process_count,
+        cache_dir=cache_dir,
+    )
