@@ -22,6 +22,7 @@ from typing import Any
 
 from bench.common import ARCHS, arch_config
 from bench.counting import step_counts
+from bench.e2e import end_to_end_status
 from bench.plan import PlanSettings, build_plan
 from bench.report import goals, markdown
 from bench.runner import run_plan
@@ -73,7 +74,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="one process per case (default: on, off with --quick; the cache cases are always isolated)",
     )
+    p.add_argument(
+        "--e2e",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time the real loop, python -m train.flax, over JPEGs and the decoded cache (default: on, off "
+        "with --quick: its CPU compile of the trainer takes about a minute)",
+    )
+    p.add_argument("--e2e-workers", type=int, help="train.flax --num-workers for the real loop (default: CPU cores)")
     args = p.parse_args(argv)
+    if args.e2e is None:
+        args.e2e = not args.quick
     base = QUICK if args.quick else FULL
     for key, value in base.items():
         if getattr(args, key) is None:
@@ -142,10 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run the plan, write results.json and results.md into --out, print the markdown."""
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    cache_dir = tempfile.mkdtemp(prefix="bench-jax-cache-")  # fresh: the first compile must be cold
+    work_dir = tempfile.mkdtemp(prefix="bench-")  # fresh compilation caches (first compiles cold), e2e data
     settings = PlanSettings(args.batch_sizes, args.image_size, args.arch, args.warmup, args.steps, args.repeats)
-    specs, deselected = build_plan(settings, cache_dir, args.only, args.skip)
-    from bench.e2e import end_to_end_status
+    specs, deselected = build_plan(settings, work_dir, args.only, args.skip, e2e=args.e2e)
+    e2e_status = end_to_end_status() if args.e2e else ["end-to-end train.flax loop: skipped: --no-e2e"]
 
     result: dict[str, Any] = {
         "meta": {
@@ -161,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             },
         },
         "counts": _counts(args),
-        "skipped_parts": deselected + end_to_end_status(),
+        "skipped_parts": deselected + e2e_status,
     }
 
     def on_result(records: list[dict[str, Any]]) -> None:
@@ -173,9 +184,11 @@ def main(argv: list[str] | None = None) -> int:
         write_atomic(args.out / "results.md", markdown(result))
 
     try:
-        records = run_plan(specs, args.isolate, args.budget_s, args.case_timeout_s, on_result)
+        records = run_plan(
+            specs, args.isolate, args.budget_s, args.case_timeout_s, on_result, e2e_workers=args.e2e_workers
+        )
     finally:
-        shutil.rmtree(cache_dir, ignore_errors=True)
+        shutil.rmtree(work_dir, ignore_errors=True)
     on_result(records)
     print(markdown(result))
     failed = [r["name"] for r in records if r["status"] == "failed"]

@@ -10,11 +10,15 @@ from typing import Any
 
 from darknet_arch import DARKNET53, DarknetConfig, StageSpec
 
-FRAMEWORKS = ("flax", "torch")
+FRAMEWORKS = ("flax", "torch", "e2e")
 MODES = ("train", "infer")
 # Flax: compute dtype with f32 params and statistics. Torch: the reference's three ways to run.
-FLAX_VARIANTS = ("fp32", "bf16")
+# "trainer_bf16" is the product's own step (train.steps.train_step with train.state's optimizer), timed the
+# same way: the figure the real loop is compared with.
+FLAX_VARIANTS = ("fp32", "bf16", "trainer_bf16")
 TORCH_VARIANTS = ("eager_fp32", "eager_amp_bf16_cl", "compile_amp_bf16_cl")
+# The real loop, `python -m train.flax`, over JPEG files or over the decoded cache (see bench/e2e.py).
+E2E_VARIANTS = ("jpeg", "cache")
 ARCHS = ("darknet53", "tiny")
 
 # The mechanism-sized network the CPU smoke test uses (32 px inputs still pass five stride-2 stages).
@@ -54,17 +58,19 @@ class CaseSpec:
     warmup: int = 3
     steps: int = 10  # steps per timed window (one device sync per window)
     repeats: int = 5  # timed windows; the figure is the median window
-    cache_dir: str | None = None  # JAX persistent compilation cache (flax only)
+    cache_dir: str | None = None  # JAX persistent compilation cache (flax and e2e)
     label: str = ""  # distinguishes repeated runs of one spec, e.g. "warm-cache"
 
     def __post_init__(self) -> None:
-        variants = FLAX_VARIANTS if self.framework == "flax" else TORCH_VARIANTS
         if self.framework not in FRAMEWORKS:
             raise ValueError(f"framework must be one of {FRAMEWORKS}, got {self.framework!r}")
+        variants = {"flax": FLAX_VARIANTS, "torch": TORCH_VARIANTS, "e2e": E2E_VARIANTS}[self.framework]
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.variant not in variants:
             raise ValueError(f"{self.framework} variant must be one of {variants}, got {self.variant!r}")
+        if (self.variant.startswith("trainer") or self.framework == "e2e") and self.mode != "train":
+            raise ValueError(f"variant {self.variant!r} is a train step; mode must be 'train', got {self.mode!r}")
         arch_config(self.arch)
         for name in ("batch", "image_size", "steps", "repeats"):
             if getattr(self, name) < 1:

@@ -33,7 +33,9 @@ from bench.common import (
 )
 from flax_darknet import Darknet53
 
-COMPUTE_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+COMPUTE_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "trainer_bf16": jnp.bfloat16}
+# Steps per epoch and total steps for the trainer's learning-rate schedule (shape only, not timing).
+TRAINER_SCHEDULE_STEPS = 1000
 
 
 class TrainState(train_state.TrainState):
@@ -115,6 +117,23 @@ def init_variables(arch: str) -> dict:
     return traverse_util.unflatten_dict(values)
 
 
+def trainer_step_and_state(model: Darknet53, variables: dict) -> tuple[Any, Any]:
+    """The product's jitted-able train step over {"image", "label"} batches and its initial TrainState."""
+    from train.options import TrainConfig
+    from train.state import create_train_state, make_optimizer, make_schedule
+    from train.steps import train_step
+
+    config = TrainConfig(data="synthetic", workdir="unused", precision="bf16")
+    schedule = make_schedule(config, TRAINER_SCHEDULE_STEPS, TRAINER_SCHEDULE_STEPS)
+    state = create_train_state(None, model, 0, make_optimizer(config, schedule), variables=variables)
+
+    def step(state: Any, images: jnp.ndarray, labels: jnp.ndarray) -> tuple[Any, jnp.ndarray]:
+        state, metrics = train_step(state, {"image": images, "label": labels})
+        return state, metrics["loss"]
+
+    return step, state
+
+
 def _memory_fields(compiled: Any) -> dict[str, Any]:
     """Peak device memory of this process (None where the backend keeps no statistics) and XLA's plan."""
     stats = jax.local_devices()[0].memory_stats() or {}
@@ -148,16 +167,19 @@ def run_flax_case(spec: CaseSpec, spawn_time: float | None = None) -> dict[str, 
     init_s = time.perf_counter() - t0
 
     if spec.mode == "train":
-        tx = optax.sgd(LEARNING_RATE, momentum=MOMENTUM)
         # Copies: the step donates the state, and `variables` is shared by every case in this process.
         fresh = jax.tree.map(jnp.copy, variables)
-        holder = {
-            "state": TrainState.create(
+        if spec.variant.startswith("trainer"):
+            step, state = trainer_step_and_state(model, fresh)
+        else:
+            tx = optax.sgd(LEARNING_RATE, momentum=MOMENTUM)
+            step = make_train_step(model)
+            state = TrainState.create(
                 apply_fn=model.apply, params=fresh["params"], tx=tx, batch_stats=fresh["batch_stats"]
             )
-        }
+        holder = {"state": state}
         t0 = time.perf_counter()
-        compiled = jax.jit(make_train_step(model), donate_argnums=0).lower(holder["state"], images, labels).compile()
+        compiled = jax.jit(step, donate_argnums=0).lower(holder["state"], images, labels).compile()
         compile_s = time.perf_counter() - t0
 
         def run_steps(n: int) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import itertools
+from pathlib import Path
 
-from bench.common import FLAX_VARIANTS, MODES, TORCH_VARIANTS, CaseSpec
+from bench.common import E2E_VARIANTS, FLAX_VARIANTS, MODES, TORCH_VARIANTS, CaseSpec
 
 WARM_CACHE_LABEL = "warm-cache"
 # The goal figures first (bf16 train at every batch size, bf16 inference and torch.compile at the first),
@@ -17,6 +18,7 @@ _FIRST_BATCH = (
     ("torch", "infer", "eager_amp_bf16_cl"),
     ("torch", "train", "compile_amp_bf16_cl"),
     ("torch", "infer", "compile_amp_bf16_cl"),
+    ("flax", "train", "trainer_bf16"),
 )
 _FIRST_BATCH_FP32 = (
     ("flax", "train", "fp32"),
@@ -40,25 +42,35 @@ class PlanSettings:
 
 def all_combinations() -> list[tuple[str, str, str]]:
     """Every (framework, mode, variant) the benchmark knows."""
-    flax = [("flax", m, v) for m, v in itertools.product(MODES, FLAX_VARIANTS)]
+    flax = [("flax", m, v) for m, v in itertools.product(MODES, FLAX_VARIANTS) if m == "train" or "trainer" not in v]
     torch = [("torch", m, v) for m, v in itertools.product(MODES, TORCH_VARIANTS)]
     return flax + torch
 
 
 def build_plan(
-    settings: PlanSettings, cache_dir: str, only: list[str] | None = None, skip: list[str] | None = None
+    settings: PlanSettings,
+    work_dir: str,
+    only: list[str] | None = None,
+    skip: list[str] | None = None,
+    e2e: bool = True,
 ) -> tuple[list[CaseSpec], list[str]]:
     """(cases to run in order, 'name: skipped: reason' lines for the ones `only`/`skip` removed).
 
     The first batch size's bf16 Flax train step runs with a fresh persistent compilation cache in
-    `cache_dir` (its compile time is the cold one), and a second process reruns it with that cache warm.
+    `work_dir`/jax-cache (its compile time is the cold one), and a second process reruns it with that cache
+    warm. The real-loop cases (`e2e`) compile into `work_dir`/trainer-cache: the JPEG run cold, then the
+    decoded-cache run warm.
     """
+    cache_dir = str(Path(work_dir) / "jax-cache")
+    trainer_cache = str(Path(work_dir) / "trainer-cache")
     first, *rest = settings.batch_sizes
     keys: list[tuple[str, str, str, int]] = []
     for combo in _EVERY_BATCH:
         keys += [(*combo, b) for b in settings.batch_sizes]
     keys += [(*combo, first) for combo in _FIRST_BATCH]
     keys.append(("warm", "", "", first))
+    if e2e:
+        keys += [("e2e", "train", v, first) for v in E2E_VARIANTS]
     keys += [(*combo, first) for combo in _FIRST_BATCH_FP32]
     keys += [(*combo, b) for b in rest for combo in all_combinations() if (*combo, b) not in keys]
 
@@ -75,7 +87,12 @@ def build_plan(
                 )
             )  # fmt: skip
             continue
-        cache = cache_dir if (framework, mode, variant, batch) == ("flax", "train", "bf16", first) else None
+        if framework == "e2e":
+            cache = trainer_cache
+        elif (framework, mode, variant, batch) == ("flax", "train", "bf16", first):
+            cache = cache_dir
+        else:
+            cache = None
         specs.append(CaseSpec(framework, mode, variant, batch, cache_dir=cache, **common, **timing))
 
     skipped: list[str] = []

@@ -22,6 +22,8 @@ from bench.common import CaseSpec, result_record
 RESULT_PREFIX = "BENCH_RESULT "
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _TAIL_CHARS = 2000
+# A real-loop run compiles the trainer's train and eval steps and writes a checkpoint: allow it more time.
+E2E_TIMEOUT_FACTOR = 2
 
 
 def run_case(spec: CaseSpec, spawn_time: float | None = None) -> dict[str, Any]:
@@ -74,6 +76,7 @@ def run_plan(
     case_timeout_s: float,
     on_result: Callable[[list[dict[str, Any]]], None],
     log: Callable[[str], None] = print,
+    e2e_workers: int | None = None,
 ) -> list[dict[str, Any]]:
     """Run `specs` in order; once `budget_s` has elapsed the rest are recorded as skipped.
 
@@ -88,9 +91,17 @@ def run_plan(
         else:
             log(f"[{i + 1}/{len(specs)}] {spec.name} ({elapsed:.0f} s elapsed)")
             t0 = time.perf_counter()
+            if spec.framework == "e2e":  # it starts train.flax as its own process
+                from bench.e2e import run_e2e_case
+
+                work = Path(spec.cache_dir).parent / "e2e"
+                work.mkdir(exist_ok=True)
+                record = run_e2e_case(spec, work, spec.cache_dir, E2E_TIMEOUT_FACTOR * case_timeout_s, e2e_workers)
             # A cache case measures a process start, so it always gets its own process.
-            isolated = isolate or spec.cache_dir is not None
-            record = run_isolated(spec, case_timeout_s) if isolated else run_case(spec)
+            elif isolate or spec.cache_dir is not None:
+                record = run_isolated(spec, case_timeout_s)
+            else:
+                record = run_case(spec)
             record["case_wall_s"] = time.perf_counter() - t0
             log(f"    -> {record['status']}: " + _one_line(record))
         records.append(record)
@@ -101,4 +112,5 @@ def run_plan(
 def _one_line(record: dict[str, Any]) -> str:
     if record["status"] != "ok":
         return str(record.get("reason", ""))
-    return f"{record['img_per_s']:.1f} img/s, first step {record['first_step_s']:.1f} s"
+    first = record.get("first_step_s")
+    return f"{record['img_per_s']:.1f} img/s" + ("" if first is None else f", first step {first:.1f} s")
