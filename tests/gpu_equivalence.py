@@ -49,11 +49,11 @@ def train_check(config, classes, x, cot, tdev, seed: int, noise_floor: bool = Fa
     import jax.numpy as jnp
     import numpy as np
     import torch
+    from porting_helpers import flax_leaf, randomize_torch_state, torch_key_to_flax
 
     import flax_darknet
     import torch_ref
     from porting import torch_state_dict_to_flax
-    from tests.porting_helpers import flax_leaf, randomize_torch_state, torch_key_to_flax
 
     tmodel = torch_ref.Darknet53(num_classes=classes, config=config)
     randomize_torch_state(tmodel, seed=seed)
@@ -121,11 +121,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu_equivalence: {message}; --allow-cpu: dry run on the CPU")
     tdev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
+    from porting_helpers import TINY, randomize_torch_state
+
     import flax_darknet
     import torch_ref
     from darknet_arch import DARKNET53
     from porting import torch_state_dict_to_flax
-    from tests.porting_helpers import TINY, randomize_torch_state
 
     results: dict = {
         "device_torch": torch.cuda.get_device_name() if tdev.type == "cuda" else "cpu",

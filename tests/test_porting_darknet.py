@@ -6,13 +6,13 @@ import jax
 import numpy as np
 import pytest
 import torch
+from porting_helpers import TINY, darknet_forward, darknet_layers, relative_max_diff, write_weights_file
 
 import flax_darknet
 import torch_ref
 from darknet_arch import DARKNET53
 from porting import PortingError, darknet_float_count, load_canonical, load_flax_variables, read_darknet_weights
 from porting.torch_flax import canonical_to_torch
-from tests.porting_helpers import TINY, darknet_forward, darknet_layers, relative_max_diff, write_weights_file
 
 CLASSES = 5
 SIZE = 64

@@ -6,12 +6,12 @@ import jax
 import numpy as np
 import pytest
 import torch
+from porting_helpers import randomize_torch_state, relative_max_diff
 
 import flax_darknet
 import torch_ref
 from darknet_arch import DARKNET53
 from porting import canonical_from_torch, canonical_to_torch, timm_to_torch_state_dict, torch_state_dict_to_flax
-from tests.porting_helpers import randomize_torch_state, relative_max_diff
 
 pytestmark = pytest.mark.slow
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from porting_helpers import TINY
 
 import torch_ref
 from porting import (
@@ -15,7 +16,6 @@ from porting import (
     load_flax_variables,
     torch_state_dict_to_flax,
 )
-from tests.porting_helpers import TINY
 
 CLASSES = 4
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from porting_helpers import TINY, darknet_layers, write_weights_file
 
 import torch_ref
 from porting import PortingError, canonical_from_flax, canonical_from_torch, load_flax_variables, read_darknet_weights
 from porting.torch_flax import canonical_to_flax
-from tests.porting_helpers import TINY, darknet_layers, write_weights_file
 
 CLASSES = 3
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

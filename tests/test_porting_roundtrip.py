@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from porting_helpers import TINY, darknet_layers, flax_leaf, randomize_torch_state, torch_key_to_flax
 
 import flax_darknet
 import torch_ref
@@ -17,7 +18,6 @@ from porting import (
     read_torch_file,
     torch_state_dict_to_flax,
 )
-from tests.porting_helpers import TINY, darknet_layers, flax_leaf, randomize_torch_state, torch_key_to_flax
 
 CLASSES = 7
 
@@ -80,7 +80,7 @@ def test_file_round_trip_is_bit_exact_and_records_metadata(tmp_path, torch_model
 
 
 def test_darknet_torch_darknet_is_byte_exact(tmp_path):
-    from tests.porting_helpers import write_weights_file
+    from porting_helpers import write_weights_file
 
     src, mid, back = tmp_path / "net.weights", tmp_path / "net.pt", tmp_path / "back.weights"
     write_weights_file(src, darknet_layers(TINY, CLASSES, seed=6))

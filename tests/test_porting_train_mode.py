@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from porting_helpers import TINY, flax_leaf, randomize_torch_state, relative_max_diff, torch_key_to_flax
 
 import flax_darknet
 import torch_ref
 from porting import torch_state_dict_to_flax
-from tests.porting_helpers import TINY, flax_leaf, randomize_torch_state, relative_max_diff, torch_key_to_flax
 
 CLASSES = 5
 SIZE = 64
