@@ -17,7 +17,8 @@ from porting import PortingError, canonical_from_flax, canonical_from_torch, loa
 from porting.torch_flax import canonical_to_flax
 
 CLASSES = 3
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# A generous per-example deadline: long enough for a loaded CI machine, short enough to catch a hang.
+SETTINGS = settings(max_examples=60, deadline=10_000, suppress_health_check=[HealthCheck.function_scoped_fixture])
 # Reading a valid file needs its floats plus one float32 copy; anything far above that is a leak or a trap.
 ALLOCATION_SLACK = 3
 
