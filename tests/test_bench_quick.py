@@ -19,15 +19,18 @@ from bench.runner import run_case, run_plan
 from torch_ref import Darknet53
 
 REPO = Path(__file__).resolve().parent.parent
-# torch.compile's CPU backward alone takes ~40 s of C++ compilation on 2 cores: out of the CI budget.
-SKIP = "torch/*/compile*"
+# Out of the CI budget on 2 cores: torch.compile's CPU backward (~40 s of C++ compilation) and the
+# trainer's own step (its compile takes 40-50 s here; the trainer's tests compile it already).
+SKIP = ("torch/*/compile*", "flax/train/trainer*")
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path_factory.mktemp("bench")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "bench.benchmark", "--quick", "--out", str(out), "--skip", SKIP]
+    cmd = [sys.executable, "-m", "bench.benchmark", "--quick", "--out", str(out)]
+    for pattern in SKIP:
+        cmd += ["--skip", pattern]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     result = json.loads((out / "results.json").read_text())
     result["_markdown"] = (out / "results.md").read_text()
@@ -62,6 +65,8 @@ def test_quick_run_measures_every_cpu_mode_and_names_what_it_skipped(quick_run) 
     skipped = "\n".join(result["skipped_parts"])
     assert "torch/train/compile_amp_bf16_cl/b2: skipped: excluded by --skip" in skipped
     assert "torch/infer/compile_amp_bf16_cl/b2: skipped" in skipped
+    assert "flax/train/trainer_bf16/b2: skipped" in skipped
+    assert "end-to-end train.flax loop: skipped: --no-e2e" in skipped
     md = result["_markdown"]
     assert all(f"| {name} |" in md for name in expected)
     assert "## Goals (issue 6)" in md and "skipped" in md
@@ -137,3 +142,35 @@ def test_bad_arguments_exit_2_naming_the_problem(argv: list[str], message: str, 
         parse_args(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_real_loop_rates_are_read_from_the_trainers_own_progress_lines() -> None:
+    # The trainer's Progress class writes the lines; bench.e2e must read back exactly the rates it was given.
+    import io
+
+    from bench.e2e import parse_rates
+    from train.logging_utils import Progress
+
+    stream = io.StringIO()
+    progress = Progress(total=30, start=0, every=10, stream=stream)
+    rates = [12.5, 4321.0, 5000.3]  # the trainer prints one decimal
+    for step in range(1, 31):
+        progress.update(step, loss=2.5, images_per_s=rates[(step - 1) // 10], epoch=0)
+    assert parse_rates(stream.getvalue()) == pytest.approx(rates, abs=0.05)
+
+
+def test_real_loop_dataset_has_the_mask_layout_and_every_class(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from bench.e2e import MASK_STEMS, PERSON_KINDS, write_dataset
+
+    root = write_dataset(tmp_path / "data", num_images=20, height=64, width=48)
+    persons = sorted((root / "images").iterdir())
+    assert len(persons) == 2 * len(PERSON_KINDS)  # at least two persons of each gender x age band
+    for person in persons:
+        assert sorted(p.stem for p in person.glob("*.jpg")) == sorted(MASK_STEMS)
+    with Image.open(persons[0] / "mask1.jpg") as img:
+        assert img.format == "JPEG" and img.size == (48, 64)
+    data = pytest.importorskip("train.data")
+    splits = data.load_splits(root, val_fraction=0.2, seed=0)
+    assert len(splits.class_names) == 18 and len(splits.train) + len(splits.val) == 7 * len(persons)
