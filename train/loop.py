@@ -95,8 +95,10 @@ def prepare_workdir(config: TrainConfig, is_main: bool) -> Path:
     return workdir
 
 
-def load_init_variables(config: TrainConfig, model_config: DarknetConfig, num_classes: int) -> tuple[Any, list[str]]:
-    """--init-from: variables from any file porting reads, the head re-initialised when the class count differs."""
+def load_init_variables(
+    config: TrainConfig, model_config: DarknetConfig, num_classes: int
+) -> tuple[Any, float | None, list[str]]:
+    """--init-from: (variables, the file's or --leaky-slope's slope, notes); a head of another width is replaced."""
     import porting  # only needed here; keeps the plain training path free of the porting package
 
     try:
@@ -109,12 +111,7 @@ def load_init_variables(config: TrainConfig, model_config: DarknetConfig, num_cl
         )
     except porting.PortingError as e:
         raise ConfigError(f"--init-from {config.init_from}: {e}") from e
-    if result.leaky_slope is not None and float(result.leaky_slope) != float(model_config.leaky_slope):
-        raise ConfigError(
-            f"--init-from {config.init_from} was trained with leaky slope {result.leaky_slope} but the model uses "
-            f"{model_config.leaky_slope}; pass --leaky-slope {result.leaky_slope}"
-        )
-    return jax.tree_util.tree_map(np.asarray, result.variables), list(result.notes)
+    return jax.tree_util.tree_map(np.asarray, result.variables), result.leaky_slope, list(result.notes)
 
 
 def _check_same_tree(expected: Any, got: Any, what: str) -> None:
@@ -189,7 +186,7 @@ def train(
     config = resolve_image_size(config)
     topology = topology or make_topology()
     check_batch_size(config.batch_size, topology)
-    model_config = model_config or config.model_config
+    base_config = model_config or config.model_config
     is_main = topology.is_main
     say = print if (verbose and is_main) else (lambda *a, **k: None)
     workdir = prepare_workdir(config, is_main)
@@ -206,6 +203,8 @@ def train(
         except ckpt.CheckpointError as e:
             raise WorkdirError(f"--resume: {e}") from e
         saved = resolve_image_size(TrainConfig.from_json(resume_meta["config"]))
+        if config.leaky_slope is None:  # the run may have taken its slope from an --init-from file
+            config = dataclasses.replace(config, leaky_slope=saved.leaky_slope)
         diffs = config_differences(saved, config)
         if diffs:
             raise WorkdirError("--resume with another config than the saved run: " + "; ".join(diffs))
@@ -213,6 +212,14 @@ def train(
             raise WorkdirError(
                 f"--resume: the data's classes {class_names} differ from the run's {resume_meta['class_names']}"
             )
+
+    init_variables, init_notes = None, []
+    if config.init_from and not config.resume:
+        init_variables, slope, init_notes = load_init_variables(config, base_config, num_classes)
+        if config.leaky_slope is None and slope is not None:
+            # Keep the slope the weights were trained with, and record it so --resume rebuilds the same net.
+            config = dataclasses.replace(config, leaky_slope=float(slope))
+    model_config = base_config.with_slope(config.leaky_slope)
 
     local_batch = topology.local_batch_size(config.batch_size)
     train_iter = make_train_iter(
@@ -243,15 +250,16 @@ def train(
     rng = jax.random.PRNGKey(config.seed)
     init_rng, _ = jax.random.split(rng)
     state = create_train_state(init_rng, model, config.image_size, tx, zero_residual=config.zero_init_residual)
-    if config.init_from and not config.resume:
-        variables, notes = load_init_variables(config, model_config, num_classes)
+    if init_variables is not None:
         _check_same_tree(
-            {"params": state.params, "batch_stats": state.batch_stats}, variables, f"--init-from {config.init_from}"
+            {"params": state.params, "batch_stats": state.batch_stats},
+            init_variables,
+            f"--init-from {config.init_from}",
         )
-        state = create_train_state(init_rng, model, config.image_size, tx, variables=variables)
-        for note in notes:
+        state = create_train_state(init_rng, model, config.image_size, tx, variables=init_variables)
+        for note in init_notes:
             say(f"init-from: {note}")
-        say(f"init-from: loaded {config.init_from}")
+        say(f"init-from: loaded {config.init_from} (leaky slope {model_config.leaky_slope})")
     state = replicate(state, topology)
 
     loop = LoopState()

@@ -66,6 +66,7 @@ class Predictor:
     image_size: int
     precision: str
     batch_size: int
+    _fn: Any = dataclasses.field(default=None, repr=False)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, batch_size: int | None = None) -> Predictor:
@@ -82,22 +83,24 @@ class Predictor:
 
     def probabilities(self, records: Records) -> np.ndarray:
         """(len(records), num_classes) softmax probabilities, in record order."""
-        import jax
-
-        from train.state import create_model
-        from train.steps import normalize
-
-        model = create_model(self.model_config, len(self.class_names), self.precision)
-
-        @jax.jit
-        def probs(variables: Any, images: jax.Array) -> jax.Array:
-            return jax.nn.softmax(model.apply(variables, normalize(images)), axis=-1)
-
+        probs = self._probs_fn()
         out = []
         for batch in make_eval_iter(records, batch_size=self.batch_size, image_size=self.image_size):
             p = np.asarray(probs(self.variables, batch["image"]))
             out.append(p[batch["mask"]])
         return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
+
+    def _probs_fn(self) -> Any:
+        """The jitted softmax(model(normalize(uint8))) (built once per predictor)."""
+        if self._fn is None:
+            import jax
+
+            from train.state import create_model
+            from train.steps import normalize
+
+            model = create_model(self.model_config, len(self.class_names), self.precision)
+            self._fn = jax.jit(lambda v, images: jax.nn.softmax(model.apply(v, normalize(images)), axis=-1))
+        return self._fn
 
 
 def list_images(folder: Path) -> Records:

@@ -1,0 +1,72 @@
+"""--init-from a torch file: the Flax train state gives the torch model's eval logits; head swaps and wrong nets."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from darknet_arch import StageSpec
+from tests.train_helpers import SIZE, TINY, random_batch
+from torch_ref import Darknet53 as TorchDarknet
+from train.loop import load_init_variables
+from train.options import ConfigError, TrainConfig
+from train.state import create_model, create_train_state, make_optimizer, make_schedule
+from train.steps import eval_step
+from train.torch import to_tensor
+
+
+@pytest.fixture(scope="module")
+def torch_file(tmp_path_factory):
+    torch.manual_seed(0)
+    model = TorchDarknet(num_classes=18, config=TINY)
+    with torch.no_grad():  # random running statistics: unit ones would hide a mean/var mix-up
+        for name, buf in model.named_buffers():
+            if name.endswith("running_mean"):
+                buf.normal_(0.0, 0.5)
+            elif name.endswith("running_var"):
+                buf.uniform_(0.3, 3.0)
+    model.eval()
+    path = tmp_path_factory.mktemp("w") / "tiny.pt"
+    torch.save(model.state_dict(), path)
+    return path, model
+
+
+def _config(path, **kw) -> TrainConfig:
+    return TrainConfig(data="demo", workdir="unused", init_from=str(path), **kw)
+
+
+def test_init_from_torch_file_gives_the_torch_models_eval_logits(torch_file):
+    path, torch_model = torch_file
+    variables, slope, _ = load_init_variables(_config(path), TINY, 18)
+    config = _config(path)
+    model = create_model(TINY.with_slope(slope), 18, "fp32")
+    state = create_train_state(
+        jax.random.PRNGKey(1), model, SIZE, make_optimizer(config, make_schedule(config, 1, 1)), variables=variables
+    )
+    batch = random_batch(np.random.default_rng(0), 4)
+    batch["mask"] = np.ones(4, bool)
+    got = np.asarray(jax.jit(eval_step)(state, batch)["logits"])
+    with torch.no_grad():
+        want = torch_model(to_tensor(batch["image"], torch.device("cpu"), False)).numpy()
+    # Anchored tolerance for fp32 PyTorch vs Flax (reference.md: 1e-5 abs as in HF transformers, scaled here).
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_init_from_with_another_class_count_reinitialises_the_head(torch_file):
+    path, torch_model = torch_file
+    variables, _, notes = load_init_variables(_config(path), TINY, 5)
+    assert variables["params"]["fc"]["kernel"].shape == (TINY.width, 5)
+    assert any("head" in n for n in notes), notes
+    stem = torch_model.state_dict()["conv1.0.weight"].numpy().transpose(2, 3, 1, 0)
+    np.testing.assert_array_equal(variables["params"]["conv1"]["conv"]["kernel"], stem)
+
+
+def test_init_from_a_different_network_is_a_clear_error(torch_file):
+    path, _ = torch_file
+    other = dataclasses.replace(TINY, stages=(*TINY.stages[:-1], StageSpec(128, 2)))
+    with pytest.raises(ConfigError, match="--init-from"):
+        load_init_variables(_config(path), other, 18)

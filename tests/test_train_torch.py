@@ -1,0 +1,37 @@
+"""python -m train.torch runs the same demo and writes the same metrics as train.flax (tiny network)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.train_helpers import run_module, tiny_cli_args
+from train.logging_utils import read_metrics
+from train.metrics import summarize
+from train.torch import CHECKPOINT_DIR, lr_at
+
+
+@pytest.mark.slow
+def test_train_torch_runs_the_demo_and_writes_the_shared_metrics(tmp_path):
+    workdir = tmp_path / "w"
+    proc = run_module("train.torch", [*tiny_cli_args(workdir, "--epochs", "2", "--batch-size", "32"), "--threads", "1"])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    val = [r for r in read_metrics(workdir) if r["kind"] == "val"]
+    assert len(val) == 2
+    import numpy as np
+
+    expected_keys = set(summarize(np.eye(18, dtype=int), 0.0)) | {"kind", "step", "epoch"}
+    assert set(val[-1]) == expected_keys
+    assert val[-1]["accuracy"] > 3 / 18  # learning: well above chance after two epochs
+    assert (workdir / CHECKPOINT_DIR / "latest.pt").is_file() and (workdir / CHECKPOINT_DIR / "best.pt").is_file()
+    assert (workdir / "curves.png").is_file() and (workdir / "config.json").is_file()
+
+
+def test_torch_schedule_matches_optax():
+    import optax
+
+    from train.options import TrainConfig
+
+    config = TrainConfig(data="demo", workdir="unused", lr=0.3, warmup_epochs=1.5)
+    want = optax.warmup_cosine_decay_schedule(0.0, 0.3, 6, 40)
+    for step in range(41):
+        assert lr_at(config, 4, 40, step) == pytest.approx(float(want(step)), rel=1e-5, abs=1e-7)
