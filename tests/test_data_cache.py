@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from data_helpers import make_folder_dataset
 
-from train.data import load_splits, make_eval_iter, make_train_iter
+from train.data import AugmentConfig, load_splits, make_eval_iter, make_train_iter
 
 
 def test_cache_gives_the_file_pipelines_eval_pixels_and_is_reused(tmp_path: Path) -> None:
@@ -45,3 +45,16 @@ def test_cached_training_batches_are_deterministic_and_labelled(tmp_path: Path) 
         for x, y in zip(a, b, strict=True)
     )
     assert a[0]["image"].shape == (4, 16, 16, 3) and a[0]["image"].dtype == np.uint8
+
+
+def test_flip_only_batches_from_the_cache_equal_those_from_the_files(tmp_path: Path) -> None:
+    root = make_folder_dataset(tmp_path / "d", {"a": 5, "b": 6}, size=(30, 40))
+    records = load_splits(root, val_fraction=0.0).train
+    flip_only = AugmentConfig(random_crop=False)
+
+    def run(cache_dir) -> list:
+        it = make_train_iter(records, batch_size=4, image_size=16, seed=2, augment=flip_only, cache_dir=cache_dir)
+        return [b["image"] for b in itertools.islice(it, 4)]
+
+    from_files, from_cache = run(None), run(tmp_path / "c")
+    assert all(np.array_equal(x, y) for x, y in zip(from_files, from_cache, strict=True))

@@ -28,8 +28,8 @@ from .formats import AGE_BANDS, GENDERS, MASK_FILE_STEMS
 DEMO_IMAGE_SIZE = 32
 # Written JPEG height in px; width is 3/4 of it, the aspect of the competition's 384x512 photos.
 DEMO_FILE_HEIGHT = 64
-DEMO_PERSONS_PER_CLASS = 16  # persons per (gender, age band); each gives 5 worn + 1 incorrect + 1 bare image
-DEMO_VERSION = 2  # bump when the drawing changes, so cached copies are regenerated
+DEMO_PERSONS_PER_CLASS = 32  # persons per (gender, age band); each gives 5 worn + 1 incorrect + 1 bare image
+DEMO_VERSION = 3  # bump when the drawing changes, so cached copies are regenerated
 _SUPERSAMPLE = 2  # drawn at twice the size and reduced, for antialiased edges
 _NOISE_STD = 6.0  # pixel noise, in 8-bit levels
 _JPEG_QUALITY = (80, 95)
@@ -39,7 +39,7 @@ _AGES = ((18, 29), (30, 59), (60, 80))  # ages drawn per band (the band limits a
 _RACES = ("Asian", "White", "Black", "Hispanic")
 _MASK_COLOURS = ((245, 245, 245), (150, 190, 235), (30, 30, 35), (240, 170, 190), (120, 120, 125), (60, 90, 160))
 _SKIN_TONES = ((255, 220, 190), (240, 200, 160), (210, 160, 120), (170, 120, 80), (120, 80, 55))
-_HAIR_COLOURED = ((25, 20, 15), (70, 45, 25), (120, 80, 40), (200, 160, 90), (150, 60, 30))
+_HAIR_COLOURED = ((25, 20, 15), (60, 40, 25), (95, 60, 35), (130, 55, 30))  # dark: far from the grey of age >= 60
 
 
 def default_cache_dir() -> Path:
@@ -69,7 +69,7 @@ def _contrasting_colour(rng: np.random.Generator, avoid: tuple[tuple[int, int, i
 
 def _identity(rng: np.random.Generator, age_band: int) -> dict:
     if age_band == 2:
-        grey = int(rng.integers(165, 235))
+        grey = int(rng.integers(180, 240))
         hair = (grey, grey, grey + int(rng.integers(0, 15)))
     else:
         hair = _HAIR_COLOURED[int(rng.integers(len(_HAIR_COLOURED)))]
@@ -108,7 +108,7 @@ def draw_face(
     for side in (-1, 1):  # eyes
         d.ellipse(box(side * 0.45 - 0.13, -0.22, side * 0.45 + 0.13, -0.06), fill=(20, 20, 30))
     if age_band == 1:  # dark glasses across the eyes
-        d.rectangle(box(-0.9, -0.27, 0.9, -0.02), fill=ident["glasses"])
+        d.rectangle(box(-0.95, -0.34, 0.95, 0.0), fill=ident["glasses"])
     d.polygon(
         [(cx, cy + 0.0 * ry), (cx - 0.15 * rx, cy + 0.28 * ry), (cx + 0.15 * rx, cy + 0.28 * ry)],
         fill=tuple(int(c * 0.8) for c in ident["skin"]),

@@ -49,6 +49,16 @@ class ImageSource:
             return self.cache.get(i, aug, rng)
         return decode_image(self.paths[i], self.image_size, aug, rng)
 
+    def get_batch(self, indices: np.ndarray, aug: AugmentConfig, rngs: list[np.random.Generator] | None) -> np.ndarray:
+        """Records `indices` stacked to (len, S, S, 3); without crops, one gather from the cache."""
+        if self.cache is not None and not aug.random_crop:
+            images = self.cache.array[np.asarray(indices, dtype=np.int64)]
+            if aug.hflip:  # the same draw as DecodedCache.get / decode_image: one integer per image
+                flips = np.array([bool(rng.integers(2)) for rng in rngs], dtype=bool)
+                images[flips] = images[flips, :, ::-1]
+            return images
+        return np.stack([self.get(int(i), aug, rngs[j] if rngs else None) for j, i in enumerate(indices)])
+
 
 def records_fingerprint(records: Records) -> str:
     """A short hash of the paths and labels: a saved state only restores onto the same records."""
@@ -89,11 +99,8 @@ class _TrainBatch:
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
         epoch, idx = self.indices(step)
-        aug = self.aug
-        images = [
-            self.source.get(int(i), aug, example_rng(self.seed, epoch, int(i)) if aug.enabled else None) for i in idx
-        ]
-        return {"image": np.stack(images), "label": self.labels[idx].astype(np.int32)}
+        rngs = [example_rng(self.seed, epoch, int(i)) for i in idx] if self.aug.enabled else None
+        return {"image": self.source.get_batch(idx, self.aug, rngs), "label": self.labels[idx].astype(np.int32)}
 
 
 def _parse_absl_flags() -> None:
@@ -247,8 +254,8 @@ class _EvalBatch:
         image = np.zeros((self.batch_size, s, s, 3), np.uint8)
         label = np.full((self.batch_size,), PAD_LABEL, np.int32)
         mask = np.zeros((self.batch_size,), np.bool_)
-        for j, i in enumerate(idx):
-            image[j] = self.source.get(int(i), NO_AUGMENT, None)
+        if len(idx):
+            image[: len(idx)] = self.source.get_batch(idx, NO_AUGMENT, None)
         label[: len(idx)] = self.labels[idx]
         mask[: len(idx)] = True
         return {"image": image, "label": label, "mask": mask}
