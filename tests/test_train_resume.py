@@ -18,7 +18,7 @@ import pytest
 from tests.train_helpers import REPO, run_module, subprocess_env, tiny_cli_args
 from train.checkpointing import LATEST_DIR, TMP_MARKER, read_meta
 
-TOTAL = 12
+TOTAL = 8
 ARGS = ("--steps", str(TOTAL), "--batch-size", "16", "--checkpoint-every", "1", "--log-every", "1")
 
 

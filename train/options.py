@@ -31,7 +31,9 @@ ARCHS: dict[str, DarknetConfig] = {
 }
 
 # Demo defaults: chosen so the full Darknet-53 reaches >= 90% validation accuracy in < 5 minutes on a 2-core CPU.
-DEMO_DEFAULTS = {"epochs": 6, "batch_size": 32, "lr": 0.05, "warmup_epochs": 1.0}
+# The budget is in steps (not epochs) so it holds whatever size the generated demo has.
+DEMO_DEFAULTS = {"epochs": 8, "batch_size": 32, "lr": 0.05, "warmup_epochs": 1.0}
+DEMO_STEPS = 128
 REAL_DEFAULTS = {"epochs": 30, "batch_size": 64, "lr": 0.05, "warmup_epochs": 2.0}
 
 
@@ -191,7 +193,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     a("--overwrite", action="store_true", help="delete an existing --workdir and start over")
     a("--arch", default="darknet53", choices=sorted(ARCHS), help="'tiny' is for smoke tests only")
     a("--leaky-slope", type=float, default=None, help="default: 0.1 (Darknet), or the --init-from file's")
-    a("--epochs", type=int, default=None, help="default: 6 for demo, 30 otherwise")
+    a("--epochs", type=int, default=None, help="default: 30 (for --data demo: 128 steps)")
     a("--steps", type=int, default=None, help="total optimizer steps (overrides --epochs)")
     a("--batch-size", type=int, default=None, help="global batch size (default: 32 demo, 64 otherwise)")
     a("--lr", type=float, default=None, help="peak learning rate (default 0.05 for SGD)")
@@ -241,7 +243,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         arch=args.arch,
         leaky_slope=args.leaky_slope,
         epochs=pick("epochs"),
-        steps=args.steps,
+        steps=DEMO_STEPS if args.data == "demo" and args.steps is None and args.epochs is None else args.steps,
         batch_size=pick("batch_size"),
         lr=pick("lr"),
         optimizer=args.optimizer,
