@@ -1,55 +1,74 @@
 #!/usr/bin/env bash
-# The ONE script to run on a GPU host (H100/H200), from the repository root, in about 8 minutes:
+# The ONE script to run on a GPU host (H100/H200), from the repository root:
 #   OUT=/some/dir bash bench/gpu_run.sh
-# It runs tests/gpu_equivalence.py and bench/pipeline.py when they exist (each capped), then the whole
-# GPU benchmark with the time that is left (cases in priority order; the rest are recorded as skipped).
-# Everything lands under $OUT: results.json, results.md, gpu_run.log, plus what the two other scripts write.
-# Carried wheels in .whl/ (e.g. grain, for the end-to-end loop) are installed first; see bench/NOTES.md.
+# In TOTAL_S seconds (default 480) it runs, in this order and each capped:
+#   1. tests/gpu_equivalence.py --out $OUT   (if the file exists; cap EQUIV_S, default 90)
+#   2. python -m bench.benchmark --out $OUT  (cases in priority order; it stops starting new ones when its
+#      budget is spent and lists the rest as skipped; the budget is what 1 and 3 leave)
+#   3. bench/pipeline.py --out $OUT          (if the file exists; PIPELINE_S reserved, default 120)
+# PARTS=bench (or equivalence,pipeline, ...) runs a subset; BENCH_ARGS adds benchmark flags, e.g. for a
+# second call: PARTS=bench BENCH_ARGS="--only torch/*/compile* --only e2e/*" (see bench/NOTES.md).
+# Carried wheels in .whl/ (grain and friends, for the real training loop) are installed first.
+# Files written to $OUT by this script: results.json, results.md, gpu_run.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-out-gpu}
 PY=${PYTHON:-python3}
-TOTAL_S=${TOTAL_S:-470}        # the whole script's wall-clock target
-LAST_CASE_S=${LAST_CASE_S:-120} # room for the case that starts just before the budget runs out
+PARTS=${PARTS:-equivalence,bench,pipeline}
+TOTAL_S=${TOTAL_S:-480}
+EQUIV_S=${EQUIV_S:-90}
+PIPELINE_S=${PIPELINE_S:-120}
+LAST_CASE_S=${LAST_CASE_S:-120} # the benchmark case that starts just before its budget runs out
+BENCH_ARGS=${BENCH_ARGS:-}
 mkdir -p "$OUT"
 LOG="$OUT/gpu_run.log"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 START=$(date +%s)
 elapsed() { echo $(($(date +%s) - START)); }
+want() { [[ ",$PARTS," == *",$1,"* ]]; }
 
 {
-  echo "== gpu_run.sh $(date -u '+%Y-%m-%d %H:%M:%S UTC') on $(hostname)"
+  echo "== gpu_run.sh $(date -u '+%Y-%m-%d %H:%M:%S UTC') on $(hostname); PARTS=$PARTS TOTAL_S=$TOTAL_S"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv 2>&1
   if compgen -G ".whl/*.whl" >/dev/null; then
-    echo "== installing carried wheels: $(ls .whl)"
+    echo "== installing carried wheels: $(ls .whl | tr '\n' ' ')"
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
       && export PYTHONPATH="$PYTHONPATH:/tmp/site"
   fi
   "$PY" - <<'EOF'
 import importlib.metadata as md
 for name in ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "flax", "optax", "orbax-checkpoint",
-             "torch", "triton", "timm", "grain", "numpy"):
+             "torch", "triton", "timm", "grain", "tensorboardX", "numpy"):
     try:
         print(f"{name} {md.version(name)}")
     except md.PackageNotFoundError:
-        pass
+        print(f"{name} not installed")
 EOF
 } >"$LOG" 2>&1
 
-if [ -f tests/gpu_equivalence.py ]; then
+if want equivalence && [ -f tests/gpu_equivalence.py ]; then
   echo "== tests/gpu_equivalence.py ($(elapsed) s)" | tee -a "$LOG"
-  timeout 100 "$PY" tests/gpu_equivalence.py --out "$OUT" 2>&1 | tee -a "$LOG"
-  echo "== gpu_equivalence exit ${PIPESTATUS[0]}" | tee -a "$LOG"
-fi
-if [ -f bench/pipeline.py ]; then
-  echo "== bench/pipeline.py ($(elapsed) s)" | tee -a "$LOG"
-  timeout 70 "$PY" bench/pipeline.py --out "$OUT" 2>&1 | tee -a "$LOG"
-  echo "== pipeline exit ${PIPESTATUS[0]}" | tee -a "$LOG"
+  timeout "$EQUIV_S" "$PY" tests/gpu_equivalence.py --out "$OUT" 2>&1 | tee -a "$LOG"
+  echo "== gpu_equivalence exit ${PIPESTATUS[0]} ($(elapsed) s)" | tee -a "$LOG"
 fi
 
-BUDGET=$((TOTAL_S - $(elapsed) - LAST_CASE_S))
-[ "$BUDGET" -lt 60 ] && BUDGET=60
-echo "== bench.benchmark with --budget-s $BUDGET ($(elapsed) s)" | tee -a "$LOG"
-timeout $((BUDGET + LAST_CASE_S + 30)) "$PY" -m bench.benchmark --out "$OUT" --budget-s "$BUDGET" \
-  --case-timeout-s "$LAST_CASE_S" 2>&1 | tee -a "$LOG"
-echo "== benchmark exit ${PIPESTATUS[0]}; total $(elapsed) s" | tee -a "$LOG"
+if want bench; then
+  RESERVE=0
+  want pipeline && [ -f bench/pipeline.py ] && RESERVE=$PIPELINE_S
+  BUDGET=$((TOTAL_S - $(elapsed) - RESERVE - LAST_CASE_S))
+  [ "$BUDGET" -lt 60 ] && BUDGET=60
+  echo "== bench.benchmark --budget-s $BUDGET $BENCH_ARGS ($(elapsed) s)" | tee -a "$LOG"
+  # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
+  timeout $((BUDGET + 2 * LAST_CASE_S)) "$PY" -m bench.benchmark --out "$OUT" --budget-s "$BUDGET" \
+    --case-timeout-s "$LAST_CASE_S" $BENCH_ARGS 2>&1 | tee -a "$LOG"
+  echo "== benchmark exit ${PIPESTATUS[0]} ($(elapsed) s)" | tee -a "$LOG"
+fi
+
+if want pipeline && [ -f bench/pipeline.py ]; then
+  LEFT=$((TOTAL_S - $(elapsed)))
+  [ "$LEFT" -lt 60 ] && LEFT=60
+  echo "== bench/pipeline.py, cap $LEFT s ($(elapsed) s)" | tee -a "$LOG"
+  timeout "$LEFT" "$PY" bench/pipeline.py --out "$OUT" 2>&1 | tee -a "$LOG"
+  echo "== pipeline exit ${PIPESTATUS[0]} ($(elapsed) s)" | tee -a "$LOG"
+fi
+echo "== gpu_run.sh done in $(elapsed) s" | tee -a "$LOG"
