@@ -174,3 +174,41 @@ def test_real_loop_dataset_has_the_mask_layout_and_every_class(tmp_path: Path) -
     data = pytest.importorskip("train.data")
     splits = data.load_splits(root, val_fraction=0.2, seed=0)
     assert len(splits.class_names) == 18 and len(splits.train) + len(splits.val) == 7 * len(persons)
+
+
+def test_goal_rows_are_computed_from_the_matching_cases() -> None:
+    from bench.report import goals, goals_table
+
+    def ok(name: str, **fields: float) -> dict:
+        framework, mode, variant, batch = name.split("/")[:4]
+        return {"name": name, "status": "ok", "framework": framework, "mode": mode, "variant": variant,
+                "batch": int(batch[1:]), **fields}  # fmt: skip
+
+    records = [
+        ok("flax/train/bf16/b256", img_per_s=6100.0, peak_mem_bytes=10 * 2**30),
+        ok("torch/train/eager_amp_bf16_cl/b256", img_per_s=3050.0, peak_mem_bytes=20 * 2**30),
+        ok("flax/train/bf16/b128", img_per_s=5000.0, compile_s=31.0),
+        ok("torch/train/eager_amp_bf16_cl/b128", img_per_s=3000.0),
+        ok("torch/train/compile_amp_bf16_cl/b128", img_per_s=4000.0, compile_s=76.0),
+        ok("flax/train/bf16/b128/warm-cache", img_per_s=5000.0, startup_s=4.0),
+        ok("flax/train/trainer_bf16/b128", img_per_s=4000.0),
+        ok("e2e/train/jpeg/b128", img_per_s=3000.0),
+        ok("e2e/train/cache/b128", img_per_s=3900.0),
+        {**ok("flax/infer/bf16/b128", img_per_s=1.0), "status": "failed"},  # a failed case fills nothing
+    ]
+    rows = {r["figure"]: r for r in goals(records)}
+    b256 = rows["train img/s, B=256, bf16"]
+    assert (b256["flax"], b256["met"], b256["flax_vs_best_torch"]) == (6100.0, True, "2.00x")
+    b128 = rows["train img/s, B=128, bf16"]
+    assert (b128["met"], b128["flax_vs_best_torch"]) == (False, "1.25x")  # against torch.compile's 4000
+    assert rows["inference img/s, B=128, bf16"]["flax"] is None
+    assert rows["cold compile of the train step (s)"]["met"] is False
+    assert rows["cold compile of the train step (s)"]["torch_compile"] == 76.0
+    warm = next(r for f, r in rows.items() if f.startswith("start-up"))
+    assert (warm["flax"], warm["met"]) == (4.0, True)
+    assert rows["real loop / pure trainer step, JPEG files"]["flax"] == pytest.approx(0.75)
+    assert rows["real loop / pure trainer step, decoded cache"]["met"] is True  # 3900 / 4000
+    mem = rows["peak device memory, train B=256 bf16 (GiB)"]
+    assert (mem["flax"], mem["torch_amp"], mem["met"]) == (10.0, 20.0, True)
+    table = goals_table(list(rows.values()))
+    assert "| 0.750 | >= 0.90 | no |" in table and "| 6100.0 | >= 6,000 | yes | 2.00x |" in table
