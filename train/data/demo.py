@@ -30,6 +30,7 @@ DEMO_IMAGE_SIZE = 32
 DEMO_FILE_HEIGHT = 64
 DEMO_PERSONS_PER_CLASS = 32  # persons per (gender, age band); each gives 5 worn + 1 incorrect + 1 bare image
 DEMO_VERSION = 3  # bump when the drawing changes, so cached copies are regenerated
+DEMO_MARKER = "demo.json"  # written last: its presence with matching parameters marks a complete copy
 _SUPERSAMPLE = 2  # drawn at twice the size and reduced, for antialiased edges
 _NOISE_STD = 6.0  # pixel noise, in 8-bit levels
 _JPEG_QUALITY = (80, 95)
@@ -131,6 +132,14 @@ def draw_face(
     return Image.fromarray(np.clip(np.rint(small), 0, 255).astype(np.uint8), "RGB")
 
 
+def _is_complete(folder: Path, params: dict) -> bool:
+    marker = folder / DEMO_MARKER
+    try:
+        return json.loads(marker.read_text()) == params
+    except (OSError, ValueError):
+        return False
+
+
 def generate_demo_dataset(
     root: str | os.PathLike,
     *,
@@ -150,20 +159,19 @@ def generate_demo_dataset(
         )
     params = {"version": DEMO_VERSION, "persons_per_class": persons_per_class, "image_size": image_size, "seed": seed}
     target = Path(root) / f"demo-v{DEMO_VERSION}-p{persons_per_class}-h{image_size}-s{seed}"
-    marker = target / "demo.json"
-    if marker.is_file() and json.loads(marker.read_text()) == params:
+    if _is_complete(target, params):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".demo-tmp-", dir=target.parent))
     try:
         _write_demo(tmp, params)
-        (tmp / "demo.json").write_text(json.dumps(params))
-        if target.exists():  # an incomplete or different copy
+        (tmp / DEMO_MARKER).write_text(json.dumps(params))
+        if target.exists() and not _is_complete(target, params):  # an old or interrupted copy
             shutil.rmtree(target)
         try:
             os.replace(tmp, target)
-        except OSError:  # another process renamed its identical copy first
-            if not (marker.is_file() and json.loads(marker.read_text()) == params):
+        except OSError:  # another process renamed its identical copy into place first
+            if not _is_complete(target, params):
                 raise
     finally:
         if tmp.exists():
