@@ -137,6 +137,59 @@ class LoopState:
     best_step: int | None = None
 
 
+class StepTracker:
+    """Per-step host bookkeeping: non-finite counts, epoch loss/accuracy, the progress line."""
+
+    def __init__(
+        self, loop: LoopState, config: TrainConfig, steps_per_epoch: int, progress: Progress, logger: RunLogger
+    ) -> None:
+        self.loop, self.config, self.steps_per_epoch = loop, config, steps_per_epoch
+        self.progress, self.logger = progress, logger
+        self.loss_sum, self.correct, self.seen = 0.0, 0, 0
+        self._t, self._n = time.perf_counter(), 0
+
+    def record(self, step: int, m: dict[str, Any]) -> bool:
+        """Account for step `step`'s metrics (a host sync); True when the non-finite limit is reached."""
+        loop, batch = self.loop, self.config.batch_size
+        loss = float(m["loss"])
+        if bool(m["finite"]):
+            loop.nonfinite_run = 0
+            self.loss_sum += loss * batch
+            self.correct += int(m["correct"])
+            self.seen += batch
+        else:
+            loop.nonfinite_total += 1
+            loop.nonfinite_run += 1
+            self.progress.message(
+                f"step {step}: non-finite loss or gradient, step skipped "
+                f"({loop.nonfinite_run} in a row, {loop.nonfinite_total} in total)"
+            )
+            self.logger.log(
+                {"kind": "nonfinite", "step": step, "in_a_row": loop.nonfinite_run, "total": loop.nonfinite_total}
+            )
+        self._n += batch
+        now = time.perf_counter()
+        self.progress.update(step, loss, self._n / max(now - self._t, 1e-9), step // self.steps_per_epoch)
+        if step % self.config.log_every == 0:
+            self._t, self._n = now, 0
+        return loop.nonfinite_run >= self.config.max_nonfinite
+
+    def end_epoch(self, epoch: int, lr: float) -> None:
+        """Log the epoch's training loss and accuracy (finite steps only) and reset."""
+        if self.seen:
+            self.logger.log(
+                {
+                    "kind": "train_epoch",
+                    "step": self.loop.step,
+                    "epoch": epoch,
+                    "loss": self.loss_sum / self.seen,
+                    "accuracy": self.correct / self.seen,
+                    "lr": lr,
+                }
+            )
+        self.loss_sum, self.correct, self.seen = 0.0, 0, 0
+
+
 def evaluate(
     state: TrainState, eval_iter: Any, eval_fn: Any, topology: Topology, num_classes: int, class_names: list[str]
 ) -> dict[str, Any]:
@@ -182,6 +235,7 @@ def train(
     verbose: bool = True,
 ) -> dict[str, Any]:
     """Run (or resume) training as `config` says; returns the summary also written to summary.json."""
+    t_entry = time.perf_counter()
     setup_compilation_cache(config.compile_cache)
     config = resolve_image_size(config)
     topology = topology or make_topology()
@@ -303,69 +357,40 @@ def train(
         if checkpointer is not None:
             checkpointer.save(loop.step, state, meta(val), is_best=is_best)
 
-    epoch_loss, epoch_correct, epoch_seen = 0.0, 0, 0
+    tracker = StepTracker(loop, config, steps_per_epoch, progress, logger)
     last_val: dict | None = None
-    t_last, n_last = time.perf_counter(), 0
     t_start = time.perf_counter()
+    first_step_seconds = None
+    pending = None  # the previous step's metrics: read after the next step is dispatched, so the device never idles
     try:
         with _SignalFlag() as flag:
             while loop.step < total_steps:
                 batch = next(train_iter)
                 state, m = train_fn(state, place_batch(batch, topology))
                 loop.step += 1
-                finite = bool(m["finite"])
-                if finite:
-                    loop.nonfinite_run = 0
-                    epoch_loss += float(m["loss"]) * config.batch_size
-                    epoch_correct += int(m["correct"])
-                    epoch_seen += config.batch_size
-                else:
-                    loop.nonfinite_total += 1
-                    loop.nonfinite_run += 1
-                    progress.message(
-                        f"step {loop.step}: non-finite loss or gradient, step skipped "
-                        f"({loop.nonfinite_run} in a row, {loop.nonfinite_total} in total)"
-                    )
-                    logger.log(
-                        {
-                            "kind": "nonfinite",
-                            "step": loop.step,
-                            "in_a_row": loop.nonfinite_run,
-                            "total": loop.nonfinite_total,
-                        }
-                    )
-                    if loop.nonfinite_run >= config.max_nonfinite:
-                        save()
-                        if checkpointer is not None:
-                            checkpointer.wait()
-                        raise NonFiniteError(
-                            f"{loop.nonfinite_run} non-finite steps in a row (limit --max-nonfinite "
-                            f"{config.max_nonfinite}) at step {loop.step}; checkpoint saved in {workdir}. "
-                            "Lower --lr, add --grad-clip, or check the data"
-                        )
-                n_last += config.batch_size
-                now = time.perf_counter()
-                rate = n_last / max(now - t_last, 1e-9)
-                progress.update(loop.step, float(m["loss"]), rate, loop.step // steps_per_epoch)
-                if loop.step % config.log_every == 0:
-                    t_last, n_last = now, 0
-
+                stop = tracker.record(*pending) if pending is not None else False
+                pending = (loop.step, m)
+                if first_step_seconds is None:
+                    jax.block_until_ready(m)
+                    first_step_seconds = time.perf_counter() - t_entry
+                    say(f"first step done {first_step_seconds:.1f} s after start (compilation included)")
                 end_of_epoch = loop.step % steps_per_epoch == 0 or loop.step == total_steps
                 periodic = config.checkpoint_every is not None and loop.step % config.checkpoint_every == 0
+                if end_of_epoch or periodic or stop or flag.signum is not None:
+                    stop = tracker.record(*pending) or stop
+                    pending = None
+                if stop:
+                    save()
+                    if checkpointer is not None:
+                        checkpointer.wait()
+                    raise NonFiniteError(
+                        f"{loop.nonfinite_run} non-finite steps in a row (limit --max-nonfinite "
+                        f"{config.max_nonfinite}) at step {loop.step}; checkpoint saved in {workdir}. "
+                        "Lower --lr, add --grad-clip, or check the data"
+                    )
                 if end_of_epoch:
                     epoch = (loop.step - 1) // steps_per_epoch + 1
-                    if epoch_seen:
-                        logger.log(
-                            {
-                                "kind": "train_epoch",
-                                "step": loop.step,
-                                "epoch": epoch,
-                                "loss": epoch_loss / epoch_seen,
-                                "accuracy": epoch_correct / epoch_seen,
-                                "lr": float(tx_lr(config, steps_per_epoch, total_steps, loop.step)),
-                            }
-                        )
-                    epoch_loss, epoch_correct, epoch_seen = 0.0, 0, 0
+                    tracker.end_epoch(epoch, float(tx_lr(config, steps_per_epoch, total_steps, loop.step)))
                     last_val = evaluate(state, eval_iter, eval_fn, topology, num_classes, class_names)
                     is_best = last_val["macro_f1"] > loop.best_f1
                     if is_best:
@@ -396,6 +421,7 @@ def train(
     summary = {
         "steps": loop.step,
         "train_seconds": time.perf_counter() - t_start,
+        "first_step_seconds": first_step_seconds,
         "best_macro_f1": loop.best_f1,
         "best_step": loop.best_step,
         "nonfinite_steps": loop.nonfinite_total,
