@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -58,13 +59,13 @@ def normalize_u8(images: jnp.ndarray) -> jnp.ndarray:
     return (images.astype(jnp.float32) - mean) * inv_std
 
 
-def make_train_step(model: Darknet53):
+def make_train_step(model: Darknet53) -> Callable[[TrainState, jnp.ndarray, jnp.ndarray], tuple[TrainState, Any]]:
     """The pure train step: cross-entropy on integer labels, batch statistics updated, SGD applied."""
 
     def train_step(state: TrainState, images: jnp.ndarray, labels: jnp.ndarray) -> tuple[TrainState, jnp.ndarray]:
         x = normalize_u8(images)
 
-        def loss_fn(params):
+        def loss_fn(params: Any) -> tuple[jnp.ndarray, Any]:
             logits, updates = model.apply(
                 {"params": params, "batch_stats": state.batch_stats}, x, train=True, mutable=["batch_stats"]
             )
@@ -77,7 +78,7 @@ def make_train_step(model: Darknet53):
     return train_step
 
 
-def make_infer_step(model: Darknet53):
+def make_infer_step(model: Darknet53) -> Callable[[dict, jnp.ndarray], jnp.ndarray]:
     """Logits with running statistics, from uint8 images."""
 
     def infer_step(variables: dict, images: jnp.ndarray) -> jnp.ndarray:
