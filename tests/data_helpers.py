@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ MASK_STEMS = ("mask1", "mask2", "mask3", "mask4", "mask5", "incorrect_mask", "no
 def write_image(path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (24, 32), fmt: str = "JPEG") -> Path:
     """A flat `colour` image (width, height) = size, with light noise so JPEG has content to code."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(abs(hash(str(path))) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(str(path).encode()))
     arr = np.clip(np.array(colour, np.int16) + rng.integers(-3, 4, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
     Image.fromarray(arr, "RGB").save(path, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
     return path
