@@ -136,7 +136,8 @@ def trainer_step_and_state(model: Darknet53, variables: dict) -> tuple[Any, Any]
 
 
 def _memory_fields(compiled: Any) -> dict[str, Any]:
-    """Peak device memory of this process (None where the backend keeps no statistics) and XLA's plan."""
+    """Peak device memory of this process (None where the backend keeps no statistics), XLA's memory plan and
+    XLA's FLOP and byte counts of the compiled step."""
     stats = jax.local_devices()[0].memory_stats() or {}
     fields: dict[str, Any] = {"peak_mem_bytes": stats.get("peak_bytes_in_use")}
     try:
@@ -147,6 +148,13 @@ def _memory_fields(compiled: Any) -> dict[str, Any]:
         }
     except Exception as e:  # not every backend implements it; the measured peak is the figure
         fields["xla_memory_plan"] = f"unavailable: {type(e).__name__}"
+    # XLA's own count of the compiled program, after fusion: a cross-check of bench/counting.py.
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list | tuple) else cost
+        fields["xla_cost"] = {"flops": cost.get("flops"), "bytes_accessed": cost.get("bytes accessed")}
+    except Exception as e:
+        fields["xla_cost"] = f"unavailable: {type(e).__name__}"
     return fields
 
 

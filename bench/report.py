@@ -22,18 +22,26 @@ def _gib(value: Any) -> str:
     return "-" if value is None else f"{value / GIB:.2f}"
 
 
+def _xla_gb(cost: Any) -> str:
+    """XLA's bytes-accessed estimate of the compiled step, in GB ('-' where it was not available)."""
+    if not isinstance(cost, dict) or cost.get("bytes_accessed") is None:
+        return "-"
+    return f"{cost['bytes_accessed'] / 1e9:.2f}"
+
+
 def cases_table(records: list[dict[str, Any]]) -> str:
     """One row per case: throughput, step time, compile/first step, start-up, peak memory, status."""
     lines = [
-        "| case | batch | img/s | step ms (median) | compile s | first step s | start-up s | peak GiB | status |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| case | batch | img/s | step ms (median) | compile s | first step s | start-up s | peak GiB "
+        "| XLA GB/step | status |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('reason', '')}"
         lines.append(
             f"| {r['name']} | {r['batch']} | {_fmt(r.get('img_per_s'))} | {_fmt(r.get('step_ms_median'), '.2f')} "
             f"| {_fmt(r.get('compile_s'))} | {_fmt(r.get('first_step_s'), '.2f')} | {_fmt(r.get('startup_s'))} "
-            f"| {_gib(r.get('peak_mem_bytes'))} | {status.replace('|', '/')} |"
+            f"| {_gib(r.get('peak_mem_bytes'))} | {_xla_gb(r.get('xla_cost'))} | {status.replace('|', '/')} |"
         )
     return "\n".join(lines)
 
