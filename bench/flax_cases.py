@@ -7,6 +7,7 @@ inside the step (the trainer's layout: the host ships bytes, the device does the
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Callable
@@ -217,6 +218,16 @@ def run_flax_case(spec: CaseSpec, spawn_time: float | None = None) -> dict[str, 
     startup_s = time.time() - spawn_time if spawn_time is not None else None
     timing = time_windows(run_steps, sync, spec)
     extra = {}
+    if spec.variant.startswith("trainer"):
+        # The same step with the loop's habit of reading a metric back after every step (train/loop.py):
+        # the difference to the pure figure is what those host syncs cost, apart from the data pipeline.
+        def run_steps_read_back(n: int) -> None:
+            for _ in range(n):
+                run_steps(1)
+                float(holder["loss"])
+
+        read_back = time_windows(run_steps_read_back, sync, dataclasses.replace(spec, warmup=0))
+        extra["img_per_s_read_back_each_step"] = read_back["img_per_s"]
     if spec.mode == "train":
         loss = float(holder["loss"])
         if not np.isfinite(loss):

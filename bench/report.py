@@ -130,6 +130,20 @@ def goals(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "flax_vs_best_torch": "-",
             }
         )
+    trainer = next((r for r in records if r["variant"] == "trainer_bf16" and r["status"] == "ok"), None)
+    read_back = None if trainer is None else trainer.get("img_per_s_read_back_each_step")
+    rows.append(
+        {
+            "figure": "pure trainer step with a host read of the loss after every step / without (diagnostic)",
+            "torch_amp": None,
+            "torch_compile": None,
+            "flax": None if read_back is None else read_back / trainer["img_per_s"],
+            "goal": "-",
+            "fmt": ".3f",
+            "met": None,
+            "flax_vs_best_torch": "-",
+        }
+    )
     flax_mem = _find(records, "flax/train/bf16/b256")
     amp_mem = _find(records, "torch/train/eager_amp_bf16_cl/b256")
     fm = None if flax_mem is None else flax_mem.get("peak_mem_bytes")
