@@ -120,3 +120,16 @@ def test_batch_that_does_not_split_over_devices_exits_2(tmp_path):
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "cannot be split over 4 devices" in proc.stderr
+
+
+def test_nonfinite_steps_in_a_row_stop_the_run_with_a_checkpoint(tmp_path, capsys):
+    # lr 1e30: the first update blows the weights up; every later step is non-finite and skipped.
+    workdir = tmp_path / "w"
+    args = tiny_cli_args(workdir, "--steps", "6", "--batch-size", "16", "--lr", "1e30", "--warmup-epochs", "0")
+    assert train_flax.main([*args, "--max-nonfinite", "2"]) == 3
+    err = capsys.readouterr().err
+    assert "non-finite steps in a row (limit --max-nonfinite 2)" in err
+    step, meta = read_meta(workdir / LATEST_DIR)
+    assert meta["loop"]["nonfinite_run"] >= 2 and step < 6
+    records = [r for r in read_metrics(workdir) if r["kind"] == "nonfinite"]
+    assert [r["in_a_row"] for r in records][:2] == [1, 2]
