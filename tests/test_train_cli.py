@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -17,10 +19,20 @@ EPOCHS = 4
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("run") / "w"
-    proc = run_module("train.flax", tiny_cli_args(workdir, "--epochs", str(EPOCHS), "--batch-size", "32"))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return workdir, proc
+    """One tiny demo run shared by every xdist worker (the pytest-xdist recipe: a lock in the common temp root)."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # parent: this session's, all workers
+    workdir = root / "train_cli_run"
+    with FileLock(str(root / "train_cli_run.lock")):
+        if not (workdir / "summary.json").is_file():
+            if workdir.exists():
+                shutil.rmtree(workdir)
+            proc = run_module("train.flax", tiny_cli_args(workdir, "--epochs", str(EPOCHS), "--batch-size", "32"))
+            assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+            (root / "train_cli_run.stdout").write_text(proc.stdout)
+    return workdir, (root / "train_cli_run.stdout").read_text()
 
 
 def test_demo_run_learns_far_above_chance(trained):
@@ -47,10 +59,10 @@ def test_best_checkpoint_is_the_one_with_best_macro_f1(trained):
 
 
 def test_run_writes_config_metrics_plots_and_latest_checkpoints(trained):
-    workdir, proc = trained
+    workdir, stdout = trained
     config = json.loads((workdir / "config.json").read_text())
     assert config["image_size"] == 32 and config["arch"] == "tiny" and config["normalization"]
-    assert '"batch_size": 32' in proc.stdout  # the resolved config is printed
+    assert '"batch_size": 32' in stdout  # the resolved config is printed
     for name in ("metrics.jsonl", "curves.png", "confusion_matrix.png", "summary.json", "data_summary.json"):
         assert (workdir / name).is_file(), name
     assert list((workdir / "tensorboard").iterdir())
