@@ -7,14 +7,26 @@ connections and raises `DistributedError` naming the process when it does not.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import dataclasses
+import json
 import os
 import socket
 import sys
+import threading
 import time
+from typing import Any
 
 DEFAULT_TIMEOUT_S = 300
 _PROBE_INTERVAL_S = 0.5
+# How often each process looks for a failure reported by another, and how long a failing process lingers so
+# the others read its report (process 0 hosts the key-value store: when it exits, the store goes with it).
+FAILURE_POLL_S = 0.5
+FAILURE_LINGER_S = 3 * FAILURE_POLL_S
+# Exit code of a process stopped because another process failed (its own failures keep their usual codes).
+EXIT_PEER_FAILED = 5
+_KEY_PREFIX = "darknet53"
 
 # Environment variables by which JAX's own cluster detection recognises a multi-process launch.
 _CLUSTER_ENVS = {
@@ -140,4 +152,194 @@ def initialize(opts: DistributedOptions) -> bool:
         process_id=opts.process_id,
         initialization_timeout=opts.timeout_s,
     )
+    if jax.process_count() != opts.num_processes:
+        raise DistributedError(
+            f"process {opts.process_id}: --num-processes {opts.num_processes}, but the coordinator at "
+            f"{opts.coordinator} runs {jax.process_count()} processes; give every process the same --num-processes"
+        )
     return True
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """The multi-process flags of `python -m train.flax` (all absent: single process or SLURM/Open MPI)."""
+    g = parser.add_argument_group("multi-process (multi-host) training")
+    g.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (the same on every process)")
+    g.add_argument("--num-processes", type=int, default=None, help="how many processes take part")
+    g.add_argument("--process-id", type=int, default=None, help="this process's index, 0..N-1 (0 coordinates)")
+    g.add_argument(
+        "--distributed-timeout",
+        type=int,
+        default=DEFAULT_TIMEOUT_S,
+        help="seconds to wait for the coordinator and for all processes to join",
+    )
+
+
+def options_from_args(args: argparse.Namespace) -> DistributedOptions:
+    """The DistributedOptions of parsed flags (see add_flags)."""
+    return DistributedOptions(args.coordinator, args.num_processes, args.process_id, args.distributed_timeout)
+
+
+def _client() -> Any:
+    # JAX has no public key-value API; its own multihost_utils and orbax use this same client.
+    from jax._src import distributed as jax_distributed
+
+    return jax_distributed.global_state.client
+
+
+def is_multiprocess() -> bool:
+    """True after initialize() joined a run of more than one process."""
+    import jax
+
+    return _client() is not None and jax.process_count() > 1
+
+
+def check_same_config(config: dict[str, Any], timeout_s: float) -> None:
+    """Raise DistributedError unless every process was given the same training flags (compared with process 0's)."""
+    import jax
+
+    if not is_multiprocess():
+        return
+    client, me = _client(), jax.process_index()
+    client.key_value_set(f"{_KEY_PREFIX}/config/{me}", json.dumps(config, sort_keys=True))
+    others = range(1, jax.process_count()) if me == 0 else [0]
+    for other in others:
+        try:
+            theirs = json.loads(client.blocking_key_value_get(f"{_KEY_PREFIX}/config/{other}", int(timeout_s * 1000)))
+        except Exception as e:
+            raise DistributedError(f"process {me}: process {other} did not report its flags: {e}") from e
+        diffs = [f"{k}: {theirs.get(k)!r} -> {config.get(k)!r}" for k in sorted(config) if theirs.get(k) != config[k]]
+        if diffs:
+            a, b = (other, me) if me else (me, other)
+            raise DistributedError(
+                f"process {me}: the flags of process {b} differ from process {a}'s ({'; '.join(diffs)}); "
+                "every process must be given the same training flags"
+            )
+
+
+class FailureWatcher:
+    """Stops this process promptly when another process reports a failure (or the coordinator disappears).
+
+    Without it a failed process leaves the others blocked in a collective or a barrier until JAX's heartbeat
+    or shutdown timeouts (minutes) abort them with messages that do not say what went wrong.
+    """
+
+    def __init__(self, poll_s: float = FAILURE_POLL_S) -> None:
+        import jax
+
+        self.me, self.poll_s = jax.process_index(), poll_s
+        self._stop = threading.Event()
+        self.failing = False  # this process is failing itself: peers' reports are then not news
+        self._thread = threading.Thread(target=self._run, name="failure-watcher", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        client = _client()
+        while not self._stop.wait(self.poll_s):
+            try:
+                reports = client.key_value_dir_get(f"{_KEY_PREFIX}/failed/")
+            except Exception as e:
+                if self._stop.is_set() or self.failing:
+                    return
+                _die(f"process {self.me}: lost contact with the coordinator (process 0), stopping: {e}")
+            others = [(k, v) for k, v in reports if not k.endswith(f"/{self.me}")]
+            if others and not self.failing:
+                key, message = sorted(others)[0]
+                _die(f"process {self.me}: stopping because process {key.rsplit('/', 1)[-1]} failed: {message}")
+
+    def announce(self, message: str) -> None:
+        """Tell the other processes that this one fails with `message` (they stop within a poll interval)."""
+        self.failing = True
+        # The store may be gone (process 0 exited first): the others are stopping anyway.
+        with contextlib.suppress(Exception):
+            _client().key_value_set(f"{_KEY_PREFIX}/failed/{self.me}", message)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _die(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    # os._exit skips JAX's exit-time shutdown barrier, which would wait for the failed process for minutes.
+    os._exit(EXIT_PEER_FAILED)
+
+
+def exit_now(code: int) -> None:
+    """Leave a failed multi-process run at once: linger so the others read the report, skip the shutdown barrier."""
+    time.sleep(FAILURE_LINGER_S)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def shutdown() -> None:
+    """Leave the distributed runtime in step with the other processes (after a successful run)."""
+    import jax
+
+    if _client() is not None:
+        jax.distributed.shutdown()
+
+
+_watcher: FailureWatcher | None = None
+
+
+def start_failure_watcher() -> FailureWatcher:
+    """Start (once) the watcher that stops this process when another one fails."""
+    global _watcher
+    if _watcher is None:
+        _watcher = FailureWatcher()
+    return _watcher
+
+
+def stop_failure_watcher() -> None:
+    global _watcher
+    if _watcher is not None:
+        _watcher.stop()
+        _watcher = None
+
+
+def announce_failure(message: str) -> None:
+    """Tell the other processes this one is failing (a no-op outside a watched multi-process run)."""
+    if _watcher is not None:
+        _watcher.announce(message)
+
+
+def barrier(name: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """Wait until every process reaches `name` (a no-op in a single-process run)."""
+    if is_multiprocess():
+        _client().wait_at_barrier(f"{_KEY_PREFIX}/{name}", int(timeout_s * 1000))
+
+
+# A signal reaches the processes at different steps; they stop together this many steps after the first one
+# saw it. Collectives keep the processes within two steps of each other (each step waits for the previous
+# step's metrics, which need every process), so all of them read the agreed step before they reach it.
+STOP_MARGIN_STEPS = 3
+
+
+class StopAgreement:
+    """Turns a signal seen by any process into one step at which every process saves and stops."""
+
+    def __init__(self) -> None:
+        self.multi = is_multiprocess()
+        self._posted = False
+
+    def check(self, signum: int | None, step: int) -> int | None:
+        """After step `step`: the signal number to stop on now, or None to go on."""
+        if not self.multi:
+            return signum
+        client = _client()
+        key = f"{_KEY_PREFIX}/stop"
+        if signum is not None and not self._posted:
+            self._posted = True
+            # The first process to post decides; a later post finds the key taken (ALREADY_EXISTS) and changes nothing.
+            with contextlib.suppress(Exception):
+                client.key_value_set(key, f"{step + STOP_MARGIN_STEPS}:{signum}")
+        try:
+            value = client.key_value_try_get(key)  # about 0.1 ms; NOT_FOUND until some process posts
+        except Exception:
+            return None
+        stop_step, agreed_signum = (int(v) for v in value.split(":"))
+        if step > stop_step:
+            raise DistributedError(f"this process passed the agreed stop step {stop_step} (now at step {step})")
+        return agreed_signum if step == stop_step else None
