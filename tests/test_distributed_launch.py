@@ -108,3 +108,23 @@ def test_two_processes_see_four_devices_and_reduce_across_them(tmp_path):
         assert p.returncode == 0, out[-3000:]
         # Process 0 contributes 1 + 1, process 1 contributes 2 + 2: a global sum of 6 over 4 devices.
         assert "RESULT 2 4 6.0" in out, out[-3000:]
+
+
+def test_cli_flags_become_distributed_options():
+    import argparse
+
+    from train.distributed import DEFAULT_TIMEOUT_S, add_flags, options_from_args
+
+    parser = argparse.ArgumentParser()
+    add_flags(parser)
+    opts = options_from_args(parser.parse_args(["--coordinator", "h:1", "--num-processes", "2", "--process-id", "1"]))
+    assert opts == DistributedOptions("h:1", 2, 1, DEFAULT_TIMEOUT_S)
+    assert not options_from_args(parser.parse_args([])).explicit
+
+
+def test_a_single_process_stops_on_its_own_signal_at_once():
+    from train.distributed import StopAgreement
+
+    stops = StopAgreement()
+    assert stops.check(None, 3) is None
+    assert stops.check(15, 4) == 15
