@@ -128,3 +128,11 @@ def test_a_single_process_stops_on_its_own_signal_at_once():
     stops = StopAgreement()
     assert stops.check(None, 3) is None
     assert stops.check(15, 4) == 15
+
+
+def test_a_data_state_moves_to_another_process_count_only_with_the_same_global_batch():
+    from train.distributed import data_state_for_topology
+
+    saved = {"version": 1, "step": 7, "seed": 0, "batch_size": 4, "process_count": 2, "records": "x"}
+    assert data_state_for_topology(saved, 8, 1) == {**saved, "batch_size": 8, "process_count": 1}
+    assert data_state_for_topology(saved, 4, 1) == saved  # another global batch: left for set_state to refuse

@@ -65,7 +65,8 @@ class Checkpointer:
 
     def __init__(self, workdir: str | Path, keep: int, async_save: bool = True) -> None:
         self.workdir = Path(workdir)
-        self.removed_tmp = clean_tmp_dirs(self.workdir)
+        # Process 0 alone tidies up: the others may already be creating their managers on the same folder.
+        self.removed_tmp = clean_tmp_dirs(self.workdir) if jax.process_index() == 0 else []
 
         def manager(sub: str, max_to_keep: int) -> ocp.CheckpointManager:
             options = ocp.CheckpointManagerOptions(
@@ -73,6 +74,8 @@ class Checkpointer:
                 create=True,
                 cleanup_tmp_directories=True,
                 enable_async_checkpointing=async_save,
+                # Two managers save at the same step; distinct barrier names keep their multi-process syncs apart.
+                multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=sub),
             )
             return ocp.CheckpointManager(self.workdir / sub, options=options, item_names=("state", "meta"))
 
@@ -152,7 +155,13 @@ def restore_variables(directory: str | Path, step: int) -> dict[str, Any]:
     with ocp.CheckpointManager(
         Path(directory),
         options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-        item_names=("state", "meta"),
+        item_handlers={"state": ocp.StandardCheckpointHandler()},
     ) as m:
-        restored = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+        # The saved shardings name the saving run's devices (other processes, other hosts): read every array
+        # onto this process's first device instead.
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree_util.tree_map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), m.item_metadata(step)["state"]
+        )
+        restored = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
     return jax.tree_util.tree_map(np.asarray, {"params": restored["params"], "batch_stats": restored["batch_stats"]})

@@ -343,3 +343,18 @@ class StopAgreement:
         if step > stop_step:
             raise DistributedError(f"this process passed the agreed stop step {stop_step} (now at step {step})")
         return agreed_signum if step == stop_step else None
+
+
+def data_state_for_topology(state: Any, batch_size: int, process_count: int) -> Any:
+    """A training-iterator state saved by another process count, as this topology's iterator would have it.
+
+    The state is a global step counter: step k's global batch depends on (records, seed, k, global batch) only,
+    so with the same global batch (per-process batch x process count) the position carries over exactly.
+    Anything else is returned unchanged, for the iterator's own set_state to refuse with its message.
+    """
+    if not isinstance(state, dict):
+        return state
+    saved_b, saved_p = state.get("batch_size"), state.get("process_count")
+    if not (isinstance(saved_b, int) and isinstance(saved_p, int)) or saved_b * saved_p != batch_size * process_count:
+        return state
+    return {**state, "batch_size": batch_size, "process_count": process_count}

@@ -3,52 +3,103 @@
 from __future__ import annotations
 
 import sys
+import traceback
 from collections.abc import Sequence
+from typing import Any
 
-# Exit codes (documented in docs/training.md).
+# Exit codes (documented in docs/training.md; EXIT_PEER_FAILED in docs/multihost.md).
 EXIT_OK = 0
+EXIT_ERROR = 1  # an unexpected exception (a bug, an OSError): the traceback is printed
 EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 3
 EXIT_CHECKPOINT = 4
+EXIT_PEER_FAILED = 5  # multi-process: another process failed (its message is printed)
 SIGNAL_EXIT_BASE = 128  # stopped by a signal after saving: 128 + signal number (143 SIGTERM, 130 SIGINT)
+# Flags that may differ between the processes of one run: they concern each host, not what is trained.
+PER_HOST_FLAGS = frozenset({"num_workers", "cache_dir", "compile_cache"})
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parse flags, train, and map failures to a clear message and an exit code."""
-    from train.options import ConfigError, parse_config
-
-    try:
-        config = parse_config(argv, prog="python -m train.flax")
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-
+def _run(config: Any, is_main: bool = True) -> tuple[int, str | None, bool]:
+    """Train; (exit code, error message or None, whether every process stops the same way)."""
     from train.checkpointing import CheckpointError
     from train.data import DataError
+    from train.distributed import DistributedError
     from train.loop import Interrupted, NonFiniteError, WorkdirError, train
+    from train.options import ConfigError
     from train.sharding import ShardingError
 
     try:
         summary = train(config)
-    except (ConfigError, DataError, ShardingError, WorkdirError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_NONFINITE
+    except (ConfigError, DataError, ShardingError, WorkdirError, DistributedError) as e:
+        return EXIT_BAD_INPUT, f"error: {e}", False
+    except NonFiniteError as e:  # decided from global metrics: the same on every process
+        return EXIT_NONFINITE, f"error: {e}", True
     except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_CHECKPOINT
-    except Interrupted as e:
-        print(str(e), file=sys.stderr)
-        return SIGNAL_EXIT_BASE + e.signum
+        return EXIT_CHECKPOINT, f"error: {e}", False
+    except Interrupted as e:  # agreed between the processes before anyone stops
+        return SIGNAL_EXIT_BASE + e.signum, str(e), True
+    except Exception as e:
+        traceback.print_exc()
+        return EXIT_ERROR, f"error: {type(e).__name__}: {e}", False
     final = summary["final_val"] or {}
+    if not is_main:
+        return EXIT_OK, None, True
     print(
         f"done: {summary['steps']} steps in {summary['train_seconds']:.1f} s; final val accuracy "
         f"{final.get('accuracy', float('nan')):.4f}, macro F1 {final.get('macro_f1', float('nan')):.4f}; "
         f"best macro F1 {summary['best_macro_f1']:.4f} at step {summary['best_step']}; outputs in {summary['workdir']}"
     )
-    return EXIT_OK
+    return EXIT_OK, None, True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse flags, join the other processes if any, train, and map failures to a clear message and an exit code."""
+    from train import distributed
+    from train.options import ConfigError, build_parser, config_from_args, validate
+
+    parser = build_parser("python -m train.flax")
+    distributed.add_flags(parser)
+    args = parser.parse_args(argv)
+    try:
+        dist = distributed.options_from_args(args)
+        distributed.validate(dist)
+        if dist.explicit and args.workdir is None:
+            raise ConfigError("a multi-process run needs --workdir: one folder that every process can reach")
+        config = config_from_args(args)
+        validate(config)
+        multi = distributed.initialize(dist)
+    except (ConfigError, distributed.DistributedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if not multi:
+        code, message, _ = _run(config)
+        if message:
+            print(message, file=sys.stderr)
+        return code
+
+    import jax
+
+    me = jax.process_index()
+    watcher = distributed.start_failure_watcher()
+    try:
+        if args.workdir is None:  # SLURM / Open MPI launch: each process would pick its own timestamped folder
+            raise distributed.DistributedError("a multi-process run needs --workdir: one folder every process reaches")
+        shared = {k: v for k, v in config.to_json().items() if k not in PER_HOST_FLAGS}
+        distributed.check_same_config(shared, dist.timeout_s)
+    except distributed.DistributedError as e:
+        code, message, agreed = EXIT_BAD_INPUT, f"error: {e}", False
+    else:
+        code, message, agreed = _run(config, is_main=me == 0)
+    if message:
+        message = message.replace("error: ", f"error: process {me}: ", 1) if message.startswith("error: ") else message
+        print(message, file=sys.stderr, flush=True)
+    if agreed:  # every process ends here together: leave the runtime in step
+        distributed.stop_failure_watcher()
+        distributed.shutdown()
+        return code
+    watcher.announce(message or f"exit code {code}")
+    distributed.exit_now(code)
+    return code  # not reached
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import numpy as np
 
 from darknet_arch import DarknetConfig
 from train import checkpointing as ckpt
+from train import distributed
 from train import metrics as metrics_lib
 from train.data import DEMO_IMAGE_SIZE, DataSplits, load_splits, make_eval_iter, make_train_iter
 from train.logging_utils import Progress, RunLogger, atomic_write_text
@@ -81,17 +82,18 @@ def prepare_workdir(config: TrainConfig, is_main: bool) -> Path:
             f"--workdir {workdir} already exists and is not empty; pass --resume to continue it, "
             "--overwrite to replace it, or choose another folder"
         )
-    if not is_main:
-        return workdir
-    if exists and config.overwrite:
-        shutil.rmtree(workdir)
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise WorkdirError(f"--workdir {workdir} is not writable: {e}") from e
+    distributed.barrier("workdir-checked")  # every process has looked before process 0 clears or creates it
+    if is_main:
+        if exists and config.overwrite:
+            shutil.rmtree(workdir)
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+            probe = workdir / f".write-test-{os.getpid()}"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise WorkdirError(f"--workdir {workdir} is not writable: {e}") from e
+    distributed.barrier("workdir-ready")
     return workdir
 
 
@@ -317,12 +319,16 @@ def train(
     state = replicate(state, topology)
 
     loop = LoopState()
-    checkpointer = ckpt.Checkpointer(workdir, keep=config.keep_checkpoints) if is_main else None
+    # Every process takes part in saving (orbax writes each process's shards and synchronises them).
+    checkpointer = ckpt.Checkpointer(workdir, keep=config.keep_checkpoints)
     if checkpointer is not None and checkpointer.removed_tmp:
         say(f"removed {len(checkpointer.removed_tmp)} leftover temporary checkpoint folder(s)")
     if resume_meta is not None:
         state = ckpt.restore_state(workdir / ckpt.LATEST_DIR, resume_step, state)
-        train_iter.set_state(ckpt.decode_data_state(resume_meta["data_state"]))
+        data_state = ckpt.decode_data_state(resume_meta["data_state"])
+        # Saved by another number of processes? The same global position (see docs/multihost.md).
+        data_state = distributed.data_state_for_topology(data_state, local_batch, topology.process_count)
+        train_iter.set_state(data_state)
         loop = LoopState(**resume_meta["loop"])
         say(f"resumed from step {loop.step} in {workdir}")
 
@@ -358,6 +364,7 @@ def train(
             checkpointer.save(loop.step, state, meta(val), is_best=is_best)
 
     tracker = StepTracker(loop, config, steps_per_epoch, progress, logger)
+    stops = distributed.StopAgreement()  # a signal seen by one process stops all of them at the same step
     last_val: dict | None = None
     t_start = time.perf_counter()
     first_step_seconds = None
@@ -368,6 +375,7 @@ def train(
                 batch = next(train_iter)
                 state, m = train_fn(state, place_batch(batch, topology))
                 loop.step += 1
+                signum = stops.check(flag.signum, loop.step)
                 stop = tracker.record(*pending) if pending is not None else False
                 pending = (loop.step, m)
                 if first_step_seconds is None:
@@ -376,7 +384,7 @@ def train(
                     say(f"first step done {first_step_seconds:.1f} s after start (compilation included)")
                 end_of_epoch = loop.step % steps_per_epoch == 0 or loop.step == total_steps
                 periodic = config.checkpoint_every is not None and loop.step % config.checkpoint_every == 0
-                if end_of_epoch or periodic or stop or flag.signum is not None:
+                if end_of_epoch or periodic or stop or signum is not None:
                     stop = tracker.record(*pending) or stop
                     pending = None
                 if stop:
@@ -406,12 +414,18 @@ def train(
                         save(last_val, is_best=is_best)
                 elif periodic:
                     save()
-                if flag.signum is not None:
+                if signum is not None:
                     if not (end_of_epoch or periodic):
                         save()
                     if checkpointer is not None:
                         checkpointer.wait()
-                    raise Interrupted(flag.signum, loop.step)
+                    raise Interrupted(signum, loop.step)
+    except (Interrupted, NonFiniteError):
+        raise  # every process stops at the same step for these: nothing to tell the others
+    except BaseException as e:
+        # Tell the other processes now: the cleanup below waits for them (checkpoint barriers) and they for us.
+        distributed.announce_failure(f"process {topology.process_index}: {type(e).__name__}: {e}")
+        raise
     finally:
         if checkpointer is not None:
             checkpointer.close()
