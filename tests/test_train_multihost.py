@@ -123,7 +123,7 @@ def test_an_error_on_one_process_stops_both_and_names_it(tmp_path):
     start_time = time.monotonic()
     (code0, out0), (code1, out1) = finish(two_processes([args, [*args, "--cache-dir", str(not_a_folder)]]), timeout=120)
     assert time.monotonic() - start_time < 90
-    assert code1 not in (0, 5) and "error: process 1:" in out1, out1[-3000:]
+    assert code1 == 1 and "error: process 1: FileExistsError" in out1, out1[-3000:]  # an unexpected error: 1
     assert code0 == 5 and "process 0: stopping because process 1 failed" in out0, out0[-3000:]
 
 
@@ -145,6 +145,18 @@ def test_processes_given_different_flags_are_refused(tmp_path):
     for code, out in results:
         assert code in (2, 5), out[-3000:]
     assert any("differ from process 0's (lr: 0.1 -> 0.2)" in out for _, out in results), results
+
+
+@pytest.mark.slow
+def test_a_process_count_that_differs_from_the_coordinators_is_refused(tmp_path):
+    port = free_port()
+    args = [*tiny_cli_args(tmp_path / "run"), "--coordinator", f"127.0.0.1:{port}", "--distributed-timeout", "60"]
+    procs = [start([*args, "--num-processes", "2", "--process-id", "0"], devices=2)]
+    procs.append(start([*args, "--num-processes", "3", "--process-id", "1"], devices=2))
+    (code0, out0), (code1, out1) = finish(procs, timeout=120)
+    needle = f"process 1: --num-processes 3, but the coordinator at 127.0.0.1:{port} runs 2 processes"
+    assert code1 == 2 and f"error: {needle}" in out1, out1[-3000:]
+    assert code0 == 5 and "process 0: stopping because process 1 failed" in out0, out0[-3000:]
 
 
 def test_unreachable_coordinator_fails_the_cli_within_the_timeout(tmp_path):

@@ -153,11 +153,19 @@ def initialize(opts: DistributedOptions) -> bool:
         initialization_timeout=opts.timeout_s,
     )
     if jax.process_count() != opts.num_processes:
-        raise DistributedError(
+        message = (
             f"process {opts.process_id}: --num-processes {opts.num_processes}, but the coordinator at "
             f"{opts.coordinator} runs {jax.process_count()} processes; give every process the same --num-processes"
         )
+        with contextlib.suppress(Exception):  # so that the others' failure watchers stop them too
+            _client().key_value_set(f"{_KEY_PREFIX}/failed/{jax.process_index()}", message)
+        raise DistributedError(message)
     return True
+
+
+def joined() -> bool:
+    """True once this process is connected to the distributed runtime (its exit must then not wait for others)."""
+    return _client() is not None
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -266,8 +274,15 @@ def _die(message: str) -> None:
 
 
 def exit_now(code: int) -> None:
-    """Leave a failed multi-process run at once: linger so the others read the report, skip the shutdown barrier."""
-    time.sleep(FAILURE_LINGER_S)
+    """Leave a failed multi-process run at once, skipping the shutdown barrier.
+
+    Process 0 hosts the key-value store, so it lingers until the others have read its report; the others leave
+    at once (lingering, they would be aborted by JAX when process 0 goes, with another exit code).
+    """
+    import jax
+
+    if jax.process_index() == 0:
+        time.sleep(FAILURE_LINGER_S)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -70,6 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         multi = distributed.initialize(dist)
     except (ConfigError, distributed.DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
+        if distributed.joined():  # connected, then refused: leave without JAX's exit barrier, which waits for all
+            distributed.exit_now(EXIT_BAD_INPUT)
         return EXIT_BAD_INPUT
     if not multi:
         code, message, _ = _run(config)
