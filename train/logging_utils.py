@@ -21,6 +21,14 @@ CONFUSION_PNG = "confusion_matrix.png"
 TENSORBOARD_DIR = "tensorboard"
 
 
+def ensure_writable_dir(folder: str | Path, probe_in: str | Path | None = None) -> None:
+    """Create `folder` (with parents) and prove `probe_in` (default: the folder) writable; OSError otherwise."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    probe = Path(probe_in if probe_in is not None else folder) / f".write-test-{os.getpid()}"
+    probe.write_text("ok")
+    probe.unlink()
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write to a temp name and rename, so readers never see half a file."""
     path = Path(path)

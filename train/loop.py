@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import shutil
 import signal
 import time
@@ -20,7 +19,7 @@ from train import checkpointing as ckpt
 from train import distributed
 from train import metrics as metrics_lib
 from train.data import DEMO_IMAGE_SIZE, DataSplits, load_splits, make_eval_iter, make_train_iter
-from train.logging_utils import Progress, RunLogger, atomic_write_text
+from train.logging_utils import Progress, RunLogger, atomic_write_text, ensure_writable_dir
 from train.options import DEFAULT_IMAGE_SIZE, ConfigError, TrainConfig, config_differences, dumps
 from train.sharding import Topology, check_batch_size, make_topology, place_batch, replicate, to_host
 from train.state import TrainState, create_model, create_train_state, make_optimizer, make_schedule
@@ -87,10 +86,7 @@ def prepare_workdir(config: TrainConfig, is_main: bool) -> Path:
         if exists and config.overwrite:
             shutil.rmtree(workdir)
         try:
-            workdir.mkdir(parents=True, exist_ok=True)
-            probe = workdir / f".write-test-{os.getpid()}"
-            probe.write_text("ok")
-            probe.unlink()
+            ensure_writable_dir(workdir)
         except OSError as e:
             raise WorkdirError(f"--workdir {workdir} is not writable: {e}") from e
     distributed.barrier("workdir-ready")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from train import metrics as metrics_lib
-from train.logging_utils import Progress, RunLogger, atomic_write_text
+from train.logging_utils import Progress, RunLogger, atomic_write_text, ensure_writable_dir
 from train.options import (
     DEFAULT_IMAGE_SIZE,
     IMAGENET_MEAN,
@@ -127,10 +127,7 @@ def train_torch(config: TrainConfig, *, compile_model: bool = False, verbose: bo
 
         shutil.rmtree(workdir)
     try:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
+        ensure_writable_dir(ckpt_dir, probe_in=workdir)
     except OSError as e:
         raise ConfigError(f"--workdir {workdir} is not writable: {e}") from e
 
