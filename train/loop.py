@@ -18,7 +18,8 @@ from darknet_arch import DarknetConfig
 from train import checkpointing as ckpt
 from train import distributed
 from train import metrics as metrics_lib
-from train.data import DEMO_IMAGE_SIZE, DataSplits, load_splits, make_eval_iter, make_train_iter
+from train.data import DEMO_IMAGE_SIZE, DataSplits, load_splits
+from train.inputs import make_run_iterators
 from train.logging_utils import Progress, RunLogger, atomic_write_text, ensure_writable_dir
 from train.options import DEFAULT_IMAGE_SIZE, ConfigError, TrainConfig, config_differences, dumps
 from train.sharding import Topology, check_batch_size, make_topology, place_batch, replicate, to_host
@@ -274,28 +275,15 @@ def train(
     model_config = base_config.with_slope(config.leaky_slope)
 
     local_batch = topology.local_batch_size(config.batch_size)
-    train_iter = make_train_iter(
-        splits.train,
+    train_iter, eval_iter = make_run_iterators(
+        config,
+        splits,
         batch_size=local_batch,
-        image_size=config.image_size,
-        seed=config.seed,
-        augment=config.augment,
-        num_workers=config.num_workers,
         process_index=topology.process_index,
         process_count=topology.process_count,
-        cache_dir=config.cache_dir,
-    )
-    eval_iter = make_eval_iter(
-        splits.val,
-        batch_size=local_batch,
-        image_size=config.image_size,
-        num_workers=config.num_workers,
-        process_index=topology.process_index,
-        process_count=topology.process_count,
-        cache_dir=config.cache_dir,
     )
     steps_per_epoch = train_iter.steps_per_epoch
-    total_steps = config.steps or config.epochs * steps_per_epoch
+    total_steps = config.total_steps(steps_per_epoch)
 
     model = create_model(model_config, num_classes, config.precision)
     tx = make_optimizer(config, make_schedule(config, steps_per_epoch, total_steps))

@@ -83,6 +83,10 @@ class TrainConfig:
         """The architecture named by `arch`, with `leaky_slope` applied."""
         return ARCHS[self.arch].with_slope(self.leaky_slope)
 
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """Training length in steps: --steps when given, else epochs x steps per epoch."""
+        return self.steps or self.epochs * steps_per_epoch
+
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
         return dataclasses.asdict(self)

@@ -107,7 +107,8 @@ def evaluate(
 def train_torch(config: TrainConfig, *, compile_model: bool = False, verbose: bool = True) -> dict[str, Any]:
     """The PyTorch training loop; returns the summary also written to summary.json."""
     from torch_ref import Darknet53
-    from train.data import DEMO_IMAGE_SIZE, load_splits, make_eval_iter, make_train_iter
+    from train.data import DEMO_IMAGE_SIZE, load_splits
+    from train.inputs import make_run_iterators
 
     if config.image_size is None:
         size = DEMO_IMAGE_SIZE if config.data == "demo" else DEFAULT_IMAGE_SIZE
@@ -137,24 +138,9 @@ def train_torch(config: TrainConfig, *, compile_model: bool = False, verbose: bo
     channels_last = device.type == "cuda"
     splits = load_splits(config.data, val_fraction=config.val_fraction, seed=config.seed, val_path=config.val_path)
     class_names = list(splits.class_names)
-    train_iter = make_train_iter(
-        splits.train,
-        batch_size=config.batch_size,
-        image_size=config.image_size,
-        seed=config.seed,
-        augment=config.augment,
-        num_workers=config.num_workers,
-        cache_dir=config.cache_dir,
-    )
-    eval_iter = make_eval_iter(
-        splits.val,
-        batch_size=config.batch_size,
-        image_size=config.image_size,
-        num_workers=config.num_workers,
-        cache_dir=config.cache_dir,
-    )
+    train_iter, eval_iter = make_run_iterators(config, splits, batch_size=config.batch_size)
     spe = train_iter.steps_per_epoch
-    total = config.steps or config.epochs * spe
+    total = config.total_steps(spe)
 
     model = Darknet53(num_classes=len(class_names), config=config.model_config)
     if config.zero_init_residual:
