@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from darknet_arch import DARKNET53, DarknetConfig, InputShapeError, check_input_shape
+from flax_darknet.conv import darknet_conv
 
 Dtype = Any
 ModuleDef = Any
@@ -121,6 +122,7 @@ class Darknet53(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             kernel_init=conv_init(cfg.leaky_slope),
+            conv_general_dilated=darknet_conv,  # tiny maps as a matmul: see flax_darknet/conv.py
         )
         norm = functools.partial(
             nn.BatchNorm,

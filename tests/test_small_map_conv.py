@@ -1,0 +1,102 @@
+"""flax_darknet.conv.darknet_conv: its matmul path for tiny maps is the same convolution, values and gradients."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from flax_darknet.conv import SMALL_MAP_MAX_SIDE, darknet_conv
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def numpy_conv(x: np.ndarray, w: np.ndarray, stride: int, pad: tuple[int, int]) -> np.ndarray:
+    """Direct float64 NHWC/HWIO cross-correlation: the independent reference."""
+    x = np.pad(x.astype(np.float64), ((0, 0), pad, pad, (0, 0)))
+    kh, kw = w.shape[:2]
+    out_h = (x.shape[1] - kh) // stride + 1
+    out_w = (x.shape[2] - kw) // stride + 1
+    out = np.zeros((x.shape[0], out_h, out_w, w.shape[3]))
+    for i in range(kh):
+        for j in range(kw):
+            window = x[:, i : i + stride * (out_h - 1) + 1 : stride, j : j + stride * (out_w - 1) + 1 : stride]
+            out += window @ w[i, j].astype(np.float64)
+    return out
+
+
+# (height, width, kernel, stride, padding): Darknet's 3x3 blocks and stride-2 downsamplers on 1..4 px maps,
+# a non-square map, asymmetric padding, and maps just past the matmul threshold (XLA's conv path).
+CASES = [
+    (1, 1, 3, 1, (1, 1)),
+    (2, 2, 3, 1, (1, 1)),
+    (3, 3, 3, 1, (1, 1)),
+    (4, 4, 3, 1, (1, 1)),
+    (2, 2, 3, 2, (1, 1)),
+    (4, 4, 3, 2, (1, 1)),
+    (7, 7, 3, 2, (1, 1)),
+    (2, 5, 3, 1, (1, 1)),
+    (3, 3, 3, 2, (0, 1)),
+    (8, 8, 3, 1, (1, 1)),
+    (9, 9, 3, 2, (1, 1)),
+]
+
+
+@pytest.mark.parametrize(("h", "w", "k", "stride", "pad"), CASES)
+def test_matches_float64_direct_convolution(h: int, w: int, k: int, stride: int, pad: tuple[int, int]) -> None:
+    rng = np.random.default_rng(h * 100 + w * 10 + stride)
+    x = rng.normal(size=(3, h, w, 5)).astype(np.float32)
+    kernel = rng.normal(size=(k, k, 5, 7)).astype(np.float32)
+    got = darknet_conv(jnp.asarray(x), jnp.asarray(kernel), (stride, stride), (pad, pad), dimension_numbers=NHWC)
+    want = numpy_conv(x, kernel, stride, pad)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("h", "stride"), [(1, 1), (2, 1), (4, 1), (2, 2), (4, 2)])
+def test_gradients_match_xla_convolution(h: int, stride: int) -> None:
+    rng = np.random.default_rng(h + 10 * stride)
+    x = jnp.asarray(rng.normal(size=(2, h, h, 6)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 6, 4)), jnp.float32)
+    out_side = (h + 2 - 3) // stride + 1
+    target = jnp.asarray(rng.normal(size=(2, out_side, out_side, 4)), jnp.float32)
+
+    def loss(conv, x, kernel):
+        y = conv(x, kernel, (stride, stride), ((1, 1), (1, 1)), dimension_numbers=NHWC)
+        return jnp.sum((y - target) ** 2)
+
+    got = jax.grad(lambda a, b: loss(darknet_conv, a, b), argnums=(0, 1))(x, kernel)
+    want = jax.grad(lambda a, b: loss(lax.conv_general_dilated, a, b), argnums=(0, 1))(x, kernel)
+    for g, r in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-4)
+
+
+def _primitives(fn, *args) -> set[str]:
+    return {eqn.primitive.name for eqn in jax.make_jaxpr(fn)(*args).jaxpr.eqns}
+
+
+def test_tiny_maps_take_the_matmul_and_larger_maps_xla_conv() -> None:
+    kernel = jnp.ones((3, 3, 4, 4))
+    conv = lambda x: darknet_conv(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC)  # noqa: E731
+    small = _primitives(conv, jnp.ones((1, SMALL_MAP_MAX_SIDE, SMALL_MAP_MAX_SIDE, 4)))
+    large = _primitives(conv, jnp.ones((1, 2 * SMALL_MAP_MAX_SIDE, 2 * SMALL_MAP_MAX_SIDE, 4)))
+    assert "conv_general_dilated" not in small and "dot_general" in small
+    assert "conv_general_dilated" in large
+
+
+def test_taps_that_only_see_padding_are_dropped() -> None:
+    # On a 1x1 map with padding 1 only the centre tap reads data: the matmul has C_in rows, not 9 * C_in.
+    kernel = jnp.ones((3, 3, 4, 6))
+    jaxpr = jax.make_jaxpr(lambda x: darknet_conv(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC))(
+        jnp.ones((2, 1, 1, 4))
+    )
+    dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert [d.invars[1].aval.shape for d in dots] == [(4, 6)]
+
+
+def test_bf16_inputs_give_bf16_outputs() -> None:
+    x = jnp.ones((1, 2, 2, 3), jnp.bfloat16)
+    y = darknet_conv(x, jnp.ones((3, 3, 3, 2), jnp.bfloat16), (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC)
+    assert y.dtype == jnp.bfloat16
