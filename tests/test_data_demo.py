@@ -7,8 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from train.data import DEMO_IMAGE_SIZE, generate_demo_dataset, load_splits, make_train_iter
+from train.data import DEMO_IMAGE_SIZE, demo_file_height, generate_demo_dataset, load_splits, make_train_iter
 from train.data.__main__ import main as cli_main
+from train.data.demo import DEMO_FILE_HEIGHT
+from train.options import DEFAULT_IMAGE_SIZE, default_image_size
 
 
 def test_demo_is_generated_in_the_mask_layout_and_summarised(tmp_path: Path) -> None:
@@ -44,3 +46,28 @@ def test_demo_images_differ_between_persons_and_seeds(tmp_path: Path, seed: int)
     assert len(files_a) == len(files_b) == 42
     assert files_a[0].read_bytes() != files_b[0].read_bytes()
     assert len({np.asarray(f.read_bytes()).tobytes() for f in files_a}) == 42
+
+
+def test_demo_for_full_size_training_is_drawn_at_the_competitions_photo_size(tmp_path: Path, monkeypatch) -> None:
+    # A GPU run trains the demo at 256 px: its JPEGs are then 384x512 (w x h), like the competition's photos.
+    from PIL import Image
+
+    import train.data.splits as splits_module
+
+    generate = splits_module.generate_demo_dataset
+    monkeypatch.setenv("DARKNET53_DATA_CACHE", str(tmp_path))
+    monkeypatch.setattr(
+        splits_module, "generate_demo_dataset", lambda root, **kw: generate(root, persons_per_class=1, **kw)
+    )
+    assert demo_file_height(DEMO_IMAGE_SIZE) == DEMO_FILE_HEIGHT
+    small = load_splits("demo")
+    large = load_splits("demo", demo_image_size=256)
+    assert small.root != large.root
+    with Image.open(small.train.paths[0]) as s, Image.open(large.train.paths[0]) as g:
+        assert s.size == (DEMO_FILE_HEIGHT * 3 // 4, DEMO_FILE_HEIGHT) and g.size == (384, 512)
+
+
+def test_default_image_size_is_the_demos_on_cpu_and_full_size_on_accelerators() -> None:
+    assert default_image_size("demo", accelerator=False) == DEMO_IMAGE_SIZE
+    assert default_image_size("demo", accelerator=True) == DEFAULT_IMAGE_SIZE == 256
+    assert default_image_size("/data/mask", accelerator=False) == DEFAULT_IMAGE_SIZE

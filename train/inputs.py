@@ -4,8 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from train.data import DataSplits, make_eval_iter, make_train_iter
+from train.data import DataSplits, load_splits, make_eval_iter, make_train_iter
 from train.options import TrainConfig
+
+
+def load_run_splits(config: TrainConfig) -> DataSplits:
+    """The run's train/val splits; a demo is generated at twice the run's (resolved) image size."""
+    return load_splits(
+        config.data,
+        val_fraction=config.val_fraction,
+        seed=config.seed,
+        val_path=config.val_path,
+        demo_image_size=config.image_size,
+    )
 
 
 def make_run_iterators(

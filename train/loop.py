@@ -18,10 +18,10 @@ from darknet_arch import DarknetConfig
 from train import checkpointing as ckpt
 from train import distributed
 from train import metrics as metrics_lib
-from train.data import DEMO_IMAGE_SIZE, DataSplits, load_splits
-from train.inputs import make_run_iterators
+from train.data import DataSplits
+from train.inputs import load_run_splits, make_run_iterators
 from train.logging_utils import Progress, RunLogger, atomic_write_text, ensure_writable_dir
-from train.options import DEFAULT_IMAGE_SIZE, ConfigError, TrainConfig, config_differences, dumps
+from train.options import ConfigError, TrainConfig, config_differences, default_image_size, dumps
 from train.sharding import Topology, check_batch_size, make_topology, place_batch, replicate, to_host
 from train.state import TrainState, create_model, create_train_state, make_optimizer, make_schedule
 from train.steps import eval_step, train_step
@@ -61,11 +61,10 @@ def setup_compilation_cache(cache: str | None) -> str | None:
 
 
 def resolve_image_size(config: TrainConfig) -> TrainConfig:
-    """Fill in the default image size: the demo's for --data demo, else DEFAULT_IMAGE_SIZE."""
+    """Fill in the default image size: 256, or the demo's small size for --data demo on a CPU."""
     if config.image_size is not None:
         return config
-    size = DEMO_IMAGE_SIZE if config.data == "demo" else DEFAULT_IMAGE_SIZE
-    return dataclasses.replace(config, image_size=size)
+    return dataclasses.replace(config, image_size=default_image_size(config.data, jax.default_backend() != "cpu"))
 
 
 def prepare_workdir(config: TrainConfig, is_main: bool) -> Path:
@@ -245,7 +244,7 @@ def train(
     workdir = prepare_workdir(config, is_main)
 
     if splits is None:
-        splits = load_splits(config.data, val_fraction=config.val_fraction, seed=config.seed, val_path=config.val_path)
+        splits = load_run_splits(config)
     class_names = list(splits.class_names)
     num_classes = len(class_names)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from darknet_arch import DARKNET53, DarknetConfig, StageSpec
 
-# Full-size training input on real data; `--data demo` uses the demo's own size (train.data.DEMO_IMAGE_SIZE).
+# Full-size training input on real data and on accelerators; `--data demo` on a CPU uses train.data.DEMO_IMAGE_SIZE.
 DEFAULT_IMAGE_SIZE = 256
 DEFAULT_WORKDIR_ROOT = "runs"
 # Inputs are normalised inside the step with ImageNet statistics (the torchvision/timm convention), on uint8 RGB.
@@ -33,8 +33,15 @@ ARCHS: dict[str, DarknetConfig] = {
 # Demo defaults: chosen so the full Darknet-53 reaches >= 90% validation accuracy in < 5 minutes on a 2-core CPU.
 # The budget is in steps (not epochs) so it holds whatever size the generated demo has.
 DEMO_DEFAULTS = {"epochs": 8, "batch_size": 32, "lr": 0.05, "warmup_epochs": 1.0}
-DEMO_STEPS = 128
+DEMO_STEPS = 256
 REAL_DEFAULTS = {"epochs": 30, "batch_size": 64, "lr": 0.05, "warmup_epochs": 2.0}
+
+
+def default_image_size(data: str, accelerator: bool) -> int:
+    """--image-size when not given: the demo's small size on a CPU; DEFAULT_IMAGE_SIZE on a GPU/TPU (demo included)."""
+    from train.data.demo import DEMO_IMAGE_SIZE  # here, not at the top: train.data pulls in grain and PIL
+
+    return DEMO_IMAGE_SIZE if data == "demo" and not accelerator else DEFAULT_IMAGE_SIZE
 
 
 class ConfigError(ValueError):
@@ -61,7 +68,7 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.0
     grad_clip: float | None = None  # global-norm clip; None: off
-    image_size: int | None = None  # None: the demo's size for --data demo, else DEFAULT_IMAGE_SIZE
+    image_size: int | None = None  # None: default_image_size(data, on an accelerator)
     precision: str = "auto"  # "auto": bf16 on GPU/TPU, fp32 on CPU
     augment: bool = True
     zero_init_residual: bool = True  # residual blocks start as the identity (stable early SGD on the deep net)
@@ -197,7 +204,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     a("--overwrite", action="store_true", help="delete an existing --workdir and start over")
     a("--arch", default="darknet53", choices=sorted(ARCHS), help="'tiny' is for smoke tests only")
     a("--leaky-slope", type=float, default=None, help="default: 0.1 (Darknet), or the --init-from file's")
-    a("--epochs", type=int, default=None, help="default: 30 (for --data demo: 128 steps)")
+    a("--epochs", type=int, default=None, help="default: 30 (for --data demo: 256 steps)")
     a("--steps", type=int, default=None, help="total optimizer steps (overrides --epochs)")
     a("--batch-size", type=int, default=None, help="global batch size (default: 32 demo, 64 otherwise)")
     a("--lr", type=float, default=None, help="peak learning rate (default 0.05 for SGD)")
@@ -207,7 +214,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     a("--warmup-epochs", type=float, default=None)
     a("--label-smoothing", type=float, default=0.0)
     a("--grad-clip", type=float, default=None, help="clip gradients to this global norm")
-    a("--image-size", type=int, default=None, help="default: the demo's size for --data demo, else 256")
+    a("--image-size", type=int, default=None, help="default: 256 (--data demo on a CPU: the demo's 32)")
     a("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="auto: bf16 on GPU, fp32 on CPU")
     a("--no-augment", dest="augment", action="store_false")
     a(

@@ -26,7 +26,6 @@ from torch import nn
 from train import metrics as metrics_lib
 from train.logging_utils import Progress, RunLogger, atomic_write_text, ensure_writable_dir
 from train.options import (
-    DEFAULT_IMAGE_SIZE,
     IMAGENET_MEAN,
     IMAGENET_STD,
     ConfigError,
@@ -34,6 +33,7 @@ from train.options import (
     build_parser,
     config_differences,
     config_from_args,
+    default_image_size,
     dumps,
     validate,
 )
@@ -107,12 +107,10 @@ def evaluate(
 def train_torch(config: TrainConfig, *, compile_model: bool = False, verbose: bool = True) -> dict[str, Any]:
     """The PyTorch training loop; returns the summary also written to summary.json."""
     from torch_ref import Darknet53
-    from train.data import DEMO_IMAGE_SIZE, load_splits
-    from train.inputs import make_run_iterators
+    from train.inputs import load_run_splits, make_run_iterators
 
     if config.image_size is None:
-        size = DEMO_IMAGE_SIZE if config.data == "demo" else DEFAULT_IMAGE_SIZE
-        config = dataclasses.replace(config, image_size=size)
+        config = dataclasses.replace(config, image_size=default_image_size(config.data, torch.cuda.is_available()))
     if config.init_from:
         raise ConfigError("--init-from is supported by train.flax only; convert with port-weights and use train.flax")
     say = print if verbose else (lambda *a, **k: None)
@@ -136,7 +134,7 @@ def train_torch(config: TrainConfig, *, compile_model: bool = False, verbose: bo
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
     channels_last = device.type == "cuda"
-    splits = load_splits(config.data, val_fraction=config.val_fraction, seed=config.seed, val_path=config.val_path)
+    splits = load_run_splits(config)
     class_names = list(splits.class_names)
     train_iter, eval_iter = make_run_iterators(config, splits, batch_size=config.batch_size)
     spe = train_iter.steps_per_epoch

@@ -6,7 +6,7 @@ batch = next(it)  # {"image": uint8 (32, 32, 32, 3), "label": int32 (32,)}
 """
 
 from .decode import BACKGROUND_RGB, AugmentConfig, decode_image
-from .demo import DEMO_IMAGE_SIZE, default_cache_dir, generate_demo_dataset
+from .demo import DEMO_IMAGE_SIZE, default_cache_dir, demo_file_height, generate_demo_dataset
 from .errors import DataError
 from .formats import MASK_CLASS_NAMES, age_band, mask_class
 from .mask import load_eval_folder
@@ -29,6 +29,7 @@ __all__ = [
     "age_band",
     "decode_image",
     "default_cache_dir",
+    "demo_file_height",
     "generate_demo_dataset",
     "load_eval_folder",
     "load_splits",

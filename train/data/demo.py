@@ -3,8 +3,8 @@
 Each person is a cartoon face with a fixed identity (skin, hair colour, face shape, background) drawn seven
 times (mask1..5, incorrect_mask, normal) with jitter, random mask colours, pixel noise and JPEG artefacts.
 The class traits are visible shapes:
-- mask state: worn = a mask over nose, mouth and chin; incorrect = a mask on the chin only (nose and mouth
-  show); not worn = no mask;
+- mask state: worn = a mask over nose, mouth and chin; incorrect = a mask pulled down over the chin and neck
+  (nose and mouth show); not worn = no mask. Mask colours always stand out from the skin;
 - gender: female = long hair falling past the chin on both sides; male = short hair on the crown only;
 - age band: < 30 = coloured hair; 30..59 = coloured hair and dark glasses; >= 60 = grey or white hair.
 """
@@ -28,8 +28,10 @@ from .formats import AGE_BANDS, GENDERS, MASK_FILE_STEMS
 DEMO_IMAGE_SIZE = 32
 # Written JPEG height in px; width is 3/4 of it, the aspect of the competition's 384x512 photos.
 DEMO_FILE_HEIGHT = 64
+# JPEG height per training px: the competition's 512 px photos train at 256 px (GPU demo: 512x384 JPEGs).
+DEMO_FILE_OVERSAMPLE = 2
 DEMO_PERSONS_PER_CLASS = 32  # persons per (gender, age band); each gives 5 worn + 1 incorrect + 1 bare image
-DEMO_VERSION = 3  # bump when the drawing changes, so cached copies are regenerated
+DEMO_VERSION = 4  # bump when the drawing changes, so cached copies are regenerated
 DEMO_MARKER = "demo.json"  # written last: its presence with matching parameters marks a complete copy
 _SUPERSAMPLE = 2  # drawn at twice the size and reduced, for antialiased edges
 _NOISE_STD = 6.0  # pixel noise, in 8-bit levels
@@ -49,6 +51,11 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "darknet53-jax"
 
 
+def demo_file_height(train_size: int) -> int:
+    """The JPEG height to generate for training at `train_size` px: twice that, and at least DEMO_FILE_HEIGHT."""
+    return max(DEMO_FILE_HEIGHT, DEMO_FILE_OVERSAMPLE * train_size)
+
+
 def _jitter(rng: np.random.Generator, scale: float) -> float:
     return float(rng.uniform(-scale, scale))
 
@@ -63,9 +70,19 @@ def _contrasting_colour(rng: np.random.Generator, avoid: tuple[tuple[int, int, i
     # A background far from hair and skin, so the hair outline (the gender trait) stays visible.
     for _ in range(_BACKGROUND_ATTEMPTS):
         colour = _vivid_colour(rng)
-        if all(sum((a - b) ** 2 for a, b in zip(colour, c, strict=True)) ** 0.5 >= _MIN_CONTRAST for c in avoid):
+        if all(_distance(colour, c) >= _MIN_CONTRAST for c in avoid):
             break
     return colour
+
+
+def _mask_colour(rng: np.random.Generator, skin: tuple[int, int, int]) -> tuple[int, int, int]:
+    # A mask the colour of the skin would make "incorrect" (a mask on the chin) look like "not worn".
+    choices = [c for c in _MASK_COLOURS if _distance(c, skin) >= _MIN_CONTRAST]
+    return choices[int(rng.integers(len(choices)))]
+
+
+def _distance(a: tuple[int, int, int], b: tuple[int, int, int]) -> float:
+    return sum((x - y) ** 2 for x, y in zip(a, b, strict=True)) ** 0.5
 
 
 def _identity(rng: np.random.Generator, age_band: int) -> dict:
@@ -115,11 +132,11 @@ def draw_face(
         fill=tuple(int(c * 0.8) for c in ident["skin"]),
     )  # nose
     d.ellipse(box(-0.35, 0.42, 0.35, 0.6), fill=(190, 40, 50))  # mouth
-    mask_colour = _MASK_COLOURS[int(rng.integers(len(_MASK_COLOURS)))]
+    mask_colour = _mask_colour(rng, ident["skin"])
     if mask_state == 0:  # worn: nose, mouth and chin covered
         d.rounded_rectangle(box(-0.95, -0.05, 0.95, 0.95), radius=rx * 0.25, fill=mask_colour)
-    elif mask_state == 1:  # incorrect: pulled down onto the chin
-        d.rounded_rectangle(box(-0.85, 0.68, 0.85, 1.12), radius=rx * 0.15, fill=mask_colour)
+    elif mask_state == 1:  # incorrect: pulled down below the mouth, over the chin and the neck
+        d.rounded_rectangle(box(-0.9, 0.66, 0.9, 1.3), radius=rx * 0.15, fill=mask_colour)
     if mask_state in (0, 1):
         strap_y = -0.05 if mask_state == 0 else 0.75
         d.line(

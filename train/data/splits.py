@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .demo import default_cache_dir, generate_demo_dataset
+from .demo import DEMO_IMAGE_SIZE, default_cache_dir, demo_file_height, generate_demo_dataset
 from .errors import DataError
 from .formats import Loaded, detect_format, load_csv, load_image_folder
 from .mask import load_mask_layout
@@ -47,10 +47,12 @@ def split_indices(records: Records, val_fraction: float, seed: int) -> tuple[np.
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 
-def load_path(path: str | os.PathLike, *, allow_empty_classes: bool = False) -> Loaded:
-    """Detect the format of `path` (or generate the demo for "demo") and read it."""
+def load_path(
+    path: str | os.PathLike, *, allow_empty_classes: bool = False, demo_image_size: int = DEMO_IMAGE_SIZE
+) -> Loaded:
+    """Detect the format of `path` (or generate the demo, for training at `demo_image_size`) and read it."""
     if str(path) == DEMO:
-        path = generate_demo_dataset(default_cache_dir() / "demo")
+        path = generate_demo_dataset(default_cache_dir() / "demo", image_size=demo_file_height(demo_image_size))
     fmt, root = detect_format(Path(path))
     loader = {"mask": load_mask_layout, "csv": load_csv, "folder": load_image_folder}[fmt]
     return loader(root, allow_empty_classes=allow_empty_classes)
@@ -88,9 +90,13 @@ def load_splits(
     val_path: str | os.PathLike | None = None,
     allow_empty_classes: bool = False,
     max_bad_fraction: float = 0.01,
+    demo_image_size: int = DEMO_IMAGE_SIZE,
 ) -> DataSplits:
-    """Load a dataset (format detected from `path`; "demo" generates one) and split it into train and val."""
-    loaded = load_path(path, allow_empty_classes=allow_empty_classes)
+    """Load a dataset (format detected from `path`; "demo" generates one) and split it into train and val.
+
+    `demo_image_size` is the training size a generated demo is drawn for (see demo.demo_file_height).
+    """
+    loaded = load_path(path, allow_empty_classes=allow_empty_classes, demo_image_size=demo_image_size)
     if val_path is not None:
         val_loaded = load_path(val_path, allow_empty_classes=True)
         _check_bad([loaded, val_loaded], max_bad_fraction)
