@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ import pytest
 from tests.train_helpers import run_module, subprocess_env, tiny_cli_args
 from train import flax as train_flax
 from train.checkpointing import BEST_DIR, LATEST_DIR, read_meta
+from train.data import load_splits
 from train.logging_utils import read_metrics
 
 EPOCHS = 4
@@ -145,3 +148,34 @@ def test_nonfinite_steps_in_a_row_stop_the_run_with_a_checkpoint(tmp_path, capsy
     assert meta["loop"]["nonfinite_run"] >= 2 and step < 6
     records = [r for r in read_metrics(workdir) if r["kind"] == "nonfinite"]
     assert [r["in_a_row"] for r in records][:2] == [1, 2]
+
+
+def test_default_relative_workdir_trains_checkpoints_and_predicts(tmp_path):
+    # The README's command gives no --workdir: the run goes to the relative runs/<time>, which orbax (it wants
+    # absolute paths) must still accept; predict is then pointed at the relative folder too.
+    env = subprocess_env()
+    cmd = [
+        sys.executable,
+        "-m",
+        "train.flax",
+        "--data",
+        "demo",
+        "--arch",
+        "tiny",
+        "--steps",
+        "2",
+        "--compile-cache",
+        "none",
+    ]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    (run,) = (tmp_path / "runs").iterdir()
+    assert (run / "summary.json").is_file() and read_meta(run / LATEST_DIR)[0] == 2
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(load_splits("demo").val.paths[0], images / "a.jpg")
+    rel = os.path.relpath(run, tmp_path)
+    cmd = [sys.executable, "-m", "train.predict", "--checkpoint", rel, "--data", "images", "--out", "pred.csv"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert (tmp_path / "pred.csv").read_text().splitlines()[0] == "path,class,probability"

@@ -64,7 +64,7 @@ class Checkpointer:
     """Latest-N plus best-by-metric checkpoints for one workdir; saves run in the background."""
 
     def __init__(self, workdir: str | Path, keep: int, async_save: bool = True) -> None:
-        self.workdir = Path(workdir)
+        self.workdir = Path(workdir).absolute()  # orbax refuses relative paths (e.g. the default runs/<time>)
         # Process 0 alone tidies up: the others may already be creating their managers on the same folder.
         self.removed_tmp = clean_tmp_dirs(self.workdir) if jax.process_index() == 0 else []
 
@@ -122,7 +122,7 @@ class Checkpointer:
 
 def read_meta(directory: str | Path, step: int | None = None) -> tuple[int, dict]:
     """(step, meta) of a checkpoint folder's latest (or given) step, without restoring arrays."""
-    directory = Path(directory)
+    directory = Path(directory).absolute()
     with ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False), item_names=("state", "meta")
     ) as m:
@@ -137,7 +137,7 @@ def restore_state(directory: str | Path, step: int, target: TrainState) -> Train
     """Restore arrays into the structure, dtypes and shardings of `target`; strict about shapes."""
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state_tree(target))
     with ocp.CheckpointManager(
-        Path(directory),
+        Path(directory).absolute(),
         options=ocp.CheckpointManagerOptions(read_only=True, create=False),
         item_names=("state", "meta"),
     ) as m:
@@ -153,7 +153,7 @@ def restore_state(directory: str | Path, step: int, target: TrainState) -> Train
 def restore_variables(directory: str | Path, step: int) -> dict[str, Any]:
     """{"params", "batch_stats"} as numpy trees, with no target (for predict and --init-from)."""
     with ocp.CheckpointManager(
-        Path(directory),
+        Path(directory).absolute(),
         options=ocp.CheckpointManagerOptions(read_only=True, create=False),
         item_handlers={"state": ocp.StandardCheckpointHandler()},
     ) as m:
