@@ -24,8 +24,9 @@ def _run(config: Any, is_main: bool = True) -> tuple[int, str | None, bool]:
     from train.checkpointing import CheckpointError
     from train.data import DataError
     from train.distributed import DistributedError
-    from train.loop import Interrupted, NonFiniteError, WorkdirError, train
+    from train.loop import Interrupted, NonFiniteError, train
     from train.options import ConfigError
+    from train.run_setup import WorkdirError
     from train.sharding import ShardingError
 
     try:

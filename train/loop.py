@@ -5,10 +5,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import shutil
 import signal
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -20,8 +18,16 @@ from train import distributed
 from train import metrics as metrics_lib
 from train.data import DataSplits
 from train.inputs import load_run_splits, make_run_iterators
-from train.logging_utils import Progress, RunLogger, atomic_write_text, ensure_writable_dir
-from train.options import ConfigError, TrainConfig, config_differences, default_image_size, dumps
+from train.logging_utils import Progress, RunLogger, atomic_write_text
+from train.options import TrainConfig, dumps
+from train.run_setup import (
+    check_resume,
+    check_same_tree,
+    load_init_variables,
+    prepare_workdir,
+    resolve_image_size,
+    setup_compilation_cache,
+)
 from train.sharding import Topology, check_batch_size, make_topology, place_batch, replicate, to_host
 from train.state import TrainState, create_model, create_train_state, make_optimizer, make_schedule
 from train.steps import eval_step, train_step
@@ -29,11 +35,6 @@ from train.steps import eval_step, train_step
 CONFIG_FILE = "config.json"
 DATA_SUMMARY_FILE = "data_summary.json"
 SUMMARY_FILE = "summary.json"
-DEFAULT_COMPILE_CACHE = Path.home() / ".cache" / "darknet53-jax" / "xla"
-
-
-class WorkdirError(ValueError):
-    """A workdir that exists without --resume/--overwrite, cannot be written, or has nothing to resume."""
 
 
 class NonFiniteError(RuntimeError):
@@ -46,82 +47,6 @@ class Interrupted(RuntimeError):
     def __init__(self, signum: int, step: int) -> None:
         super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved")
         self.signum, self.step = signum, step
-
-
-def setup_compilation_cache(cache: str | None) -> str | None:
-    """Turn on JAX's persistent compilation cache (start-up in seconds when warm); returns the folder."""
-    if cache is None:
-        return None
-    folder = DEFAULT_COMPILE_CACHE if cache == "default" else Path(cache)
-    folder.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(folder))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    return str(folder)
-
-
-def resolve_image_size(config: TrainConfig) -> TrainConfig:
-    """Fill in the default image size: 256, or the demo's small size for --data demo on a CPU."""
-    if config.image_size is not None:
-        return config
-    return dataclasses.replace(config, image_size=default_image_size(config.data, jax.default_backend() != "cpu"))
-
-
-def prepare_workdir(config: TrainConfig, is_main: bool) -> Path:
-    """Check (before any work) that the workdir may be used and written; clear it for --overwrite."""
-    workdir = Path(config.workdir)
-    exists = workdir.exists() and any(workdir.iterdir()) if workdir.is_dir() else workdir.exists()
-    if workdir.exists() and not workdir.is_dir():
-        raise WorkdirError(f"--workdir {workdir} exists and is not a folder")
-    if config.resume:
-        if not (workdir / ckpt.LATEST_DIR).is_dir():
-            raise WorkdirError(f"--resume: {workdir} holds no checkpoints ({workdir / ckpt.LATEST_DIR} is missing)")
-    elif exists and not config.overwrite:
-        raise WorkdirError(
-            f"--workdir {workdir} already exists and is not empty; pass --resume to continue it, "
-            "--overwrite to replace it, or choose another folder"
-        )
-    distributed.barrier("workdir-checked")  # every process has looked before process 0 clears or creates it
-    if is_main:
-        if exists and config.overwrite:
-            shutil.rmtree(workdir)
-        try:
-            ensure_writable_dir(workdir)
-        except OSError as e:
-            raise WorkdirError(f"--workdir {workdir} is not writable: {e}") from e
-    distributed.barrier("workdir-ready")
-    return workdir
-
-
-def load_init_variables(
-    config: TrainConfig, model_config: DarknetConfig, num_classes: int
-) -> tuple[Any, float | None, list[str]]:
-    """--init-from: (variables, the file's or --leaky-slope's slope, notes); a head of another width is replaced."""
-    import porting  # only needed here; keeps the plain training path free of the porting package
-
-    try:
-        result = porting.load_flax_variables(
-            config.init_from,
-            num_classes=num_classes,
-            leaky_slope=config.leaky_slope,
-            seed=config.seed,
-            config=model_config,
-        )
-    except porting.PortingError as e:
-        raise ConfigError(f"--init-from {config.init_from}: {e}") from e
-    return jax.tree_util.tree_map(np.asarray, result.variables), result.leaky_slope, list(result.notes)
-
-
-def _check_same_tree(expected: Any, got: Any, what: str) -> None:
-    """Strict structure and shape check (like load_state_dict(strict=True))."""
-    e = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(expected)}
-    g = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(got)}
-    missing, extra = sorted(set(e) - set(g)), sorted(set(g) - set(e))
-    wrong = [f"{k}: {g[k]} != {e[k]}" for k in sorted(set(e) & set(g)) if e[k] != g[k]]
-    if missing or extra or wrong:
-        raise ConfigError(
-            f"{what} does not fit this network: missing {missing[:5]}, unexpected {extra[:5]}, wrong shapes {wrong[:5]}"
-        )
 
 
 @dataclasses.dataclass
@@ -248,22 +173,9 @@ def train(
     class_names = list(splits.class_names)
     num_classes = len(class_names)
 
-    resume_meta = None
+    resume_step, resume_meta = None, None
     if config.resume:
-        try:
-            resume_step, resume_meta = ckpt.read_meta(workdir / ckpt.LATEST_DIR)
-        except ckpt.CheckpointError as e:
-            raise WorkdirError(f"--resume: {e}") from e
-        saved = resolve_image_size(TrainConfig.from_json(resume_meta["config"]))
-        if config.leaky_slope is None:  # the run may have taken its slope from an --init-from file
-            config = dataclasses.replace(config, leaky_slope=saved.leaky_slope)
-        diffs = config_differences(saved, config)
-        if diffs:
-            raise WorkdirError("--resume with another config than the saved run: " + "; ".join(diffs))
-        if resume_meta["class_names"] != class_names:
-            raise WorkdirError(
-                f"--resume: the data's classes {class_names} differ from the run's {resume_meta['class_names']}"
-            )
+        resume_step, resume_meta, config = check_resume(config, workdir, class_names)
 
     init_variables, init_notes = None, []
     if config.init_from and not config.resume:
@@ -290,7 +202,7 @@ def train(
     init_rng, _ = jax.random.split(rng)
     state = create_train_state(init_rng, model, config.image_size, tx, zero_residual=config.zero_init_residual)
     if init_variables is not None:
-        _check_same_tree(
+        check_same_tree(
             {"params": state.params, "batch_stats": state.batch_stats},
             init_variables,
             f"--init-from {config.init_from}",
