@@ -6,6 +6,8 @@
 #   2. python -m bench.benchmark --out $OUT  (cases in priority order; it stops starting new ones when its
 #      budget is spent and lists the rest as skipped; the budget is what 1 and 3 leave)
 #   3. bench/pipeline.py --out $OUT          (if the file exists; PIPELINE_S reserved, default 120)
+#   4. only with PARTS=...,demo: the README's main job on the GPU, python -m train.flax --data demo (256 px,
+#      bf16; DEMO_S reserved, default 150); its output and summary.json go into gpu_run.log
 # PARTS=bench (or equivalence,pipeline, ...) runs a subset; BENCH_ARGS adds benchmark flags, e.g. for a
 # second call: PARTS=bench BENCH_ARGS="--only torch/*/compile* --only e2e/*" (see bench/NOTES.md).
 # Carried wheels in .whl/ (grain and friends, for the real training loop) are installed first.
@@ -18,6 +20,7 @@ PARTS=${PARTS:-equivalence,bench,pipeline}
 TOTAL_S=${TOTAL_S:-480}
 EQUIV_S=${EQUIV_S:-90}
 PIPELINE_S=${PIPELINE_S:-120}
+DEMO_S=${DEMO_S:-150}
 LAST_CASE_S=${LAST_CASE_S:-100}       # kept for the benchmark case that starts just before its budget ends
 CASE_TIMEOUT_S=${CASE_TIMEOUT_S:-180} # hard limit per case (the real-loop cases get twice this)
 BENCH_ARGS=${BENCH_ARGS:-}
@@ -56,6 +59,7 @@ fi
 if want bench; then
   RESERVE=0
   want pipeline && [ -f bench/pipeline.py ] && RESERVE=$PIPELINE_S
+  want demo && RESERVE=$((RESERVE + DEMO_S))
   BUDGET=$((TOTAL_S - $(elapsed) - RESERVE - LAST_CASE_S))
   [ "$BUDGET" -lt 60 ] && BUDGET=60
   echo "== bench.benchmark --budget-s $BUDGET $BENCH_ARGS ($(elapsed) s)" | tee -a "$LOG"
@@ -67,9 +71,20 @@ fi
 
 if want pipeline && [ -f bench/pipeline.py ]; then
   LEFT=$((TOTAL_S - $(elapsed)))
+  want demo && LEFT=$((LEFT - DEMO_S))
   [ "$LEFT" -lt 60 ] && LEFT=60
   echo "== bench/pipeline.py, cap $LEFT s ($(elapsed) s)" | tee -a "$LOG"
   timeout "$LEFT" "$PY" bench/pipeline.py --out "$OUT" 2>&1 | tee -a "$LOG"
   echo "== pipeline exit ${PIPESTATUS[0]} ($(elapsed) s)" | tee -a "$LOG"
+fi
+if want demo; then
+  LEFT=$((TOTAL_S - $(elapsed)))
+  [ "$LEFT" -lt 60 ] && LEFT=60
+  RUN=/tmp/demo-gpu-run
+  echo "== python -m train.flax --data demo, cap $LEFT s ($(elapsed) s)" | tee -a "$LOG"
+  timeout "$LEFT" "$PY" -m train.flax --data demo --workdir "$RUN" --overwrite --keep-checkpoints 1 2>&1 \
+    | tee -a "$LOG" | grep -v "^step "
+  echo "== demo exit ${PIPESTATUS[0]} ($(elapsed) s)" | tee -a "$LOG"
+  cat "$RUN/summary.json" >>"$LOG" 2>&1
 fi
 echo "== gpu_run.sh done in $(elapsed) s" | tee -a "$LOG"
