@@ -44,6 +44,13 @@ def default_image_size(data: str, accelerator: bool) -> int:
     return DEMO_IMAGE_SIZE if data == "demo" and not accelerator else DEFAULT_IMAGE_SIZE
 
 
+def fill_image_size(config: TrainConfig, accelerator: bool) -> TrainConfig:
+    """`config` with image_size set to default_image_size when it was left unset (None)."""
+    if config.image_size is not None:
+        return config
+    return dataclasses.replace(config, image_size=default_image_size(config.data, accelerator))
+
+
 class ConfigError(ValueError):
     """A flag value that cannot work, with the flag named and the expected range."""
 

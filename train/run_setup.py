@@ -14,7 +14,7 @@ from darknet_arch import DarknetConfig
 from train import checkpointing as ckpt
 from train import distributed
 from train.logging_utils import ensure_writable_dir
-from train.options import ConfigError, TrainConfig, config_differences, default_image_size
+from train.options import ConfigError, TrainConfig, config_differences, fill_image_size
 
 DEFAULT_COMPILE_CACHE = Path.home() / ".cache" / "darknet53-jax" / "xla"
 
@@ -36,10 +36,8 @@ def setup_compilation_cache(cache: str | None) -> str | None:
 
 
 def resolve_image_size(config: TrainConfig) -> TrainConfig:
-    """Fill in the default image size: 256, or the demo's small size for --data demo on a CPU."""
-    if config.image_size is not None:
-        return config
-    return dataclasses.replace(config, image_size=default_image_size(config.data, jax.default_backend() != "cpu"))
+    """Fill in the default image size for JAX's backend: 256, or the demo's small size for --data demo on a CPU."""
+    return fill_image_size(config, accelerator=jax.default_backend() != "cpu")
 
 
 def prepare_workdir(config: TrainConfig, is_main: bool) -> Path:

@@ -7,7 +7,6 @@ Writes config.json, metrics.jsonl, TensorBoard events, PNG plots and torch check
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -33,8 +32,8 @@ from train.options import (
     build_parser,
     config_differences,
     config_from_args,
-    default_image_size,
     dumps,
+    fill_image_size,
     validate,
 )
 
@@ -109,8 +108,7 @@ def train_torch(config: TrainConfig, *, compile_model: bool = False, verbose: bo
     from torch_ref import Darknet53
     from train.inputs import load_run_splits, make_run_iterators
 
-    if config.image_size is None:
-        config = dataclasses.replace(config, image_size=default_image_size(config.data, torch.cuda.is_available()))
+    config = fill_image_size(config, accelerator=torch.cuda.is_available())
     if config.init_from:
         raise ConfigError("--init-from is supported by train.flax only; convert with port-weights and use train.flax")
     say = print if verbose else (lambda *a, **k: None)
