@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from darknet_arch import DARKNET53, DarknetConfig, StageSpec
+from darknet_arch import DARKNET53, TINY, DarknetConfig
 
 FRAMEWORKS = ("flax", "torch", "e2e")
 MODES = ("train", "infer")
@@ -21,11 +21,6 @@ TORCH_VARIANTS = ("eager_fp32", "eager_amp_bf16_cl", "compile_amp_bf16_cl")
 E2E_VARIANTS = ("jpeg", "cache")
 ARCHS = ("darknet53", "tiny")
 
-# The mechanism-sized network the CPU smoke test uses (32 px inputs still pass five stride-2 stages).
-TINY = DarknetConfig(
-    stem_channels=8,
-    stages=(StageSpec(16, 1), StageSpec(32, 1), StageSpec(32, 1), StageSpec(64, 1), StageSpec(64, 1)),
-)
 NUM_CLASSES = 18
 # The same optimizer on both sides: plain SGD with heavy-ball momentum, no weight decay.
 LEARNING_RATE = 0.01

@@ -1,23 +1,27 @@
 """The single, framework-free description of Darknet-53 that both models read."""
 
 from darknet_arch.config import (
+    ARCHS,
     DARKNET53,
     DARKNET_LEAKY_SLOPE,
     SEED_LEAKY_SLOPE,
     DarknetConfig,
     InputShapeError,
+    TINY,
     StageSpec,
     check_input_shape,
 )
 from darknet_arch.summary import ModelSummary, summarize
 
 __all__ = [
+    "ARCHS",
     "DARKNET53",
     "DARKNET_LEAKY_SLOPE",
     "SEED_LEAKY_SLOPE",
     "DarknetConfig",
     "InputShapeError",
     "ModelSummary",
+    "TINY",
     "StageSpec",
     "check_input_shape",
     "summarize",

@@ -11,12 +11,7 @@ import struct
 
 import numpy as np
 
-from darknet_arch import DarknetConfig, StageSpec
-
-TINY = DarknetConfig(
-    stem_channels=8,
-    stages=(StageSpec(16, 1), StageSpec(32, 1), StageSpec(32, 1), StageSpec(64, 1), StageSpec(64, 1)),
-)
+from darknet_arch import TINY, DarknetConfig  # noqa: F401  (TINY: re-exported for the tests)
 # Darknet's own conventions (reference.md section 3-4).
 DARKNET_SLOPE = 0.1
 BN_EPS = 1e-5  # Darknet's GPU path: (x - mean) / sqrt(var + 1e-5), the convention the port assumes

@@ -17,11 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from darknet_arch import DarknetConfig, StageSpec  # noqa: E402
-
-TINY = DarknetConfig(
-    stem_channels=8, stages=(StageSpec(16, 1), StageSpec(32, 1), StageSpec(32, 1), StageSpec(64, 1), StageSpec(64, 1))
-)
+from darknet_arch import TINY  # noqa: E402
 SIZE = 32
 
 

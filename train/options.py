@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from darknet_arch import DARKNET53, DarknetConfig, StageSpec
+from darknet_arch import ARCHS, DarknetConfig
 
 # Full-size training input on real data and on accelerators; `--data demo` on a CPU uses train.data.DEMO_IMAGE_SIZE.
 DEFAULT_IMAGE_SIZE = 256
@@ -21,14 +21,6 @@ NORMALIZATION = "imagenet_mean_std"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# Named architectures. "tiny" is a 5-stage Darknet with a few channels: for smoke tests and CI, not for accuracy.
-ARCHS: dict[str, DarknetConfig] = {
-    "darknet53": DARKNET53,
-    "tiny": DarknetConfig(
-        stem_channels=8,
-        stages=(StageSpec(16, 1), StageSpec(32, 1), StageSpec(32, 1), StageSpec(64, 1), StageSpec(64, 1)),
-    ),
-}
 
 # Demo defaults: chosen so the full Darknet-53 reaches >= 90% validation accuracy in < 5 minutes on a 2-core CPU.
 # The budget is in steps (not epochs) so it holds whatever size the generated demo has.
