@@ -12,6 +12,7 @@ import struct
 import numpy as np
 
 from darknet_arch import TINY, DarknetConfig  # noqa: F401  (TINY: re-exported for the tests)
+
 # Darknet's own conventions (reference.md section 3-4).
 DARKNET_SLOPE = 0.1
 BN_EPS = 1e-5  # Darknet's GPU path: (x - mean) / sqrt(var + 1e-5), the convention the port assumes

@@ -18,6 +18,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from darknet_arch import TINY  # noqa: E402
+
 SIZE = 32
 
 
