@@ -10,15 +10,24 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
+
+if TYPE_CHECKING:  # matplotlib is imported only where a plot is drawn: it costs the trainers' start-up otherwise
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_PNG = "curves.png"
 CONFUSION_PNG = "confusion_matrix.png"
 TENSORBOARD_DIR = "tensorboard"
+PNG_DPI = 100
+CONFUSION_MIN_INCHES = 5.0  # one confusion panel's side, at least
+CONFUSION_INCHES_PER_CLASS = 0.45  # room for a tick label and a cell value per class
+BAR_WIDTH = 30  # characters in the terminal progress bar
 
 
 def ensure_writable_dir(folder: str | Path, probe_in: str | Path | None = None) -> None:
@@ -88,67 +97,101 @@ def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _save_fig(fig: Any, path: Path) -> None:
+def _save_fig(fig: Figure, path: Path) -> None:
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    fig.savefig(tmp, dpi=PNG_DPI, bbox_inches="tight")
     os.replace(tmp, path)
 
 
-def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
-    """Loss and accuracy (train per epoch, val per evaluation) and val macro F1 against the step."""
-    import matplotlib
+def _positive_or_nan(values: list[float]) -> np.ndarray:
+    """Losses for a log axis: non-positive or non-finite values become gaps instead of breaking the scale."""
+    arr = np.asarray(values, dtype=np.float64)
+    return np.where(np.isfinite(arr) & (arr > 0), arr, np.nan)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def curves_figure(records: list[dict[str, Any]]) -> Figure:
+    """Loss (log axis), accuracy and val macro F1 against the step: train per epoch, val per evaluation."""
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no backend to choose
 
     train = [r for r in records if r.get("kind") == "train_epoch"]
     val = [r for r in records if r.get("kind") == "val"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, key in zip(axes[:2], ("loss", "accuracy"), strict=True):
-        for name, rs in (("train", train), ("val", val)):
-            if rs:
-                ax.plot([r["step"] for r in rs], [r[key] for r in rs], marker="o", label=name)
-        ax.set_title(key)
+    fig = Figure(figsize=(15, 4))
+    loss_ax, acc_ax, f1_ax = fig.subplots(1, 3)
+    any_positive_loss = False
+    for name, rs in (("train", train), ("val", val)):
+        if rs:
+            losses = _positive_or_nan([r["loss"] for r in rs])
+            any_positive_loss |= bool(np.isfinite(losses).any())
+            loss_ax.plot([r["step"] for r in rs], losses, marker="o", label=name)
+            acc_ax.plot([r["step"] for r in rs], [r["accuracy"] for r in rs], marker="o", label=name)
+    # A log axis: the first evaluation's loss can be 100x the later ones and would flatten them on a linear one.
+    if any_positive_loss:
+        loss_ax.set_yscale("log")
+    for ax, title in ((loss_ax, "loss"), (acc_ax, "accuracy")):
+        ax.set_title(title)
         ax.set_xlabel("step")
-        ax.legend()
+        if ax.get_lines():
+            ax.legend()
     if val:
-        axes[2].plot([r["step"] for r in val], [r["macro_f1"] for r in val], marker="o", color="C2")
-    axes[2].set_title("val macro F1")
-    axes[2].set_xlabel("step")
-    _save_fig(fig, path)
-    plt.close(fig)
+        f1_ax.plot([r["step"] for r in val], [r["macro_f1"] for r in val], marker="o", color="C2")
+    f1_ax.set_title("val macro F1")
+    f1_ax.set_xlabel("step")
+    return fig
 
 
-def plot_confusion(cm: np.ndarray, class_names: list[str], path: Path) -> None:
-    """The confusion matrix as a heat map with counts (rows: true class, columns: predicted)."""
-    import matplotlib
+def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
+    """Write curves_figure(records) to `path` as a PNG."""
+    _save_fig(curves_figure(records), path)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    n = cm.shape[0]
-    size = max(5.0, 0.45 * n + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(cm, cmap="Blues")
+def row_normalised(cm: np.ndarray) -> np.ndarray:
+    """Each row divided by its sum (the recall view); rows of classes with no true examples are NaN."""
+    cm = np.asarray(cm, dtype=np.float64)
+    totals = cm.sum(axis=1, keepdims=True)
+    return np.divide(cm, totals, out=np.full_like(cm, np.nan), where=totals > 0)
+
+
+def _heat_map(
+    fig: Figure, ax: Axes, values: np.ndarray, class_names: list[str], title: str, fmt: str, vmax: float | None
+) -> None:
+    """One confusion panel: the matrix (NaN cells left blank), its non-zero values written in, and a colour bar."""
+    n = values.shape[0]
+    finite = values[np.isfinite(values)]
+    top = vmax if vmax is not None else (float(finite.max()) if finite.size else 0.0)
+    im = ax.imshow(np.ma.masked_invalid(values), cmap="Blues", vmin=0.0, vmax=top or None)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_title(title)
     ax.set_xticks(range(n), class_names, rotation=90, fontsize=7)
     ax.set_yticks(range(n), class_names, fontsize=7)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    top = cm.max() if cm.size else 0
-    for i in range(n):
-        for j in range(n):
-            if cm[i, j]:
-                ax.text(
-                    j,
-                    i,
-                    str(cm[i, j]),
-                    ha="center",
-                    va="center",
-                    fontsize=6,
-                    color="white" if cm[i, j] > top / 2 else "black",
-                )
-    _save_fig(fig, path)
-    plt.close(fig)
+    for i, j in zip(*np.nonzero(np.nan_to_num(values)), strict=True):
+        color = "white" if values[i, j] > top / 2 else "black"  # readable on the dark half of the colour map
+        ax.text(j, i, format(values[i, j], fmt), ha="center", va="center", fontsize=6, color=color)
+
+
+def confusion_figure(cm: np.ndarray, class_names: list[str]) -> Figure:
+    """Two heat maps, rows true class and columns predicted: counts, and rows normalised to sum 1 (recall)."""
+    from matplotlib.figure import Figure
+
+    cm = np.asarray(cm)
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1] or cm.shape[0] != len(class_names):
+        raise ValueError(
+            f"confusion matrix of shape {cm.shape} does not match {len(class_names)} class names: "
+            "it must be square with one row per class"
+        )
+    size = max(CONFUSION_MIN_INCHES, CONFUSION_INCHES_PER_CLASS * cm.shape[0] + 2)
+    fig = Figure(figsize=(2 * size + 2, size))
+    counts_ax, recall_ax = fig.subplots(1, 2)
+    _heat_map(fig, counts_ax, cm.astype(np.float64), class_names, "counts", ".0f", vmax=None)
+    # Fixed 0..1 scale, so a small class's diagonal reads as good or bad on its own, not against the big classes.
+    _heat_map(fig, recall_ax, row_normalised(cm), class_names, "rows normalised (recall)", ".2f", vmax=1.0)
+    return fig
+
+
+def plot_confusion(cm: np.ndarray, class_names: list[str], path: Path) -> None:
+    """Write confusion_figure(cm, class_names) to `path` as a PNG."""
+    _save_fig(confusion_figure(cm, class_names), path)
 
 
 def format_seconds(s: float) -> str:
@@ -158,37 +201,70 @@ def format_seconds(s: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
-class Progress:
-    """A one-line progress bar with loss, img/s and ETA on a terminal; plain lines every `every` steps otherwise."""
+def epoch_of(step: int, steps_per_epoch: int) -> int:
+    """The 1-based epoch that step `step` (1-based, counted after it is done) belongs to."""
+    return (step - 1) // steps_per_epoch + 1
 
-    def __init__(self, total: int, start: int, every: int, enabled: bool = True, stream: TextIO | None = None) -> None:
+
+class Progress:
+    """A one-line progress bar with loss, img/s and ETA on a terminal; plain lines every `every` steps otherwise.
+
+    The ETA is measured from the end of the first step reported: that step pays for compilation (XLA,
+    torch.compile) and would otherwise inflate the early estimates several times over.
+    """
+
+    def __init__(
+        self,
+        total: int,
+        every: int,
+        *,
+        steps_per_epoch: int,
+        enabled: bool = True,
+        stream: TextIO | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        if steps_per_epoch < 1:
+            raise ValueError(f"Progress: steps_per_epoch must be a positive integer, got {steps_per_epoch}")
         self.total, self.every, self.enabled = total, every, enabled
+        self.steps_per_epoch = steps_per_epoch
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty()
-        self._t0 = time.perf_counter()
-        self._start = start
+        self._clock = clock
+        # Set by start_clock; None until the first step is reported (on a resumed run too, whatever its step).
+        self._clock_step: int | None = None
+        self._t0 = 0.0
 
-    def update(self, step: int, loss: float, images_per_s: float, epoch: int) -> None:
-        """Report that `step` steps are done."""
+    def start_clock(self, step: int) -> None:
+        """Measure the ETA from now, with `step` steps done (update calls it after the first step it sees)."""
+        self._t0, self._clock_step = self._clock(), step
+
+    def eta(self, step: int) -> float:
+        """Seconds left after `step` steps, at the step time measured since start_clock (NaN before any)."""
+        remaining = self.total - step
+        if remaining <= 0:
+            return 0.0
+        if self._clock_step is None or step <= self._clock_step:
+            return float("nan")
+        return (self._clock() - self._t0) / (step - self._clock_step) * remaining
+
+    def update(self, step: int, loss: float, images_per_s: float) -> None:
+        """Report that `step` steps are done (epoch shown 1-based, as on validation lines)."""
+        if self._clock_step is None:
+            self.start_clock(step)
         if not self.enabled:
             return
-        done = step - self._start
-        elapsed = time.perf_counter() - self._t0
-        eta = elapsed / done * (self.total - step) if done else float("nan")
+        eta = format_seconds(self.eta(step))
+        epoch = epoch_of(step, self.steps_per_epoch)
         if self.tty:
-            width = 30
-            filled = int(width * step / max(self.total, 1))
-            bar = "#" * filled + "." * (width - filled)
-            line = (
-                f"\r[{bar}] {step}/{self.total} ep {epoch} loss {loss:.4f} "
-                f"{images_per_s:.1f} img/s ETA {format_seconds(eta)}"
-            )
+            filled = int(BAR_WIDTH * step / max(self.total, 1))
+            bar = "#" * filled + "." * (BAR_WIDTH - filled)
+            line = f"\r[{bar}] {step}/{self.total} ep {epoch} loss {loss:.4f} {images_per_s:.1f} img/s ETA {eta}"
             self.stream.write(line)
             self.stream.flush()
         elif step % self.every == 0 or step == self.total:
+            # bench.e2e parses these lines (PROGRESS_RE): keep "step N/T epoch E loss L R img/s".
             self.stream.write(
-                f"step {step}/{self.total} epoch {epoch} loss {loss:.4f} "
-                f"{images_per_s:.1f} img/s ETA {format_seconds(eta)}\n"
+                f"step {step}/{self.total} epoch {epoch} loss {loss:.4f} {images_per_s:.1f} img/s ETA {eta}\n"
             )
             self.stream.flush()
 
