@@ -1,4 +1,4 @@
-"""Both models have the architecture of shared/reference.md section 1: shapes, parameters, running stats, FLOPs.
+"""Both models have the architecture of docs/architecture.md: shapes, parameters, running stats, FLOPs.
 
 The expected numbers are the reference's (from the YOLOv3 paper's table and counted independently), not
 values computed by the code under test; the MAC count is also recomputed from the real torch modules.
@@ -14,7 +14,7 @@ import flax_darknet
 import torch_ref
 from darknet_arch import DARKNET53, summarize
 
-# shared/reference.md section 1: the seed's per-stage outputs (C, H, W) at 256x256.
+# docs/architecture.md ("Shapes at 256x256"): the seed's per-stage outputs (C, H, W) at 256x256.
 REFERENCE_SHAPES_256 = {
     "conv1": (32, 256, 256),
     "conv2": (64, 128, 128),

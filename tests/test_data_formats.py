@@ -14,7 +14,7 @@ from train.data import DataError, load_eval_folder, load_splits, split_indices
 from train.data.__main__ import main as cli_main
 from train.data.decode import decode_image
 
-# The competition's 18 classes written out by hand from reference.md section 6 (not computed by a formula):
+# The competition's 18 classes written out by hand from docs/data.md's mask layout (not computed by a formula):
 # (mask state of the file, gender, age) -> class.
 EXPECTED_CLASS = {
     ("wear", "male", 29): 0, ("wear", "male", 30): 1, ("wear", "male", 60): 2,

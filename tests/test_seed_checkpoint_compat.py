@@ -1,8 +1,8 @@
 """A state_dict saved by the seed's code (its bugs fixed so it runs) loads strictly into torch_ref, same outputs.
 
-`SeedDarknet53` below is the blog post's code (shared/seed/) with only the fixes of shared/reference.md
-section 2: the 1x1 conv's padding 1 -> 0, `nn.Linaer` -> `nn.Linear`. Its `nn.LeakyReLU()` (slope 0.01) and
-`view(-1, 1024)` are kept as written: they are what its checkpoints were trained with.
+`SeedDarknet53` below is the blog post's code with only the fixes listed in docs/architecture.md ("What the
+seed's code got wrong"): the 1x1 conv's padding 1 -> 0, `nn.Linaer` -> `nn.Linear`. Its `nn.LeakyReLU()`
+(slope 0.01) and `view(-1, 1024)` are kept as written: they are what its checkpoints were trained with.
 """
 
 import io

@@ -12,8 +12,8 @@ import torch
 from darknet_arch import StageSpec
 from tests.train_helpers import SIZE, TINY, random_batch
 from torch_ref import Darknet53 as TorchDarknet
+from train.loop import load_init_variables
 from train.options import ConfigError, TrainConfig
-from train.run_setup import load_init_variables
 from train.state import create_model, create_train_state, make_optimizer, make_schedule
 from train.steps import eval_step
 from train.torch import to_tensor
@@ -52,7 +52,7 @@ def test_init_from_torch_file_gives_the_torch_models_eval_logits(torch_file):
     got = np.asarray(jax.jit(eval_step)(state, batch)["logits"])
     with torch.no_grad():
         want = torch_model(to_tensor(batch["image"], torch.device("cpu"), False)).numpy()
-    # Anchored tolerance for fp32 PyTorch vs Flax (reference.md: 1e-5 abs as in HF transformers, scaled here).
+    # Anchored tolerance for fp32 PyTorch vs Flax (docs/porting.md: 1e-5 abs as in HF transformers, scaled here).
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
