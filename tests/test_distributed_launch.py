@@ -122,14 +122,6 @@ def test_cli_flags_become_distributed_options():
     assert not options_from_args(parser.parse_args([])).explicit
 
 
-def test_a_single_process_stops_on_its_own_signal_at_once():
-    from train.distributed import StopAgreement
-
-    stops = StopAgreement()
-    assert stops.check(None, 3) is None
-    assert stops.check(15, 4) == 15
-
-
 def test_a_data_state_moves_to_another_process_count_only_with_the_same_global_batch():
     from train.distributed import data_state_for_topology
 

@@ -32,7 +32,7 @@ def checkpoint(tmp_path_factory):
         "model_config": dataclasses.asdict(TINY),
     }
     c = Checkpointer(workdir, keep=1)
-    c.save(7, state, meta, is_best=True)
+    c.save(7, state, meta, metrics={"macro_f1": 0.5})
     c.close()
     return workdir
 

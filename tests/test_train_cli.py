@@ -13,7 +13,7 @@ import pytest
 
 from tests.train_helpers import run_module, subprocess_env, tiny_cli_args
 from train import flax as train_flax
-from train.checkpointing import BEST_DIR, LATEST_DIR, read_meta
+from train.checkpointing import CHECKPOINT_DIR, checkpoint_steps, read_meta
 from train.data import load_splits
 from train.logging_utils import read_metrics
 
@@ -51,8 +51,10 @@ def test_demo_run_learns_far_above_chance(trained):
 def test_best_checkpoint_is_the_one_with_best_macro_f1(trained):
     workdir, _ = trained
     val = [r for r in read_metrics(workdir) if r["kind"] == "val"]
-    best = max(val, key=lambda r: r["macro_f1"])  # first maximum: later ties are not "better"
-    step, meta = read_meta(workdir / BEST_DIR)
+    # Last maximum: orbax's best-checkpoint ranking keeps the later of equal scores, and the loop follows it.
+    best = max(reversed(val), key=lambda r: r["macro_f1"])
+    _, best_step = checkpoint_steps(workdir / CHECKPOINT_DIR)
+    step, meta = read_meta(workdir / CHECKPOINT_DIR, best_step)
     assert step == best["step"]
     assert meta["val"]["macro_f1"] == pytest.approx(best["macro_f1"])
     # The per-class F1 mean of that record is the macro F1 it reports (classes seen in the val split).
@@ -64,14 +66,18 @@ def test_best_checkpoint_is_the_one_with_best_macro_f1(trained):
 def test_run_writes_config_metrics_plots_and_latest_checkpoints(trained):
     workdir, stdout = trained
     config = json.loads((workdir / "config.json").read_text())
-    assert config["image_size"] == 32 and config["arch"] == "tiny" and config["normalization"]
+    assert config["image_size"] == 32 and config["arch"] == "tiny"
+    _, meta = read_meta(workdir / CHECKPOINT_DIR)  # what the weights expect travels with them
+    assert meta["preprocessing"]["mean"] and meta["preprocessing"]["image_size"] == 32
     assert '"batch_size": 32' in stdout  # the resolved config is printed
     for name in ("metrics.jsonl", "curves.png", "confusion_matrix.png", "summary.json", "data_summary.json"):
         assert (workdir / name).is_file(), name
     assert list((workdir / "tensorboard").iterdir())
-    steps = sorted(int(p.name) for p in (workdir / LATEST_DIR).iterdir() if p.name.isdigit())
-    assert len(steps) == 3  # --keep-checkpoints default
+    steps = sorted(int(p.name) for p in (workdir / CHECKPOINT_DIR).iterdir() if p.name.isdigit())
     val = [r for r in read_metrics(workdir) if r["kind"] == "val"]
+    best = max(reversed(val), key=lambda r: r["macro_f1"])["step"]
+    assert steps[-3:] == [r["step"] for r in val[-3:]]  # --keep-checkpoints default: the latest 3 ...
+    assert steps[:-3] == ([] if best in steps[-3:] else [best])  # ... plus the best, nothing else
     assert steps[-1] == val[-1]["step"]
     assert len(val[-1]["per_class_f1"]) == 18 and np.asarray(val[-1]["confusion_matrix"]).shape == (18, 18)
 
@@ -144,7 +150,7 @@ def test_nonfinite_steps_in_a_row_stop_the_run_with_a_checkpoint(tmp_path, capsy
     assert train_flax.main([*args, "--max-nonfinite", "2"]) == 3
     err = capsys.readouterr().err
     assert "non-finite steps in a row (limit --max-nonfinite 2)" in err
-    step, meta = read_meta(workdir / LATEST_DIR)
+    step, meta = read_meta(workdir / CHECKPOINT_DIR)
     assert meta["loop"]["nonfinite_run"] >= 2 and step < 6
     records = [r for r in read_metrics(workdir) if r["kind"] == "nonfinite"]
     assert [r["in_a_row"] for r in records][:2] == [1, 2]
@@ -170,7 +176,7 @@ def test_default_relative_workdir_trains_checkpoints_and_predicts(tmp_path):
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     (run,) = (tmp_path / "runs").iterdir()
-    assert (run / "summary.json").is_file() and read_meta(run / LATEST_DIR)[0] == 2
+    assert (run / "summary.json").is_file() and read_meta(run / CHECKPOINT_DIR)[0] == 2
     images = tmp_path / "images"
     images.mkdir()
     shutil.copy(load_splits("demo").val.paths[0], images / "a.jpg")

@@ -12,10 +12,10 @@ import torch
 from darknet_arch import StageSpec
 from tests.train_helpers import SIZE, TINY, random_batch
 from torch_ref import Darknet53 as TorchDarknet
+from train.loop import load_init_variables
 from train.options import ConfigError, TrainConfig
-from train.run_setup import load_init_variables
 from train.state import create_model, create_train_state, make_optimizer, make_schedule
-from train.steps import eval_step
+from train.steps import normalize
 from train.torch import to_tensor
 
 
@@ -49,7 +49,8 @@ def test_init_from_torch_file_gives_the_torch_models_eval_logits(torch_file):
     )
     batch = random_batch(np.random.default_rng(0), 4)
     batch["mask"] = np.ones(4, bool)
-    got = np.asarray(jax.jit(eval_step)(state, batch)["logits"])
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    got = np.asarray(jax.jit(state.apply_fn)(variables, normalize(batch["image"])))  # the trainer's eval input
     with torch.no_grad():
         want = torch_model(to_tensor(batch["image"], torch.device("cpu"), False)).numpy()
     # Anchored tolerance for fp32 PyTorch vs Flax (docs/porting.md: 1e-5 abs as in HF transformers, scaled here).

@@ -4,6 +4,7 @@ their checkpoint continues in one process, and failures stop every process with 
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from tests.train_helpers import REPO, subprocess_env, tiny_cli_args
-from train.checkpointing import BEST_DIR, LATEST_DIR, restore_variables
+from train.checkpointing import CHECKPOINT_DIR, read_meta, restore_variables
 
 K = 2  # steps between the checkpoints compared; the runs train 2K steps
 # A small learning rate from the first step: the first steps of a fresh network amplify float rounding (the
@@ -68,7 +69,7 @@ def two_processes(per_process_args: list[list[str]], devices: int = 2) -> list[s
 def variables(workdir: Path, step: int) -> dict[str, np.ndarray]:
     from flax import traverse_util
 
-    return traverse_util.flatten_dict(restore_variables(workdir / LATEST_DIR, step), sep="/")
+    return traverse_util.flatten_dict(restore_variables(workdir / CHECKPOINT_DIR, step), sep="/")
 
 
 def assert_close(a: dict[str, np.ndarray], b: dict[str, np.ndarray], what: str) -> None:
@@ -104,8 +105,7 @@ def test_two_processes_equal_one_process_with_four_devices_and_their_checkpoint_
         assert_close(variables(single, step), variables(multi, step), f"1 x 4 devices vs 2 x 2, step {step}")
 
     # The 2-process checkpoint of step K continues in 1 process (4 devices) to the same step-2K parameters.
-    for sub in (LATEST_DIR, BEST_DIR):
-        shutil.rmtree(multi / sub / str(2 * K), ignore_errors=True)
+    shutil.rmtree(multi / CHECKPOINT_DIR / str(2 * K))
     [(code, out)] = finish([start(tiny_cli_args(multi, *RUN, "--resume"), devices=4)])
     assert code == 0, out[-3000:]
     assert f"resumed from step {K}" in out and "devices: 4" in out
@@ -184,3 +184,24 @@ def test_inconsistent_process_flags_fail_the_cli(tmp_path, capsys, flags, needle
     assert main([*tiny_cli_args(tmp_path / "run"), *flags]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err
     assert needle in err, err
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_one_agreed_step_with_a_checkpoint(tmp_path):
+    # JAX's preemption service turns a SIGTERM seen by one process into one step at which every process saves
+    # (orbax's reached_preemption) and stops with 128 + SIGTERM.
+    workdir = tmp_path / "run"
+    args = tiny_cli_args(workdir, "--steps", "2000", "--batch-size", "8", "--val-fraction", "0.05", "--log-every", "1")
+    procs = two_processes([args, args])
+    try:
+        for line in procs[1].stdout:  # wait until process 1 is in the loop
+            if "first step done" in line:
+                break
+        procs[1].send_signal(signal.SIGTERM)
+    finally:
+        results = finish(procs, timeout=180)
+    step, _ = read_meta(workdir / CHECKPOINT_DIR)
+    for code, out in results:
+        assert code == 128 + signal.SIGTERM, out[-3000:]
+    assert f"stopped by SIGTERM after step {step}; checkpoint saved" in results[0][1], results[0][1][-3000:]
+    assert 0 < step < 2000

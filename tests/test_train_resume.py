@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from tests.train_helpers import REPO, run_module, subprocess_env, tiny_cli_args
-from train.checkpointing import LATEST_DIR, TMP_MARKER, read_meta
+from train.checkpointing import CHECKPOINT_DIR, TMP_MARKER, read_meta
 
 TOTAL = 8
 ARGS = ("--steps", str(TOTAL), "--batch-size", "16", "--checkpoint-every", "1", "--log-every", "1")
@@ -36,16 +36,13 @@ def _popen(workdir: Path, *extra: str) -> subprocess.Popen:
 
 
 def _steps(workdir: Path) -> list[int]:
-    root = workdir / LATEST_DIR
+    root = workdir / CHECKPOINT_DIR
     return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
 
 
 def _all_arrays(workdir: Path, step: int) -> dict[str, np.ndarray]:
     """Every array of a checkpoint's state (step, params, optimizer state, BN statistics), by path."""
-    with ocp.CheckpointManager(
-        workdir / LATEST_DIR, options=ocp.CheckpointManagerOptions(read_only=True), item_names=("state", "meta")
-    ) as m:
-        tree = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    tree = ocp.StandardCheckpointer().restore(workdir / CHECKPOINT_DIR / str(step) / "state")
     return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
@@ -69,13 +66,13 @@ def test_kill9_then_resume_gives_bitwise_the_straight_run(tmp_path):
     proc = run_module("train.flax", tiny_cli_args(killed, *ARGS, "--resume"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert f"resumed from step {k}" in proc.stdout
-    assert not [p for p in (killed / LATEST_DIR).iterdir() if TMP_MARKER in p.name]
+    assert not [p for p in (killed / CHECKPOINT_DIR).iterdir() if TMP_MARKER in p.name]
 
     a, b = _all_arrays(straight, TOTAL), _all_arrays(killed, TOTAL)
     assert a.keys() == b.keys() and len(a) > 10
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-    assert read_meta(straight / LATEST_DIR)[1]["data_state"] == read_meta(killed / LATEST_DIR)[1]["data_state"]
+    assert read_meta(straight / CHECKPOINT_DIR)[1]["data_state"] == read_meta(killed / CHECKPOINT_DIR)[1]["data_state"]
 
 
 @pytest.mark.slow
@@ -94,7 +91,7 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step(tmp_path):
     assert p.returncode == 128 + signal.SIGTERM, out[-3000:]
     stopped = int(re.search(r"stopped by SIGTERM after step (\d+)", out).group(1))
     assert 3 <= stopped < 500
-    step, meta = read_meta(workdir / LATEST_DIR)
+    step, meta = read_meta(workdir / CHECKPOINT_DIR)
     assert step == stopped == meta["loop"]["step"]
     assert meta["data_state"]["step"] == stopped
-    assert os.listdir(workdir / LATEST_DIR)
+    assert os.listdir(workdir / CHECKPOINT_DIR)

@@ -1,13 +1,15 @@
-"""Orbax checkpoints: the latest N under <workdir>/checkpoints and the best by val macro F1 under <workdir>/best.
+"""Orbax checkpoints under <workdir>/checkpoints: one manager keeps the latest N plus the best by val macro F1.
 
-Each checkpoint holds two items: "state" (step, params, opt_state, batch_stats) and "meta" (JSON: the config,
-class names, loop step, data-iterator state, RNG key, counters and the validation metrics).
+Each step folder holds "state" (step, params, opt_state, batch_stats), "meta" (JSON: the config, class names,
+preprocessing, loop counters, data-iterator state, validation metrics) and, for evaluated steps, orbax's own
+"metrics" item, which its BestN preservation policy and `best_step()` rank by.
 """
 
 from __future__ import annotations
 
 import base64
-import shutil
+import contextlib
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +19,11 @@ import orbax.checkpoint as ocp
 
 from train.state import TrainState
 
-LATEST_DIR = "checkpoints"
-BEST_DIR = "best"
-# Orbax writes into "<step>.orbax-checkpoint-tmp-*" and renames when done; a crash can leave these behind.
+CHECKPOINT_DIR = "checkpoints"
+# Orbax writes into "<step>.orbax-checkpoint-tmp*" and renames when done; a crash can leave these behind.
 TMP_MARKER = ".orbax-checkpoint-tmp"
+STATE, META = "state", "meta"
+BEST_METRIC = "macro_f1"  # the competition metric; higher is better
 
 
 class CheckpointError(RuntimeError):
@@ -46,122 +49,133 @@ def decode_data_state(value: Any) -> Any:
     return value
 
 
-def clean_tmp_dirs(workdir: str | Path) -> list[Path]:
-    """Delete leftover temporary checkpoint folders from an interrupted save; returns what was removed."""
-    removed = []
-    for sub in (LATEST_DIR, BEST_DIR):
-        root = Path(workdir) / sub
-        if not root.is_dir():
-            continue
-        for p in root.iterdir():
-            if TMP_MARKER in p.name:
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(p)
-    return removed
+def _registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
+        registry.add(STATE, args, ocp.StandardCheckpointHandler)
+    for args in (ocp.args.JsonSave, ocp.args.JsonRestore):
+        registry.add(META, args, ocp.JsonCheckpointHandler)
+    return registry
+
+
+def _manager(directory: Path, keep: int | None = None, async_save: bool = False) -> ocp.CheckpointManager:
+    """A manager ranking by BEST_METRIC; with `keep` it writes and keeps the latest `keep` plus the best."""
+    policy = None
+    if keep is not None:
+        best = ocp.checkpoint_managers.BestN(
+            get_metric_fn=lambda m: m[BEST_METRIC], n=1, keep_checkpoints_without_metrics=False
+        )
+        policy = ocp.checkpoint_managers.AnyPreservationPolicy([ocp.checkpoint_managers.LatestN(n=keep), best])
+    options = ocp.CheckpointManagerOptions(
+        best_fn=lambda m: m[BEST_METRIC],
+        best_mode="max",
+        preservation_policy=policy,
+        create=keep is not None,
+        cleanup_tmp_directories=keep is not None,
+        enable_async_checkpointing=async_save,
+    )
+    return ocp.CheckpointManager(directory.absolute(), options=options, handler_registry=_registry())
 
 
 class Checkpointer:
-    """Latest-N plus best-by-metric checkpoints for one workdir; saves run in the background."""
+    """The run's checkpoint writer: saves run in the background; failures surface as CheckpointError."""
 
     def __init__(self, workdir: str | Path, keep: int, async_save: bool = True) -> None:
-        self.workdir = Path(workdir).absolute()  # orbax refuses relative paths (e.g. the default runs/<time>)
-        # Process 0 alone tidies up: the others may already be creating their managers on the same folder.
-        self.removed_tmp = clean_tmp_dirs(self.workdir) if jax.process_index() == 0 else []
+        # orbax refuses relative paths (e.g. the default runs/<time>); it also removes leftover tmp folders.
+        self.directory = Path(workdir).absolute() / CHECKPOINT_DIR
+        self.manager = _manager(self.directory, keep=keep, async_save=async_save)
 
-        def manager(sub: str, max_to_keep: int) -> ocp.CheckpointManager:
-            options = ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep,
-                create=True,
-                cleanup_tmp_directories=True,
-                enable_async_checkpointing=async_save,
-                # Two managers save at the same step; distinct barrier names keep their multi-process syncs apart.
-                multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=sub),
-            )
-            return ocp.CheckpointManager(self.workdir / sub, options=options, item_names=("state", "meta"))
-
-        self.latest = manager(LATEST_DIR, keep)
-        self.best = manager(BEST_DIR, 1)
-
-    def _save(self, manager: ocp.CheckpointManager, step: int, state: TrainState, meta: dict) -> None:
+    def save(self, step: int, state: TrainState, meta: dict, metrics: dict | None = None) -> None:
+        """Save `step`; `metrics` (with BEST_METRIC) make it a candidate for the best checkpoint."""
         try:
-            manager.check_for_errors()  # a failed earlier background save surfaces here, not silently
-            manager.save(
-                step,
-                args=ocp.args.Composite(state=ocp.args.StandardSave(state_tree(state)), meta=ocp.args.JsonSave(meta)),
-                force=True,
-            )
+            self.manager.check_for_errors()  # a failed earlier background save surfaces here, not silently
+            items = {STATE: ocp.args.StandardSave(state_tree(state)), META: ocp.args.JsonSave(meta)}
+            args = ocp.args.Composite(**items)
+            self.manager.save(step, args=args, metrics=metrics, force=True)
         except Exception as e:
-            raise CheckpointError(f"saving checkpoint step {step} in {manager.directory} failed: {e}") from e
-
-    def save(self, step: int, state: TrainState, meta: dict, is_best: bool = False) -> None:
-        """Save to the latest set (and the best slot when `is_best`)."""
-        self._save(self.latest, step, state, meta)
-        if is_best:
-            self._save(self.best, step, state, meta)
+            raise CheckpointError(f"saving checkpoint step {step} in {self.directory} failed: {e}") from e
 
     def wait(self) -> None:
         """Block until background saves finish; raise CheckpointError if one failed."""
-        for m in (self.latest, self.best):
-            try:
-                m.wait_until_finished()
-                m.check_for_errors()
-            except Exception as e:
-                raise CheckpointError(f"background checkpoint save in {m.directory} failed: {e}") from e
+        try:
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
+        except Exception as e:
+            raise CheckpointError(f"background checkpoint save in {self.directory} failed: {e}") from e
 
     def close(self) -> None:
-        self.wait()
-        self.latest.close()
-        self.best.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
 
-    def latest_step(self) -> int | None:
-        return self.latest.latest_step()
 
-    def best_step(self) -> int | None:
-        return self.best.latest_step()
+@contextlib.contextmanager
+def _reading(directory: str | Path) -> Any:
+    """A manager over an existing checkpoint folder, with orbax's informational warnings kept quiet."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)  # "Given directory is read only"-style notes are not the user's business
+    try:
+        path = Path(directory)
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is not a checkpoint folder")
+        with _manager(path) as m:
+            yield m
+    finally:
+        absl.setLevel(level)
+
+
+def checkpoint_steps(directory: str | Path) -> tuple[int | None, int | None]:
+    """(latest step, best step by macro F1) of a checkpoint folder; the best falls back to the latest."""
+    with _reading(directory) as m:
+        latest = m.latest_step()
+        return latest, m.best_step() if latest is not None else None
+
+
+def all_steps(directory: str | Path) -> list[int]:
+    """Every finished step of a checkpoint folder, newest first."""
+    with _reading(directory) as m:
+        return sorted(m.all_steps(), reverse=True)
 
 
 def read_meta(directory: str | Path, step: int | None = None) -> tuple[int, dict]:
     """(step, meta) of a checkpoint folder's latest (or given) step, without restoring arrays."""
-    directory = Path(directory).absolute()
-    with ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False), item_names=("state", "meta")
-    ) as m:
+    with _reading(directory) as m:
         step = m.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint in {directory}")
-        restored = m.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    return step, restored["meta"]
+        try:
+            restored = m.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
+        except Exception as e:
+            raise CheckpointError(f"checkpoint step {step} in {directory} has no readable meta: {e}") from e
+    return step, restored[META]
 
 
 def restore_state(directory: str | Path, step: int, target: TrainState) -> TrainState:
     """Restore arrays into the structure, dtypes and shardings of `target`; strict about shapes."""
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state_tree(target))
-    with ocp.CheckpointManager(
-        Path(directory).absolute(),
-        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-        item_names=("state", "meta"),
-    ) as m:
+    with _reading(directory) as m:
         try:
-            restored = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+            restored = m.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract)}))
         except Exception as e:
             raise CheckpointError(
                 f"checkpoint step {step} in {directory} does not match this network/optimizer: {e}"
             ) from e
-    return target.replace(**restored)
+    return target.replace(**restored[STATE])
 
 
 def restore_variables(directory: str | Path, step: int) -> dict[str, Any]:
     """{"params", "batch_stats"} as numpy trees, with no target (for predict and --init-from)."""
-    with ocp.CheckpointManager(
-        Path(directory).absolute(),
-        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-        item_handlers={"state": ocp.StandardCheckpointHandler()},
-    ) as m:
+    with _reading(directory) as m:
         # The saved shardings name the saving run's devices (other processes, other hosts): read every array
         # onto this process's first device instead.
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        abstract = jax.tree_util.tree_map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), m.item_metadata(step)["state"]
-        )
-        restored = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+        try:
+            abstract = jax.tree_util.tree_map(
+                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), m.item_metadata(step)[STATE]
+            )
+            restored = m.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract)}))[STATE]
+        except Exception as e:
+            raise CheckpointError(f"checkpoint step {step} in {directory} could not be read: {e}") from e
     return jax.tree_util.tree_map(np.asarray, {"params": restored["params"], "batch_stats": restored["batch_stats"]})

@@ -2,7 +2,10 @@
 
 `jax.distributed.initialize` aborts the whole process (no Python exception) when the coordinator never
 answers, so a non-coordinator process first checks, within the timeout, that the coordinator's port accepts
-connections and raises `DistributedError` naming the process when it does not.
+connections and raises `DistributedError` naming the process when it does not (JAX has no public way to
+ask this). Which launch is a cluster's (SLURM, Open MPI) is read from their task-count variables; the details
+(coordinator, ranks) are left to `jax.distributed.initialize`'s own cluster detection. A SIGTERM stops every
+process at one agreed step through JAX's preemption service (see train.loop).
 """
 
 from __future__ import annotations
@@ -188,10 +191,13 @@ def options_from_args(args: argparse.Namespace) -> DistributedOptions:
 
 
 def _client() -> Any:
-    # JAX has no public key-value API; its own multihost_utils and orbax use this same client.
-    from jax._src import distributed as jax_distributed
+    """JAX's distributed key-value client (None before initialize), through orbax's public multi-host helper."""
+    from orbax.checkpoint import multihost
 
-    return jax_distributed.global_state.client
+    try:
+        return multihost.get_jax_distributed_client()
+    except ValueError:  # not initialised: a single-process run
+        return None
 
 
 def is_multiprocess() -> bool:
@@ -324,40 +330,6 @@ def barrier(name: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
     """Wait until every process reaches `name` (a no-op in a single-process run)."""
     if is_multiprocess():
         _client().wait_at_barrier(f"{_KEY_PREFIX}/{name}", int(timeout_s * 1000))
-
-
-# A signal reaches the processes at different steps; they stop together this many steps after the first one
-# saw it. Collectives keep the processes within two steps of each other (each step waits for the previous
-# step's metrics, which need every process), so all of them read the agreed step before they reach it.
-STOP_MARGIN_STEPS = 3
-
-
-class StopAgreement:
-    """Turns a signal seen by any process into one step at which every process saves and stops."""
-
-    def __init__(self) -> None:
-        self.multi = is_multiprocess()
-        self._posted = False
-
-    def check(self, signum: int | None, step: int) -> int | None:
-        """After step `step`: the signal number to stop on now, or None to go on."""
-        if not self.multi:
-            return signum
-        client = _client()
-        key = f"{_KEY_PREFIX}/stop"
-        if signum is not None and not self._posted:
-            self._posted = True
-            # The first process to post decides; a later post finds the key taken (ALREADY_EXISTS) and changes nothing.
-            with contextlib.suppress(Exception):
-                client.key_value_set(key, f"{step + STOP_MARGIN_STEPS}:{signum}")
-        try:
-            value = client.key_value_try_get(key)  # about 0.1 ms; NOT_FOUND until some process posts
-        except Exception:
-            return None
-        stop_step, agreed_signum = (int(v) for v in value.split(":"))
-        if step > stop_step:
-            raise DistributedError(f"this process passed the agreed stop step {stop_step} (now at step {step})")
-        return agreed_signum if step == stop_step else None
 
 
 def data_state_for_topology(state: Any, batch_size: int, process_count: int) -> Any:

@@ -15,8 +15,6 @@ EXIT_NONFINITE = 3
 EXIT_CHECKPOINT = 4
 EXIT_PEER_FAILED = 5  # multi-process: another process failed (its message is printed)
 SIGNAL_EXIT_BASE = 128  # stopped by a signal after saving: 128 + signal number (143 SIGTERM, 130 SIGINT)
-# Flags that may differ between the processes of one run: they concern each host, not what is trained.
-PER_HOST_FLAGS = frozenset({"num_workers", "cache_dir", "compile_cache"})
 
 
 def _run(config: Any, is_main: bool = True) -> tuple[int, str | None, bool]:
@@ -24,9 +22,9 @@ def _run(config: Any, is_main: bool = True) -> tuple[int, str | None, bool]:
     from train.checkpointing import CheckpointError
     from train.data import DataError
     from train.distributed import DistributedError
-    from train.loop import Interrupted, NonFiniteError, train
+    from train.loop import train
     from train.options import ConfigError
-    from train.run_setup import WorkdirError
+    from train.run import Interrupted, NonFiniteError, WorkdirError
     from train.sharding import ShardingError
 
     try:
@@ -55,8 +53,13 @@ def _run(config: Any, is_main: bool = True) -> tuple[int, str | None, bool]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags, join the other processes if any, train, and map failures to a clear message and an exit code."""
+    from train.options import missing_train_extra
+
+    if missing := missing_train_extra():
+        print(f"error: {missing}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     from train import distributed
-    from train.options import ConfigError, build_parser, config_from_args, validate
+    from train.options import ConfigError, build_parser, config_from_args, per_host_fields, resolve, validate
 
     parser = build_parser("python -m train.flax")
     distributed.add_flags(parser)
@@ -69,6 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args)
         validate(config)
         multi = distributed.initialize(dist)
+        import jax  # after initialize: the backend decides the default image size
+
+        config = resolve(config, accelerator=jax.default_backend() != "cpu")
     except (ConfigError, distributed.DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         if distributed.joined():  # connected, then refused: leave without JAX's exit barrier, which waits for all
@@ -80,14 +86,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(message, file=sys.stderr)
         return code
 
-    import jax
-
     me = jax.process_index()
     watcher = distributed.start_failure_watcher()
     try:
         if args.workdir is None:  # SLURM / Open MPI launch: each process would pick its own timestamped folder
             raise distributed.DistributedError("a multi-process run needs --workdir: one folder every process reaches")
-        shared = {k: v for k, v in config.to_json().items() if k not in PER_HOST_FLAGS}
+        shared = {k: v for k, v in config.to_json().items() if k not in per_host_fields()}
         distributed.check_same_config(shared, dist.timeout_s)
     except distributed.DistributedError as e:
         code, message, agreed = EXIT_BAD_INPUT, f"error: {e}", False

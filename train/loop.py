@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import signal
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -14,139 +15,152 @@ import numpy as np
 
 from darknet_arch import DarknetConfig
 from train import checkpointing as ckpt
-from train import distributed
+from train import distributed, run
 from train import metrics as metrics_lib
 from train.data import DataSplits
-from train.inputs import load_run_splits, make_run_iterators
-from train.logging_utils import Progress, RunLogger, atomic_write_text
-from train.options import TrainConfig, dumps
-from train.run_setup import (
-    check_resume,
-    check_same_tree,
-    load_init_variables,
-    prepare_workdir,
-    resolve_image_size,
-    setup_compilation_cache,
-)
+from train.logging_utils import RunLogger
+from train.options import COMPILE_CACHE_DEFAULT, COMPILE_CACHE_OFF, ConfigError, TrainConfig, config_differences, dumps
 from train.sharding import Topology, check_batch_size, make_topology, place_batch, replicate, to_host
-from train.state import TrainState, create_model, create_train_state, make_optimizer, make_schedule
+from train.state import TrainState, create_model, create_train_state, make_optimizer, make_schedule, variable_shapes
 from train.steps import eval_step, train_step
 
-CONFIG_FILE = "config.json"
-DATA_SUMMARY_FILE = "data_summary.json"
-SUMMARY_FILE = "summary.json"
+DEFAULT_COMPILE_CACHE = Path.home() / ".cache" / "darknet53-jax" / "xla"
+# Entries that compile faster than this are not worth a disk round trip.
+COMPILE_CACHE_MIN_SECONDS = 0.5
 
 
-class NonFiniteError(RuntimeError):
-    """Too many non-finite steps in a row; a checkpoint was saved first."""
+def setup_compilation_cache(cache: str) -> None:
+    """Turn on JAX's persistent compilation cache (start-up in seconds when warm)."""
+    if cache == COMPILE_CACHE_OFF:
+        return
+    folder = DEFAULT_COMPILE_CACHE if cache == COMPILE_CACHE_DEFAULT else Path(cache)
+    folder.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", COMPILE_CACHE_MIN_SECONDS)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-class Interrupted(RuntimeError):
-    """SIGTERM/SIGINT: the current step finished and a checkpoint was saved."""
-
-    def __init__(self, signum: int, step: int) -> None:
-        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved")
-        self.signum, self.step = signum, step
-
-
-@dataclasses.dataclass
-class LoopState:
-    """Host-side counters saved in every checkpoint's meta."""
-
-    step: int = 0
-    nonfinite_total: int = 0
-    nonfinite_run: int = 0
-    best_f1: float = -1.0
-    best_step: int | None = None
+def check_same_tree(expected: Any, got: Any, what: str) -> None:
+    """Strict structure and shape check (like load_state_dict(strict=True))."""
+    e = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+    g = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(got)}
+    missing, extra = sorted(set(e) - set(g)), sorted(set(g) - set(e))
+    wrong = [f"{k}: {g[k]} != {e[k]}" for k in sorted(set(e) & set(g)) if e[k] != g[k]]
+    if missing or extra or wrong:
+        raise ConfigError(
+            f"{what} does not fit this network: missing {missing[:5]}, unexpected {extra[:5]}, wrong shapes {wrong[:5]}"
+        )
 
 
-class StepTracker:
-    """Per-step host bookkeeping: non-finite counts, epoch loss/accuracy, the progress line."""
+def load_init_variables(
+    config: TrainConfig, model_config: DarknetConfig, num_classes: int
+) -> tuple[Any, float | None, list[str]]:
+    """--init-from: (variables, the file's or --leaky-slope's slope, notes); a head of another width is replaced."""
+    import porting  # only needed here; keeps the plain training path free of the porting package
 
-    def __init__(
-        self, loop: LoopState, config: TrainConfig, steps_per_epoch: int, progress: Progress, logger: RunLogger
-    ) -> None:
-        self.loop, self.config, self.steps_per_epoch = loop, config, steps_per_epoch
-        self.progress, self.logger = progress, logger
-        self.loss_sum, self.correct, self.seen = 0.0, 0, 0
-        self._t, self._n = time.perf_counter(), 0
+    try:
+        result = porting.load_flax_variables(
+            config.init_from,
+            num_classes=num_classes,
+            leaky_slope=config.leaky_slope,
+            seed=config.seed,
+            config=model_config,
+        )
+    except porting.PortingError as e:
+        raise ConfigError(f"--init-from {config.init_from}: {e}") from e
+    return jax.tree_util.tree_map(np.asarray, result.variables), result.leaky_slope, list(result.notes)
 
-    def record(self, step: int, m: dict[str, Any]) -> bool:
-        """Account for step `step`'s metrics (a host sync); True when the non-finite limit is reached."""
-        loop, batch = self.loop, self.config.batch_size
-        loss = float(m["loss"])
-        if bool(m["finite"]):
-            loop.nonfinite_run = 0
-            self.loss_sum += loss * batch
-            self.correct += int(m["correct"])
-            self.seen += batch
-        else:
-            loop.nonfinite_total += 1
-            loop.nonfinite_run += 1
-            self.progress.message(
-                f"step {step}: non-finite loss or gradient, step skipped "
-                f"({loop.nonfinite_run} in a row, {loop.nonfinite_total} in total)"
-            )
-            self.logger.log(
-                {"kind": "nonfinite", "step": step, "in_a_row": loop.nonfinite_run, "total": loop.nonfinite_total}
-            )
-        self._n += batch
-        now = time.perf_counter()
-        self.progress.update(step, loss, self._n / max(now - self._t, 1e-9), step // self.steps_per_epoch)
-        if step % self.config.log_every == 0:
-            self._t, self._n = now, 0
-        return loop.nonfinite_run >= self.config.max_nonfinite
 
-    def end_epoch(self, epoch: int, lr: float) -> None:
-        """Log the epoch's training loss and accuracy (finite steps only) and reset."""
-        if self.seen:
-            self.logger.log(
-                {
-                    "kind": "train_epoch",
-                    "step": self.loop.step,
-                    "epoch": epoch,
-                    "loss": self.loss_sum / self.seen,
-                    "accuracy": self.correct / self.seen,
-                    "lr": lr,
-                }
-            )
-        self.loss_sum, self.correct, self.seen = 0.0, 0, 0
+def check_resume(
+    config: TrainConfig, workdir: Path, class_names: list[str]
+) -> tuple[list[tuple[int, dict]], TrainConfig]:
+    """--resume: the readable checkpoints (step, meta), newest first, and the config; refuses another config/classes.
+
+    A checkpoint whose meta cannot be read (a corrupt or truncated save) is skipped with a warning: the run goes
+    on from the newest good one.
+    """
+    directory = workdir / ckpt.CHECKPOINT_DIR
+    candidates = []
+    for step in ckpt.all_steps(directory):
+        try:
+            candidates.append(ckpt.read_meta(directory, step))
+        except ckpt.CheckpointError as e:
+            print(f"warning: --resume skips checkpoint step {step}: {e}", file=sys.stderr)
+    if not candidates:
+        raise run.WorkdirError(f"--resume: no readable checkpoint in {directory}")
+    meta = candidates[0][1]
+    saved = TrainConfig.from_json(meta["config"])
+    if config.leaky_slope is None:  # the run may have taken its slope from an --init-from file
+        config = dataclasses.replace(config, leaky_slope=saved.leaky_slope)
+    diffs = config_differences(saved, config)
+    if diffs:
+        raise run.WorkdirError("--resume with another config than the saved run: " + "; ".join(diffs))
+    if meta["class_names"] != class_names:
+        saved_names = meta["class_names"]
+        raise run.WorkdirError(f"--resume: the data's classes {class_names} differ from the run's {saved_names}")
+    return candidates, config
+
+
+def restore_newest(directory: Path, candidates: list[tuple[int, dict]], target: TrainState) -> tuple[TrainState, dict]:
+    """The newest candidate checkpoint whose arrays restore into `target` (a corrupt one is skipped, warned)."""
+    errors = []
+    for step, meta in candidates:
+        try:
+            return ckpt.restore_state(directory, step, target), meta
+        except ckpt.CheckpointError as e:
+            errors.append(str(e))
+            print(f"warning: --resume skips checkpoint step {step}: {e}", file=sys.stderr)
+    raise ckpt.CheckpointError("--resume: no checkpoint could be restored: " + "; ".join(errors))
 
 
 def evaluate(
-    state: TrainState, eval_iter: Any, eval_fn: Any, topology: Topology, num_classes: int, class_names: list[str]
+    state: TrainState, eval_iter: Any, eval_fn: Any, topology: Topology, class_names: list[str]
 ) -> dict[str, Any]:
     """Loss, accuracy, macro F1, per-class F1 and confusion matrix over the whole eval split."""
-    cm = np.zeros((num_classes, num_classes), np.int64)
-    loss_sum = 0.0
+    cm, loss_sum = None, None
     for batch in eval_iter:
         out = eval_fn(state, place_batch(batch, topology))
-        preds = to_host(out["pred"])
-        labels = to_host(place_batch({"l": batch["label"]}, topology)["l"])
-        mask = to_host(place_batch({"m": batch["mask"]}, topology)["m"]).astype(bool)
-        cm += metrics_lib.confusion_matrix(labels[mask], preds[mask], num_classes)
-        loss_sum += float(out["loss_sum"])
-    return metrics_lib.summarize(cm, loss_sum, class_names)
+        cm = out["confusion"] if cm is None else cm + out["confusion"]  # summed on the device: one read at the end
+        loss_sum = out["loss_sum"] if loss_sum is None else loss_sum + out["loss_sum"]
+    n = len(class_names)
+    cm = np.zeros((n, n), np.int64) if cm is None else to_host(cm).astype(np.int64)
+    return metrics_lib.summarize(cm, 0.0 if loss_sum is None else float(to_host(loss_sum)), class_names)
 
 
-class _SignalFlag:
-    """Remembers SIGTERM/SIGINT so the loop can finish the step, save and stop."""
+@dataclasses.dataclass(frozen=True)
+class RunStart:
+    """What a run starts from, all read and checked before its workdir is touched."""
 
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._old: dict[int, Any] = {}
+    config: TrainConfig
+    model_config: DarknetConfig
+    splits: DataSplits
+    resume_from: tuple[tuple[int, dict], ...] = ()  # readable checkpoints (step, meta), newest first
+    init_variables: Any = None
+    init_notes: tuple[str, ...] = ()
 
-    def __enter__(self) -> _SignalFlag:
-        for s in (signal.SIGTERM, signal.SIGINT):
-            self._old[s] = signal.signal(s, self._handle)
-        return self
 
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signum = signum
+def plan_run(config: TrainConfig, base_config: DarknetConfig, splits: DataSplits | None = None) -> RunStart:
+    """Read the data, the --resume checkpoint's meta and the --init-from weights; refuse what cannot work.
 
-    def __exit__(self, *exc: Any) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
+    Everything that can refuse the run happens here, before the workdir is touched: a bad --data or --init-from
+    must not cost an --overwrite'd run. Nothing is written.
+    """
+    splits = splits or run.load_run_splits(config)
+    class_names = list(splits.class_names)
+    run.check_workdir(config, ckpt.CHECKPOINT_DIR)
+    if config.resume:
+        candidates, config = check_resume(config, Path(config.workdir), class_names)
+        return RunStart(config, base_config.with_slope(config.leaky_slope), splits, tuple(candidates))
+    if not config.init_from:
+        return RunStart(config, base_config.with_slope(config.leaky_slope), splits)
+    variables, slope, notes = load_init_variables(config, base_config, len(class_names))
+    if config.leaky_slope is None and slope is not None:
+        # Keep the slope the weights were trained with, and record it so --resume rebuilds the same net.
+        config = dataclasses.replace(config, leaky_slope=float(slope))
+    model_config = base_config.with_slope(config.leaky_slope)
+    model = create_model(model_config, len(class_names), config.precision)
+    check_same_tree(variable_shapes(model, config.image_size), variables, f"--init-from {config.init_from}")
+    return RunStart(config, model_config, splits, (), variables, tuple(notes))
 
 
 def train(
@@ -157,36 +171,29 @@ def train(
     topology: Topology | None = None,
     verbose: bool = True,
 ) -> dict[str, Any]:
-    """Run (or resume) training as `config` says; returns the summary also written to summary.json."""
+    """Run (or resume) training as `config` (already resolved and validated) says; returns the summary."""
     t_entry = time.perf_counter()
     setup_compilation_cache(config.compile_cache)
-    config = resolve_image_size(config)
     topology = topology or make_topology()
     check_batch_size(config.batch_size, topology)
-    base_config = model_config or config.model_config
-    is_main = topology.is_main
-    say = print if (verbose and is_main) else (lambda *a, **k: None)
-    workdir = prepare_workdir(config, is_main)
+    start = plan_run(config, model_config or config.model_config, splits)
+    lock = run.prepare_workdir(start.config, ckpt.CHECKPOINT_DIR, topology.is_main, sync=distributed.barrier)
+    try:
+        return _train(start, topology, verbose and topology.is_main, t_entry)
+    finally:
+        if lock is not None:
+            lock.release()
 
-    if splits is None:
-        splits = load_run_splits(config)
-    class_names = list(splits.class_names)
-    num_classes = len(class_names)
 
-    resume_step, resume_meta = None, None
-    if config.resume:
-        resume_step, resume_meta, config = check_resume(config, workdir, class_names)
-
-    init_variables, init_notes = None, []
-    if config.init_from and not config.resume:
-        init_variables, slope, init_notes = load_init_variables(config, base_config, num_classes)
-        if config.leaky_slope is None and slope is not None:
-            # Keep the slope the weights were trained with, and record it so --resume rebuilds the same net.
-            config = dataclasses.replace(config, leaky_slope=float(slope))
-    model_config = base_config.with_slope(config.leaky_slope)
+def _train(start: RunStart, topology: Topology, verbose: bool, t_entry: float) -> dict[str, Any]:
+    """The loop of train(), in a held workdir."""
+    config, model_config, splits = start.config, start.model_config, start.splits
+    class_names, num_classes, is_main = list(splits.class_names), len(splits.class_names), topology.is_main
+    workdir = Path(config.workdir)
+    say = print if verbose else (lambda *a, **k: None)
 
     local_batch = topology.local_batch_size(config.batch_size)
-    train_iter, eval_iter = make_run_iterators(
+    train_iter, eval_iter = run.make_run_iterators(
         config,
         splits,
         batch_size=local_batch,
@@ -198,38 +205,34 @@ def train(
 
     model = create_model(model_config, num_classes, config.precision)
     tx = make_optimizer(config, make_schedule(config, steps_per_epoch, total_steps))
-    rng = jax.random.PRNGKey(config.seed)
-    init_rng, _ = jax.random.split(rng)
-    state = create_train_state(init_rng, model, config.image_size, tx, zero_residual=config.zero_init_residual)
+    init_variables = start.init_variables
     if init_variables is not None:
-        check_same_tree(
-            {"params": state.params, "batch_stats": state.batch_stats},
-            init_variables,
-            f"--init-from {config.init_from}",
-        )
-        state = create_train_state(init_rng, model, config.image_size, tx, variables=init_variables)
-        for note in init_notes:
+        for note in start.init_notes:
             say(f"init-from: {note}")
         say(f"init-from: loaded {config.init_from} (leaky slope {model_config.leaky_slope})")
+    init_rng = jax.random.split(jax.random.key(config.seed))[0]
+    state = create_train_state(
+        init_rng, model, config.image_size, tx, variables=init_variables, zero_residual=config.zero_init_residual
+    )
     state = replicate(state, topology)
 
-    loop = LoopState()
+    loop, last_val = run.LoopState(), None
     # Every process takes part in saving (orbax writes each process's shards and synchronises them).
     checkpointer = ckpt.Checkpointer(workdir, keep=config.keep_checkpoints)
-    if checkpointer is not None and checkpointer.removed_tmp:
-        say(f"removed {len(checkpointer.removed_tmp)} leftover temporary checkpoint folder(s)")
-    if resume_meta is not None:
-        state = ckpt.restore_state(workdir / ckpt.LATEST_DIR, resume_step, state)
+    if start.resume_from:
+        state, resume_meta = restore_newest(workdir / ckpt.CHECKPOINT_DIR, list(start.resume_from), state)
         data_state = ckpt.decode_data_state(resume_meta["data_state"])
         # Saved by another number of processes? The same global position (see docs/multihost.md).
         data_state = distributed.data_state_for_topology(data_state, local_batch, topology.process_count)
         train_iter.set_state(data_state)
-        loop = LoopState(**resume_meta["loop"])
+        loop = run.LoopState(**resume_meta["loop"])
+        if is_main:
+            run.trim_metrics(workdir, loop.step)
+        last_val = resume_meta["val"]  # a finished run resumed keeps its final evaluation in summary.json
         say(f"resumed from step {loop.step} in {workdir}")
 
     if is_main:
-        atomic_write_text(workdir / CONFIG_FILE, dumps(config) + "\n")
-        atomic_write_text(workdir / DATA_SUMMARY_FILE, json.dumps(splits.summary(), indent=2) + "\n")
+        run.write_run_files(workdir, config, splits)
     say(dumps(config))
     say(
         f"data: {splits.format}, {len(splits.train)} train / {len(splits.val)} val images, {num_classes} classes; "
@@ -240,42 +243,41 @@ def train(
     train_fn = jax.jit(functools.partial(train_step, label_smoothing=config.label_smoothing), donate_argnums=0)
     eval_fn = jax.jit(eval_step)
     logger = RunLogger(workdir, enabled=is_main)
-    progress = Progress(total_steps, loop.step, config.log_every, enabled=verbose and is_main)
+    tracker = run.StepTracker(loop, config, steps_per_epoch, total_steps, logger, verbose=verbose)
+    preprocessing = run.preprocessing(config, class_names)
 
-    def meta(val: dict | None) -> dict:
-        return {
+    def save(val: dict | None = None) -> None:
+        meta = {
             "config": config.to_json(),
             "class_names": class_names,
+            "preprocessing": preprocessing,
+            "model_config": dataclasses.asdict(model_config),
             "data_state": ckpt.encode_data_state(train_iter.get_state()),
-            "rng": np.asarray(jax.random.key_data(rng)).tolist(),
             "loop": dataclasses.asdict(loop),
             "val": None if val is None else {k: val[k] for k in ("loss", "accuracy", "macro_f1")},
-            "image_size": config.image_size,
-            "model_config": dataclasses.asdict(model_config),
         }
+        checkpointer.save(loop.step, state, meta, metrics=None if val is None else {ckpt.BEST_METRIC: val["macro_f1"]})
 
-    def save(val: dict | None = None, is_best: bool = False) -> None:
-        if checkpointer is not None:
-            checkpointer.save(loop.step, state, meta(val), is_best=is_best)
-
-    tracker = StepTracker(loop, config, steps_per_epoch, progress, logger)
-    stops = distributed.StopAgreement()  # a signal seen by one process stops all of them at the same step
-    last_val: dict | None = None
+    # Multi-process runs leave SIGTERM to JAX's preemption service, which agrees on one step for every process
+    # (orbax's reached_preemption); SIGINT there is a failure of the one process, which stops the others.
+    multi = jax.process_count() > 1
     t_start = time.perf_counter()
     first_step_seconds = None
     pending = None  # the previous step's metrics: read after the next step is dispatched, so the device never idles
     try:
-        with _SignalFlag() as flag:
+        with run.SignalFlag(() if multi else (signal.SIGTERM, signal.SIGINT)) as flag:
             while loop.step < total_steps:
                 batch = next(train_iter)
                 state, m = train_fn(state, place_batch(batch, topology))
                 loop.step += 1
-                signum = stops.check(flag.signum, loop.step)
+                preempted = multi and checkpointer.manager.reached_preemption(loop.step)
+                signum = signal.SIGTERM if preempted else flag.signum
                 stop = tracker.record(*pending) if pending is not None else False
                 pending = (loop.step, m)
                 if first_step_seconds is None:
                     jax.block_until_ready(m)
                     first_step_seconds = time.perf_counter() - t_entry
+                    tracker.progress.start_clock(loop.step)  # the ETA counts steady steps, not the compilation
                     say(f"first step done {first_step_seconds:.1f} s after start (compilation included)")
                 end_of_epoch = loop.step % steps_per_epoch == 0 or loop.step == total_steps
                 periodic = config.checkpoint_every is not None and loop.step % config.checkpoint_every == 0
@@ -284,64 +286,32 @@ def train(
                     pending = None
                 if stop:
                     save()
-                    if checkpointer is not None:
-                        checkpointer.wait()
-                    raise NonFiniteError(
-                        f"{loop.nonfinite_run} non-finite steps in a row (limit --max-nonfinite "
-                        f"{config.max_nonfinite}) at step {loop.step}; checkpoint saved in {workdir}. "
-                        "Lower --lr, add --grad-clip, or check the data"
-                    )
+                    checkpointer.wait()
+                    raise tracker.nonfinite_error(workdir)
                 if end_of_epoch:
-                    epoch = (loop.step - 1) // steps_per_epoch + 1
-                    tracker.end_epoch(epoch, float(tx_lr(config, steps_per_epoch, total_steps, loop.step)))
-                    last_val = evaluate(state, eval_iter, eval_fn, topology, num_classes, class_names)
-                    is_best = last_val["macro_f1"] > loop.best_f1
-                    if is_best:
-                        loop.best_f1, loop.best_step = last_val["macro_f1"], loop.step
-                    logger.log({"kind": "val", "step": loop.step, "epoch": epoch, **last_val})
-                    logger.plot(class_names)
-                    progress.message(
-                        f"epoch {epoch} step {loop.step}: val loss {last_val['loss']:.4f} "
-                        f"acc {last_val['accuracy']:.4f} macro F1 {last_val['macro_f1']:.4f}"
-                        + (" (best)" if is_best else "")
-                    )
+                    last_val = evaluate(state, eval_iter, eval_fn, topology, class_names)
+                    is_best = tracker.end_epoch(last_val, class_names)
                     if config.checkpoint_every is None or periodic or loop.step == total_steps or is_best:
-                        save(last_val, is_best=is_best)
+                        save(last_val)
                 elif periodic:
                     save()
                 if signum is not None:
                     if not (end_of_epoch or periodic):
                         save()
-                    if checkpointer is not None:
-                        checkpointer.wait()
-                    raise Interrupted(signum, loop.step)
-    except (Interrupted, NonFiniteError):
+                    checkpointer.wait()
+                    raise run.Interrupted(signum, loop.step)
+    except (run.Interrupted, run.NonFiniteError):
         raise  # every process stops at the same step for these: nothing to tell the others
     except BaseException as e:
         # Tell the other processes now: the cleanup below waits for them (checkpoint barriers) and they for us.
         distributed.announce_failure(f"process {topology.process_index}: {type(e).__name__}: {e}")
         raise
     finally:
-        if checkpointer is not None:
-            checkpointer.close()
+        checkpointer.close()
         logger.close()
         train_iter.close()
 
-    summary = {
-        "steps": loop.step,
-        "train_seconds": time.perf_counter() - t_start,
-        "first_step_seconds": first_step_seconds,
-        "best_macro_f1": loop.best_f1,
-        "best_step": loop.best_step,
-        "nonfinite_steps": loop.nonfinite_total,
-        "final_val": None if last_val is None else {k: last_val[k] for k in ("loss", "accuracy", "macro_f1")},
-        "workdir": str(workdir),
-    }
+    summary = run.finish(workdir, loop, time.perf_counter() - t_start, last_val, first_step_seconds=first_step_seconds)
     if is_main:
-        atomic_write_text(workdir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+        run.write_summary(workdir, summary)
     return summary
-
-
-def tx_lr(config: TrainConfig, steps_per_epoch: int, total_steps: int, step: int) -> float:
-    """The learning rate the schedule gave the last step (for the logs)."""
-    return float(make_schedule(config, steps_per_epoch, total_steps)(max(step - 1, 0)))

@@ -1,11 +1,19 @@
-"""Command-line flags -> a frozen, validated TrainConfig (shared by train.flax and train.torch; no jax/torch here)."""
+"""One TrainConfig for train.flax and train.torch: its field defaults are the defaults, its metadata the flags.
+
+Each field carries its help text and two properties in its metadata: whether it may change on `--resume`
+(`mutable`: it does not change what is trained) and whether it may differ between the processes of one run
+(`per_host`). The argparse parser is generated from the fields, and presets (`get_config("demo")`, as
+big_vision's configs do) change only the fields where they differ. No jax or torch here.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import datetime
+import importlib.util
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,73 +24,100 @@ from darknet_arch import ARCHS, DarknetConfig
 # Full-size training input on real data and on accelerators; `--data demo` on a CPU uses train.data.DEMO_IMAGE_SIZE.
 DEFAULT_IMAGE_SIZE = 256
 DEFAULT_WORKDIR_ROOT = "runs"
+DEMO_DATA = "demo"
+COMPILE_CACHE_DEFAULT, COMPILE_CACHE_OFF = "default", "none"
+OPTIMIZERS = ("sgd", "adamw")
+PRECISIONS = ("auto", "fp32", "bf16")
 # Inputs are normalised inside the step with ImageNet statistics (the torchvision/timm convention), on uint8 RGB.
-NORMALIZATION = "imagenet_mean_std"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-# Demo defaults: chosen so the full Darknet-53 reaches >= 90% validation accuracy in < 5 minutes on a 2-core CPU.
-# The budget is in steps (not epochs) so it holds whatever size the generated demo has.
-DEMO_DEFAULTS = {"epochs": 8, "batch_size": 32, "lr": 0.05, "warmup_epochs": 1.0}
-DEMO_STEPS = 256
-REAL_DEFAULTS = {"epochs": 30, "batch_size": 64, "lr": 0.05, "warmup_epochs": 2.0}
-
-
-def default_image_size(data: str, accelerator: bool) -> int:
-    """--image-size when not given: the demo's small size on a CPU; DEFAULT_IMAGE_SIZE on a GPU/TPU (demo included)."""
-    from train.data.demo import DEMO_IMAGE_SIZE  # here, not at the top: train.data pulls in grain and PIL
-
-    return DEMO_IMAGE_SIZE if data == "demo" and not accelerator else DEFAULT_IMAGE_SIZE
-
-
-def fill_image_size(config: TrainConfig, accelerator: bool) -> TrainConfig:
-    """`config` with image_size set to default_image_size when it was left unset (None)."""
-    if config.image_size is not None:
-        return config
-    return dataclasses.replace(config, image_size=default_image_size(config.data, accelerator))
+PIXEL_SCALE = 255.0
 
 
 class ConfigError(ValueError):
     """A flag value that cannot work, with the flag named and the expected range."""
 
 
+# What the trainers import beyond flax_darknet's jax/flax/numpy: pyproject's `train` extra.
+TRAIN_EXTRA_MODULES = ("optax", "orbax", "grain", "PIL", "tensorboardX", "matplotlib")
+
+
+def missing_train_extra() -> str | None:
+    """None when the `train` extra is installed, else a message naming what is missing and the install command."""
+    missing = [m for m in TRAIN_EXTRA_MODULES if importlib.util.find_spec(m) is None]
+    if not missing:
+        return None
+    return f"missing packages {missing}: install the training extra with: pip install 'darknet53-jax[train]'"
+
+
+def _field(
+    default: Any,
+    help: str,
+    *,
+    type: Any = None,
+    choices: Sequence[str] | None = None,
+    mutable: bool = False,
+    per_host: bool = False,
+    path: bool = False,
+) -> Any:
+    """A TrainConfig field: its default, its flag's help and its --resume / multi-host properties."""
+    meta = {"help": help, "type": type, "choices": choices, "mutable": mutable, "per_host": per_host, "path": path}
+    return dataclasses.field(default=default, metadata=meta)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything that defines a training run; saved as config.json in the workdir and in every checkpoint."""
 
-    data: str
-    workdir: str
-    val_path: str | None = None
-    val_fraction: float = 0.2
-    arch: str = "darknet53"
-    leaky_slope: float | None = None  # None: the config's 0.1, or the --init-from file's slope
-    epochs: int = 6
-    steps: int | None = None  # total optimizer steps; None: epochs * steps_per_epoch
-    batch_size: int = 32  # global batch (all devices, all processes)
-    lr: float = 0.05  # peak learning rate for the global batch
-    optimizer: str = "sgd"  # "sgd" (Nesterov momentum) or "adamw"
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.0
-    grad_clip: float | None = None  # global-norm clip; None: off
-    image_size: int | None = None  # None: default_image_size(data, on an accelerator)
-    precision: str = "auto"  # "auto": bf16 on GPU/TPU, fp32 on CPU
-    augment: bool = True
-    zero_init_residual: bool = True  # residual blocks start as the identity (stable early SGD on the deep net)
-    seed: int = 0
-    num_workers: int = 0
-    cache_dir: str | None = None
-    init_from: str | None = None
-    resume: bool = False
-    overwrite: bool = False
-    keep_checkpoints: int = 3
-    checkpoint_every: int | None = None  # steps; None: at the end of every epoch
-    max_nonfinite: int = 5  # stop after this many non-finite steps in a row
-    log_every: int = 10
-    compile_cache: str | None = "default"  # a folder, "default" (~/.cache/darknet53-jax/xla) or None to disable
-    normalization: str = NORMALIZATION
+    data: str | None = _field(
+        None, "dataset folder (mask layout or one folder per class), or 'demo'", type=str, path=True
+    )
+    val_path: str | None = _field(
+        None, "separate validation folder (default: split --val-fraction off --data)", type=str, path=True
+    )
+    val_fraction: float = _field(0.2, "fraction of --data held out for validation (grouped by person)")
+    workdir: str | None = _field(None, "output folder (default: runs/<UTC timestamp>)", type=str, path=True)
+    resume: bool = _field(False, "continue the run in --workdir from its latest checkpoint", mutable=True)
+    overwrite: bool = _field(False, "delete an existing run in --workdir and start over", mutable=True)
+    arch: str = _field("darknet53", "architecture ('tiny' is for smoke tests only)", choices=tuple(ARCHS))
+    leaky_slope: float | None = _field(
+        None, "LeakyReLU slope (default: 0.1, Darknet's, or the --init-from file's)", type=float
+    )
+    epochs: int | None = _field(30, "training length in passes over the data (--steps overrides it)")
+    steps: int | None = _field(None, "training length in optimizer steps (overrides --epochs)", type=int)
+    batch_size: int = _field(64, "global batch size (all devices, all processes)")
+    lr: float = _field(0.05, "peak learning rate for the global batch")
+    optimizer: str = _field("sgd", "'sgd' (Nesterov momentum) or 'adamw'", choices=OPTIMIZERS)
+    momentum: float = _field(0.9, "SGD momentum")
+    weight_decay: float = _field(5e-4, "weight decay; not applied to BatchNorm parameters and biases")
+    warmup_epochs: float = _field(2.0, "linear warm-up length in epochs, then cosine decay to 0")
+    label_smoothing: float = _field(0.0, "label smoothing of the cross-entropy targets")
+    grad_clip: float | None = _field(None, "clip gradients to this global norm (default: off)", type=float)
+    image_size: int | None = _field(
+        None, "square input side (default: 256; --data demo on a CPU: the demo's 32)", type=int
+    )
+    precision: str = _field("auto", "compute precision; auto: bf16 on GPU/TPU, fp32 on CPU", choices=PRECISIONS)
+    augment: bool = _field(True, "random crop / flip / colour augmentation of training images")
+    zero_init_residual: bool = _field(True, "start each residual block as the identity (zeroed last BN scale)")
+    seed: int = _field(0, "seed of the split, the initialisation and the data order")
+    num_workers: int = _field(0, "data-loading worker processes", mutable=True, per_host=True)
+    cache_dir: str | None = _field(None, "decoded-image cache folder", type=str, mutable=True, per_host=True)
+    init_from: str | None = _field(
+        None, "weights to start from (.pt, .safetensors, .weights, .conv.74, Flax)", type=str, mutable=True, path=True
+    )
+    keep_checkpoints: int = _field(3, "how many latest checkpoints to keep (plus the best)", mutable=True)
+    checkpoint_every: int | None = _field(
+        None, "steps between checkpoints (default: every epoch)", type=int, mutable=True
+    )
+    max_nonfinite: int = _field(5, "stop after this many non-finite steps in a row", mutable=True)
+    log_every: int = _field(10, "steps between progress lines", mutable=True)
+    compile_cache: str = _field(
+        COMPILE_CACHE_DEFAULT,
+        f"JAX compilation cache folder ('{COMPILE_CACHE_DEFAULT}': ~/.cache/darknet53-jax/xla; "
+        f"'{COMPILE_CACHE_OFF}': off)",
+        mutable=True,
+        per_host=True,
+    )
 
     @property
     def model_config(self) -> DarknetConfig:
@@ -91,7 +126,7 @@ class TrainConfig:
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """Training length in steps: --steps when given, else epochs x steps per epoch."""
-        return self.steps or self.epochs * steps_per_epoch
+        return self.steps if self.steps is not None else self.epochs * steps_per_epoch
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -107,73 +142,101 @@ class TrainConfig:
         return cls(**d)
 
 
-# Fields that may differ between a run and its --resume without changing what is being trained
-# (epochs/steps are not among them: they shape the learning-rate schedule).
-RESUME_MUTABLE = frozenset(
-    {
-        "resume",
-        "overwrite",
-        "num_workers",
-        "cache_dir",
-        "log_every",
-        "compile_cache",
-        "checkpoint_every",
-        "keep_checkpoints",
-        "max_nonfinite",
-        "init_from",
-    }
-)
+# Presets: the fields where a named setting differs from the defaults above.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    # The README's main job: the full Darknet-53 to >= 90% validation accuracy in minutes on a 2-core CPU.
+    # Its budget is in steps (not epochs) so it holds whatever size the generated demo has.
+    DEMO_DATA: {"epochs": None, "steps": 256, "batch_size": 32, "warmup_epochs": 1.0},
+}
+
+
+def get_config(preset: str = "default", **overrides: Any) -> TrainConfig:
+    """A preset's TrainConfig with `overrides` applied; a given --steps or --epochs clears the other."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+    values = {**PRESETS[preset], **overrides}
+    if overrides.get("steps") is not None and "epochs" not in overrides:
+        values["epochs"] = None
+    if overrides.get("epochs") is not None and "steps" not in overrides:
+        values["steps"] = None
+    return TrainConfig(**values)
+
+
+def mutable_on_resume(name: str) -> bool:
+    """Whether field `name` may differ between a run and its --resume."""
+    return TrainConfig.__dataclass_fields__[name].metadata["mutable"]
+
+
+def per_host_fields() -> frozenset[str]:
+    """The fields that may differ between the processes of one run (they concern each host)."""
+    return frozenset(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["per_host"])
+
+
+def _same(field: dataclasses.Field, a: Any, b: Any) -> bool:
+    if field.metadata["path"] and a is not None and b is not None and a != DEMO_DATA and b != DEMO_DATA:
+        return os.path.realpath(a) == os.path.realpath(b)  # ./runs/x, runs/x/ and /abs/runs/x are one folder
+    return a == b
 
 
 def config_differences(saved: TrainConfig, new: TrainConfig) -> list[str]:
-    """Fields (outside RESUME_MUTABLE) whose values differ, as 'name: saved -> new' lines."""
-    out = []
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in RESUME_MUTABLE:
-            continue
-        a, b = getattr(saved, f.name), getattr(new, f.name)
-        if a != b:
-            out.append(f"{f.name}: {a!r} -> {b!r}")
-    return out
+    """Fields (outside the --resume-mutable ones) whose values differ, as 'name: saved -> new' lines."""
+    return [
+        f"{f.name}: {getattr(saved, f.name)!r} -> {getattr(new, f.name)!r}"
+        for f in dataclasses.fields(TrainConfig)
+        if not f.metadata["mutable"] and not _same(f, getattr(saved, f.name), getattr(new, f.name))
+    ]
+
+
+def default_image_size(data: str | None, accelerator: bool) -> int:
+    """--image-size when not given: the demo's small size on a CPU; DEFAULT_IMAGE_SIZE on a GPU/TPU (demo included)."""
+    from train.data.demo import DEMO_IMAGE_SIZE  # here, not at the top: train.data pulls in grain and PIL
+
+    return DEMO_IMAGE_SIZE if data == DEMO_DATA and not accelerator else DEFAULT_IMAGE_SIZE
+
+
+def resolve(config: TrainConfig, accelerator: bool) -> TrainConfig:
+    """The run's config with every default that depends on the machine or the clock filled in (done once)."""
+    changes: dict[str, Any] = {}
+    if config.image_size is None:
+        changes["image_size"] = default_image_size(config.data, accelerator)
+    if config.workdir is None:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+        changes["workdir"] = os.path.join(DEFAULT_WORKDIR_ROOT, stamp)  # a fresh folder per run
+    return dataclasses.replace(config, **changes) if changes else config
 
 
 def validate(config: TrainConfig) -> None:
     """Raise ConfigError naming the first flag that cannot work."""
 
-    def positive(name: str, value: float | None, allow_none: bool = False) -> None:
-        if value is None and allow_none:
-            return
-        if value is None or not value > 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
 
-    positive("epochs", config.epochs)
-    positive("steps", config.steps, allow_none=True)
-    positive("batch_size", config.batch_size)
-    positive("lr", config.lr)
-    positive("image_size", config.image_size, allow_none=True)
-    positive("keep_checkpoints", config.keep_checkpoints)
-    positive("checkpoint_every", config.checkpoint_every, allow_none=True)
-    positive("max_nonfinite", config.max_nonfinite)
-    positive("log_every", config.log_every)
-    positive("grad_clip", config.grad_clip, allow_none=True)
-    if config.weight_decay < 0:
-        raise ConfigError(f"--weight-decay must be >= 0, got {config.weight_decay}")
-    if config.warmup_epochs < 0:
-        raise ConfigError(f"--warmup-epochs must be >= 0, got {config.warmup_epochs}")
-    if not 0 <= config.momentum < 1:
-        raise ConfigError(f"--momentum must be in [0, 1), got {config.momentum}")
-    if not 0 <= config.label_smoothing < 1:
-        raise ConfigError(f"--label-smoothing must be in [0, 1), got {config.label_smoothing}")
-    if not 0 < config.val_fraction < 1:
-        raise ConfigError(f"--val-fraction must be in (0, 1), got {config.val_fraction}")
-    if config.num_workers < 0:
-        raise ConfigError(f"--num-workers must be >= 0, got {config.num_workers}")
-    if config.optimizer not in ("sgd", "adamw"):
-        raise ConfigError(f"--optimizer must be 'sgd' or 'adamw', got {config.optimizer!r}")
-    if config.precision not in ("auto", "fp32", "bf16"):
-        raise ConfigError(f"--precision must be 'auto', 'fp32' or 'bf16', got {config.precision!r}")
-    if config.arch not in ARCHS:
-        raise ConfigError(f"--arch must be one of {sorted(ARCHS)}, got {config.arch!r}")
+    def check(name: str, ok: bool, expected: str) -> None:
+        value = getattr(config, name)
+        if not ok:
+            raise ConfigError(f"{flag(name)} must be {expected}, got {value!r}")
+
+    if not config.data:
+        raise ConfigError("--data is required: a dataset folder, or 'demo' for the built-in demo data")
+    for name in ("batch_size", "lr", "keep_checkpoints", "max_nonfinite", "log_every"):
+        value = getattr(config, name)
+        check(name, isinstance(value, (int, float)) and math.isfinite(value) and value > 0, "> 0")
+    for name in ("epochs", "steps", "image_size", "checkpoint_every", "grad_clip", "leaky_slope"):
+        value = getattr(config, name)
+        check(name, value is None or (math.isfinite(value) and value > 0), "> 0 (or left unset)")
+    if config.epochs is None and config.steps is None:
+        raise ConfigError("give the training length: --epochs or --steps")
+    check("weight_decay", math.isfinite(config.weight_decay) and config.weight_decay >= 0, ">= 0")
+    check("warmup_epochs", math.isfinite(config.warmup_epochs) and config.warmup_epochs >= 0, ">= 0")
+    check("momentum", 0 <= config.momentum < 1, "in [0, 1)")
+    check("label_smoothing", 0 <= config.label_smoothing < 1, "in [0, 1)")
+    check("val_fraction", 0 < config.val_fraction < 1, "in (0, 1)")
+    check("num_workers", config.num_workers >= 0, ">= 0")
+    for f in dataclasses.fields(TrainConfig):
+        if f.metadata["choices"] is not None:
+            choices = f.metadata["choices"]
+            check(f.name, getattr(config, f.name) in choices, "one of " + ", ".join(repr(c) for c in choices))
     stride = ARCHS[config.arch].total_stride
     if config.image_size is not None and config.image_size % stride:
         raise ConfigError(
@@ -181,108 +244,42 @@ def validate(config: TrainConfig) -> None:
         )
     if config.resume and config.overwrite:
         raise ConfigError("--resume and --overwrite contradict each other; pass one")
-    if config.init_from is not None and config.init_from != "" and not Path(config.init_from).exists():
+    if config.init_from and not Path(config.init_from).exists():
         raise ConfigError(f"--init-from {config.init_from!r} does not exist")
 
 
-def default_workdir() -> str:
-    """runs/<UTC timestamp>: a fresh folder per run, so a fresh clone never overwrites anything."""
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    return os.path.join(DEFAULT_WORKDIR_ROOT, stamp)
+def _add_flag(parser: argparse.ArgumentParser, f: dataclasses.Field) -> None:
+    meta, dashed = f.metadata, f.name.replace("_", "-")
+    demo = PRESETS[DEMO_DATA].get(f.name, f.default)
+    shown = [f"default: {f.default}"] if f.default is not None else []
+    shown += [f"--data demo: {demo}"] if demo != f.default else []
+    help_text = meta["help"] + (f" ({'; '.join(shown)})" if shown else "")
+    # Every flag parses to None when not given, so the preset's value is used and a given flag always wins.
+    if f.default is True:
+        parser.add_argument(f"--no-{dashed}", dest=f.name, action="store_false", default=None, help=help_text)
+    elif f.default is False:
+        parser.add_argument(f"--{dashed}", dest=f.name, action="store_true", default=None, help=meta["help"])
+    else:
+        kind = meta["type"] or type(f.default)  # fields whose default is None name their type
+        parser.add_argument(
+            f"--{dashed}", dest=f.name, type=kind, default=None, choices=meta["choices"], help=help_text
+        )
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    """The flags shared by train.flax and train.torch."""
-    p = argparse.ArgumentParser(prog=prog, description="Train Darknet-53 on an image-classification folder.")
-    a = p.add_argument
-    a("--data", required=True, help="dataset folder (mask layout or one folder per class), or 'demo'")
-    a("--val-path", default=None, help="separate validation folder (default: split --val-fraction off --data)")
-    a("--val-fraction", type=float, default=0.2)
-    a("--workdir", default=None, help="output folder (default: runs/<UTC timestamp>)")
-    a("--resume", action="store_true", help="continue the run in --workdir from its latest checkpoint")
-    a("--overwrite", action="store_true", help="delete an existing --workdir and start over")
-    a("--arch", default="darknet53", choices=sorted(ARCHS), help="'tiny' is for smoke tests only")
-    a("--leaky-slope", type=float, default=None, help="default: 0.1 (Darknet), or the --init-from file's")
-    a("--epochs", type=int, default=None, help="default: 30 (for --data demo: 256 steps)")
-    a("--steps", type=int, default=None, help="total optimizer steps (overrides --epochs)")
-    a("--batch-size", type=int, default=None, help="global batch size (default: 32 demo, 64 otherwise)")
-    a("--lr", type=float, default=None, help="peak learning rate (default 0.05 for SGD)")
-    a("--optimizer", default="sgd", choices=("sgd", "adamw"))
-    a("--momentum", type=float, default=0.9)
-    a("--weight-decay", type=float, default=5e-4, help="not applied to BatchNorm parameters and biases")
-    a("--warmup-epochs", type=float, default=None)
-    a("--label-smoothing", type=float, default=0.0)
-    a("--grad-clip", type=float, default=None, help="clip gradients to this global norm")
-    a("--image-size", type=int, default=None, help="default: 256 (--data demo on a CPU: the demo's 32)")
-    a("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="auto: bf16 on GPU, fp32 on CPU")
-    a("--no-augment", dest="augment", action="store_false")
-    a(
-        "--no-zero-init-residual",
-        dest="zero_init_residual",
-        action="store_false",
-        help="keep the random scale of each residual block's last BatchNorm",
-    )
-    a("--seed", type=int, default=0)
-    a("--num-workers", type=int, default=0, help="data-loading worker processes")
-    a("--cache-dir", default=None, help="decoded-image cache folder for the data pipeline")
-    a("--init-from", default=None, help="weights file to start from (.pt, .safetensors, .weights, .conv.74, Flax)")
-    a("--keep-checkpoints", type=int, default=3, help="how many latest checkpoints to keep (plus the best)")
-    a("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default: every epoch)")
-    a("--max-nonfinite", type=int, default=5, help="stop after this many non-finite steps in a row")
-    a("--log-every", type=int, default=10)
-    a("--compile-cache", default="default", help="JAX compilation cache folder, or 'none' to disable")
-    return p
+    """The flags of train.flax and train.torch, one per TrainConfig field."""
+    parser = argparse.ArgumentParser(prog=prog, description="Train Darknet-53 on an image-classification folder.")
+    for f in dataclasses.fields(TrainConfig):
+        _add_flag(parser, f)
+    return parser
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Resolve the defaults that depend on the dataset and build the config (not yet validated)."""
-    defaults = DEMO_DEFAULTS if args.data == "demo" else REAL_DEFAULTS
-
-    def pick(name: str) -> Any:
-        value = getattr(args, name)
-        return defaults[name] if value is None else value
-
-    cache = None if str(args.compile_cache).lower() == "none" else args.compile_cache
-    return TrainConfig(
-        data=args.data,
-        val_path=args.val_path,
-        val_fraction=args.val_fraction,
-        workdir=args.workdir or default_workdir(),
-        resume=args.resume,
-        overwrite=args.overwrite,
-        arch=args.arch,
-        leaky_slope=args.leaky_slope,
-        epochs=pick("epochs"),
-        steps=DEMO_STEPS if args.data == "demo" and args.steps is None and args.epochs is None else args.steps,
-        batch_size=pick("batch_size"),
-        lr=pick("lr"),
-        optimizer=args.optimizer,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        warmup_epochs=pick("warmup_epochs"),
-        label_smoothing=args.label_smoothing,
-        grad_clip=args.grad_clip,
-        image_size=args.image_size,
-        precision=args.precision,
-        augment=args.augment,
-        zero_init_residual=args.zero_init_residual,
-        seed=args.seed,
-        num_workers=args.num_workers,
-        cache_dir=args.cache_dir,
-        init_from=args.init_from,
-        keep_checkpoints=args.keep_checkpoints,
-        checkpoint_every=args.checkpoint_every,
-        max_nonfinite=args.max_nonfinite,
-        log_every=args.log_every,
-        compile_cache=cache,
-    )
-
-
-def parse_config(argv: Sequence[str] | None, prog: str) -> TrainConfig:
-    """argv -> validated TrainConfig; raises ConfigError."""
-    config = config_from_args(build_parser(prog).parse_args(argv))
-    validate(config)
-    return config
+    """The parsed flags over the preset their --data picks (not yet resolved or validated)."""
+    given = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None
+    }
+    return get_config(DEMO_DATA if given.get("data") == DEMO_DATA else "default", **given)
 
 
 def dumps(config: TrainConfig) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from darknet_arch import DarknetConfig, StageSpec
-from train.checkpointing import BEST_DIR, LATEST_DIR, CheckpointError, read_meta, restore_variables
+from train.checkpointing import CHECKPOINT_DIR, STATE, CheckpointError, checkpoint_steps, read_meta, restore_variables
 from train.data import NO_LABEL, DataError, Records, load_eval_folder, make_eval_iter
 from train.data.scan import is_image_name
 from train.logging_utils import atomic_write_text
@@ -29,23 +29,21 @@ EXIT_BAD_INPUT = 2
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, int]:
-    """A workdir (best, else latest), a checkpoint folder (its latest) or a step folder -> (manager dir, step)."""
+    """A workdir or its checkpoints/ folder (the best step), or a step folder -> (checkpoint folder, step)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"--checkpoint {path} is not a folder")
-    for sub in (BEST_DIR, LATEST_DIR):
-        if (path / sub).is_dir() and any(p.name.isdigit() for p in (path / sub).iterdir()):
-            path = path / sub
-            break
-    if path.name.isdigit() and (path / "state").is_dir():
+    if (path / CHECKPOINT_DIR).is_dir():
+        path = path / CHECKPOINT_DIR
+    if path.name.isdigit() and (path / STATE).is_dir():
         return path.parent, int(path.name)
-    steps = sorted(int(p.name) for p in path.iterdir() if p.name.isdigit())
-    if not steps:
+    latest, best = checkpoint_steps(path)
+    if latest is None:
         raise CheckpointError(
-            f"--checkpoint {path}: no checkpoint found (expected a training workdir, its {BEST_DIR}/ or "
-            f"{LATEST_DIR}/ folder, or a step folder)"
+            f"--checkpoint {path}: no checkpoint found (expected a training workdir, its {CHECKPOINT_DIR}/ folder, "
+            "or a step folder)"
         )
-    return path, steps[-1]
+    return path, best
 
 
 def model_config_from_json(d: dict[str, Any]) -> DarknetConfig:
@@ -66,6 +64,7 @@ class Predictor:
     image_size: int
     precision: str
     batch_size: int
+    source: str = ""  # the checkpoint folder and step it was restored from
     _fn: Any = dataclasses.field(default=None, repr=False)
 
     @classmethod
@@ -76,9 +75,10 @@ class Predictor:
             variables=restore_variables(directory, step),
             model_config=model_config_from_json(meta["model_config"]),
             class_names=list(meta["class_names"]),
-            image_size=int(meta["image_size"]),
+            image_size=int(meta["config"]["image_size"]),
             precision=meta["config"]["precision"],
             batch_size=batch_size or int(meta["config"]["batch_size"]),
+            source=f"{directory} step {step}",
         )
 
     def probabilities(self, records: Records) -> np.ndarray:
@@ -141,6 +141,7 @@ def predict(checkpoint: str, data: str, out: str | None, force: bool = False) ->
     if not out_path.parent.is_dir():
         raise DataError(f"--out {out_path}: folder {out_path.parent} does not exist")
     predictor = Predictor.from_checkpoint(checkpoint)
+    print(f"using checkpoint {predictor.source}")
     records = load_eval_folder(folder) if is_eval else list_images(folder)
     probs = predictor.probabilities(records)
     preds = probs.argmax(-1)
@@ -159,7 +160,7 @@ def predict(checkpoint: str, data: str, out: str | None, force: bool = False) ->
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.predict", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="training workdir (uses best/), or a checkpoint folder")
+    p.add_argument("--checkpoint", required=True, help="training workdir (its best step), or a checkpoint step folder")
     p.add_argument("--data", required=True, help="eval/ folder with info.csv, or a folder of images")
     p.add_argument("--out", default=None, help="output CSV (default: submission.csv or predictions.csv here)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")

@@ -51,17 +51,30 @@ def decay_mask(params: Any) -> Any:
 
 
 def make_optimizer(config: TrainConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """SGD with Nesterov momentum (coupled L2 decay, as torch.optim.SGD) or AdamW, decay masked, optional clip."""
-    parts = []
-    if config.grad_clip is not None:
-        parts.append(optax.clip_by_global_norm(config.grad_clip))
-    if config.optimizer == "sgd":
-        if config.weight_decay:
-            parts.append(optax.add_decayed_weights(config.weight_decay, mask=decay_mask))
-        parts.append(optax.sgd(schedule, momentum=config.momentum, nesterov=True))
-    else:
-        parts.append(optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask))
-    return optax.chain(*parts)
+    """SGD with Nesterov momentum (coupled L2 decay, as torch.optim.SGD) or AdamW, decay masked, optional clip.
+
+    The learning rate is an injected hyperparameter, so `learning_rate(opt_state)` is the rate the optimizer
+    applied at its last update (its own count, which does not advance on a skipped non-finite step).
+    """
+
+    def chain(learning_rate: Any) -> optax.GradientTransformation:
+        parts = []
+        if config.grad_clip is not None:
+            parts.append(optax.clip_by_global_norm(config.grad_clip))
+        if config.optimizer == "sgd":
+            if config.weight_decay:
+                parts.append(optax.add_decayed_weights(config.weight_decay, mask=decay_mask))
+            parts.append(optax.sgd(learning_rate, momentum=config.momentum, nesterov=True))
+        else:
+            parts.append(optax.adamw(learning_rate, weight_decay=config.weight_decay, mask=decay_mask))
+        return optax.chain(*parts)
+
+    return optax.inject_hyperparams(chain)(learning_rate=schedule)
+
+
+def learning_rate(opt_state: Any) -> jax.Array:
+    """The learning rate of make_optimizer's last update (read from its injected hyperparameters)."""
+    return opt_state.hyperparams["learning_rate"]
 
 
 def zero_init_residual(params: Any) -> Any:
@@ -78,6 +91,21 @@ def zero_init_residual(params: Any) -> Any:
     return flax.traverse_util.unflatten_dict(out)
 
 
+def init_variables(rng: jax.Array, model: Darknet53, image_size: int, zero_residual: bool = False) -> Any:
+    """Freshly initialised {"params", "batch_stats"} (optionally with residual blocks starting as the identity)."""
+    dummy = jnp.zeros((1, image_size, image_size, model.config.in_channels), jnp.float32)
+    variables = jax.jit(lambda r: model.init(r, dummy, train=False))(rng)
+    if zero_residual:
+        variables = {**variables, "params": zero_init_residual(variables["params"])}
+    return variables
+
+
+def variable_shapes(model: Darknet53, image_size: int) -> Any:
+    """The shapes and dtypes of the model's variables, without computing them (jax.eval_shape)."""
+    dummy = jax.ShapeDtypeStruct((1, image_size, image_size, model.config.in_channels), jnp.float32)
+    return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), dummy)
+
+
 def create_train_state(
     rng: jax.Array,
     model: Darknet53,
@@ -86,12 +114,9 @@ def create_train_state(
     variables: Any = None,
     zero_residual: bool = False,
 ) -> TrainState:
-    """Initialise the model (or take `variables`, e.g. from --init-from) and the optimizer state."""
+    """The optimizer state over `variables` (e.g. from --init-from), or over a fresh initialisation."""
     if variables is None:
-        dummy = jnp.zeros((1, image_size, image_size, model.config.in_channels), jnp.float32)
-        variables = jax.jit(lambda r: model.init(r, dummy, train=False))(rng)
-        if zero_residual:
-            variables = {**variables, "params": zero_init_residual(variables["params"])}
+        variables = init_variables(rng, model, image_size, zero_residual)
     return TrainState.create(
         apply_fn=model.apply, params=variables["params"], batch_stats=variables["batch_stats"], tx=tx
     )

@@ -8,13 +8,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from train.options import IMAGENET_MEAN, IMAGENET_STD
-from train.state import TrainState
+from train.options import IMAGENET_MEAN, IMAGENET_STD, PIXEL_SCALE
+from train.state import TrainState, learning_rate
 
 
 def normalize(images: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
     """uint8 (or float 0..255) RGB NHWC -> (x / 255 - mean) / std in `dtype`; the same as train.torch and predict."""
-    x = images.astype(jnp.float32) / 255.0
+    x = images.astype(jnp.float32) / PIXEL_SCALE
     x = (x - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(IMAGENET_STD, jnp.float32)
     return x.astype(dtype)
 
@@ -55,19 +55,18 @@ def train_step(
         "correct": jnp.sum(jnp.argmax(logits, -1) == labels),
         "finite": finite,
         "grad_norm": grad_norm,
+        "lr": learning_rate(state.opt_state),  # what the optimizer applied (unchanged by a skipped step)
     }
     return state, metrics
 
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Per-example predictions and the summed loss over the unmasked examples (running BN statistics)."""
+    """The batch's confusion matrix (unmasked rows) and summed loss, on the device (running BN statistics)."""
     logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, normalize(batch["image"]))
-    mask = batch["mask"].astype(jnp.float32)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-    return {"pred": jnp.argmax(logits, -1), "loss_sum": jnp.sum(losses * mask), "logits": logits}
-
-
-def predict_step(state: TrainState, images: jax.Array) -> jax.Array:
-    """Softmax probabilities for a uint8 batch."""
-    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, normalize(images))
-    return jax.nn.softmax(logits, axis=-1)
+    num_classes = logits.shape[-1]
+    mask = batch["mask"].astype(jnp.int32)
+    labels, preds = batch["label"], jnp.argmax(logits, -1)
+    # Padding rows carry label 0 with weight 0: they add nothing to the counts or the loss.
+    cm = jnp.zeros((num_classes, num_classes), jnp.int32).at[labels, preds].add(mask)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return {"confusion": cm, "loss_sum": jnp.sum(losses * mask)}

@@ -1,16 +1,16 @@
-"""`python -m train.torch --data PATH ...`: the PyTorch reference trainer (no jax), same data, flags and metrics.
+"""`python -m train.torch --data PATH ...`: the PyTorch reference trainer (no jax), same config, data and run files.
 
-Same recipe as train.flax: uint8 batches normalised with ImageNet mean/std, SGD-Nesterov or AdamW with weight
-decay off BatchNorm and biases, warm-up + cosine, zero-initialised residual branches, non-finite steps skipped.
-Writes config.json, metrics.jsonl, TensorBoard events, PNG plots and torch checkpoints (latest.pt, best.pt).
+The same recipe as train.flax, step for step: uint8 batches normalised with ImageNet mean/std, SGD-Nesterov or
+AdamW with weight decay off BatchNorm and biases, warm-up + cosine, zero-initialised residual branches,
+non-finite steps skipped without a trace, the same StepTracker, stops and run files (train.run). Checkpoints are
+torch files (torch_checkpoints/latest.pt, best.pt) holding only tensors and plain data (read weights_only).
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import os
-import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -23,31 +23,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from train import metrics as metrics_lib
-from train.logging_utils import Progress, RunLogger, atomic_write_text, ensure_writable_dir
+from train import run
+from train.logging_utils import RunLogger
 from train.options import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    PIXEL_SCALE,
     ConfigError,
     TrainConfig,
     build_parser,
     config_differences,
     config_from_args,
     dumps,
-    fill_image_size,
+    resolve,
     validate,
 )
 
 CHECKPOINT_DIR = "torch_checkpoints"
+LATEST, BEST = "latest.pt", "best.pt"
 EXIT_BAD_INPUT, EXIT_NONFINITE = 2, 3
 SIGNAL_EXIT_BASE = 128
 
 
-class NonFinite(RuntimeError):
-    """Too many non-finite steps in a row."""
-
-
 def lr_at(config: TrainConfig, steps_per_epoch: int, total_steps: int, step: int) -> float:
-    """optax.warmup_cosine_decay_schedule(0, lr, warmup, total) at `step` (the same schedule as train.flax)."""
+    """optax.warmup_cosine_decay_schedule(0, lr, warmup, total) at `step` (train.state.make_schedule's schedule)."""
     warmup = min(round(config.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
     decay = max(total_steps, warmup + 1)
     if step < warmup:
@@ -58,8 +57,8 @@ def lr_at(config: TrainConfig, steps_per_epoch: int, total_steps: int, step: int
 
 def make_torch_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """Weight decay on conv/linear weights only (not BatchNorm parameters, not biases)."""
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
@@ -74,217 +73,184 @@ def zero_init_residual(model: nn.Module) -> None:
 
 
 def to_tensor(images: np.ndarray, device: torch.device, channels_last: bool) -> torch.Tensor:
-    """uint8 NHWC numpy -> normalised float NCHW tensor."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float() / 255.0
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    """uint8 NHWC numpy -> normalised float NCHW tensor (train.steps.normalize)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float() / PIXEL_SCALE
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, -1, 1, 1)
     x = (x - mean) / std
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def evaluate(
-    model: nn.Module, eval_iter: Any, device: torch.device, amp: bool, channels_last: bool, class_names: list[str]
+@dataclasses.dataclass
+class Device:
+    """Where and how the reference trainer computes."""
+
+    device: torch.device
+    amp: bool
+    channels_last: bool
+
+    @classmethod
+    def pick(cls, precision: str) -> Device:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        amp = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+        return cls(device, amp, channels_last=device.type == "cuda")
+
+    def inputs(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        x = to_tensor(batch["image"], self.device, self.channels_last)
+        return x, torch.from_numpy(batch["label"].astype(np.int64)).to(self.device)
+
+    def autocast(self) -> Any:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+
+def train_step(
+    model: nn.Module, forward: Any, optimizer: torch.optim.Optimizer, dev: Device, batch: dict, config: TrainConfig
 ) -> dict[str, Any]:
+    """One step; a non-finite loss or gradient leaves parameters, optimizer and BN statistics unchanged."""
+    x, y = dev.inputs(batch)
+    buffers = {k: v.clone() for k, v in model.named_buffers()}  # BN statistics change in the forward pass
+    with dev.autocast():
+        logits = forward(x).float()
+    loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    # The global norm is inf or NaN whenever any element is: one reduction and one host read decide the step.
+    finite = bool(torch.isfinite(loss + torch.nn.utils.get_total_norm(grads)))
+    if finite:
+        if config.grad_clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+    else:
+        with torch.no_grad():
+            for k, v in model.named_buffers():
+                v.copy_(buffers[k])
+    lr = optimizer.param_groups[0]["lr"]
+    return {"loss": loss.detach(), "correct": (logits.argmax(-1) == y).sum(), "finite": finite, "lr": lr}
+
+
+def evaluate(model: nn.Module, eval_iter: Any, dev: Device, class_names: list[str]) -> dict[str, Any]:
     """Loss, accuracy, macro F1, per-class F1 and confusion matrix (metrics shared with train.flax)."""
     n = len(class_names)
-    cm = np.zeros((n, n), np.int64)
-    loss_sum = 0.0
+    cm = torch.zeros(n * n, dtype=torch.int64, device=dev.device)
+    loss_sum = torch.zeros((), device=dev.device)
     model.eval()
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+    with torch.no_grad(), dev.autocast():
         for batch in eval_iter:
-            mask = batch["mask"].astype(bool)
-            logits = model(to_tensor(batch["image"], device, channels_last)).float()
-            labels = torch.from_numpy(batch["label"].astype(np.int64)).to(device)
-            losses = F.cross_entropy(logits, labels, reduction="none").cpu().numpy()
-            loss_sum += float(losses[mask].sum())
-            preds = logits.argmax(-1).cpu().numpy()
-            cm += metrics_lib.confusion_matrix(batch["label"][mask], preds[mask], n)
+            x, y = dev.inputs(batch)
+            mask = torch.from_numpy(batch["mask"]).to(dev.device)
+            logits = model(x).float()
+            loss_sum += (F.cross_entropy(logits, y, reduction="none") * mask).sum()
+            cm += torch.bincount((y * n + logits.argmax(-1))[mask], minlength=n * n)
     model.train()
-    return metrics_lib.summarize(cm, loss_sum, class_names)
+    return metrics_lib.summarize(cm.view(n, n).cpu().numpy(), float(loss_sum), class_names)
 
 
 def train_torch(config: TrainConfig, *, compile_model: bool = False, verbose: bool = True) -> dict[str, Any]:
-    """The PyTorch training loop; returns the summary also written to summary.json."""
-    from torch_ref import Darknet53
-    from train.inputs import load_run_splits, make_run_iterators
+    """The PyTorch training loop for a resolved, validated config; returns the summary also in summary.json."""
 
-    config = fill_image_size(config, accelerator=torch.cuda.is_available())
     if config.init_from:
         raise ConfigError("--init-from is supported by train.flax only; convert with port-weights and use train.flax")
+    splits = run.load_run_splits(config)  # before the workdir is touched
+    lock = run.prepare_workdir(config, CHECKPOINT_DIR)
+    try:
+        return _train_torch(config, splits, compile_model, verbose)
+    finally:
+        lock.release()
+
+
+def _train_torch(config: TrainConfig, splits: Any, compile_model: bool, verbose: bool) -> dict[str, Any]:
+    """The loop of train_torch(), in a held workdir."""
+    from torch_ref import Darknet53
+
     say = print if verbose else (lambda *a, **k: None)
+    class_names = list(splits.class_names)
     workdir = Path(config.workdir)
     ckpt_dir = workdir / CHECKPOINT_DIR
-    if config.resume:
-        if not (ckpt_dir / "latest.pt").is_file():
-            raise ConfigError(f"--resume: {ckpt_dir / 'latest.pt'} does not exist")
-    elif workdir.exists() and any(workdir.iterdir()):
-        if not config.overwrite:
-            raise ConfigError(f"--workdir {workdir} already exists and is not empty; pass --resume or --overwrite")
-        import shutil
-
-        shutil.rmtree(workdir)
-    try:
-        ensure_writable_dir(ckpt_dir, probe_in=workdir)
-    except OSError as e:
-        raise ConfigError(f"--workdir {workdir} is not writable: {e}") from e
-
     torch.manual_seed(config.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    amp = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
-    channels_last = device.type == "cuda"
-    splits = load_run_splits(config)
-    class_names = list(splits.class_names)
-    train_iter, eval_iter = make_run_iterators(config, splits, batch_size=config.batch_size)
+    dev = Device.pick(config.precision)
+    train_iter, eval_iter = run.make_run_iterators(config, splits, batch_size=config.batch_size)
     spe = train_iter.steps_per_epoch
     total = config.total_steps(spe)
 
     model = Darknet53(num_classes=len(class_names), config=config.model_config)
     if config.zero_init_residual:
         zero_init_residual(model)
-    model = model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = model.to(dev.device, memory_format=torch.channels_last if dev.channels_last else torch.preserve_format)
     optimizer = make_torch_optimizer(model, config)
-    step, best_f1, best_step, nonfinite_total, nonfinite_run = 0, -1.0, None, 0, 0
+    loop, last_val = run.LoopState(), None
     if config.resume:
-        saved = torch.load(ckpt_dir / "latest.pt", map_location=device, weights_only=False)
+        saved = torch.load(ckpt_dir / LATEST, map_location=dev.device, weights_only=True)  # never runs pickled code
         diffs = config_differences(TrainConfig.from_json(saved["config"]), config)
         if diffs or saved["class_names"] != class_names:
-            raise ConfigError("--resume with another config or class list: " + "; ".join(diffs or ["class names"]))
+            raise run.WorkdirError("--resume with another config or class list: " + "; ".join(diffs or ["class names"]))
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         train_iter.set_state(saved["data_state"])
-        torch.set_rng_state(saved["torch_rng"])
-        step, best_f1, best_step = saved["step"], saved["best_f1"], saved["best_step"]
-        nonfinite_total = saved["nonfinite_total"]
-        say(f"resumed from step {step}")
+        torch.set_rng_state(saved["torch_rng"].cpu())
+        loop, last_val = run.LoopState(**saved["loop"]), saved["val"]
+        run.trim_metrics(workdir, loop.step)
+        say(f"resumed from step {loop.step}")
     forward = torch.compile(model) if compile_model else model
-    atomic_write_text(workdir / "config.json", dumps(config) + "\n")
+    run.write_run_files(workdir, config, splits)
     say(dumps(config))
-    say(
-        f"data: {len(splits.train)} train / {len(splits.val)} val, {spe} steps per epoch, {total} steps; "
-        f"device {device}, {'bf16 autocast' if amp else 'fp32'}"
-    )
+    say(f"data: {len(splits.train)} train / {len(splits.val)} val, {spe} steps per epoch, {total} steps; {dev}")
 
-    def save(name: str) -> None:
+    def save(name: str, val: dict | None = None) -> None:
         payload = {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "config": config.to_json(),
             "class_names": class_names,
+            "preprocessing": run.preprocessing(config, class_names),
             "data_state": train_iter.get_state(),
             "torch_rng": torch.get_rng_state(),
-            "step": step,
-            "best_f1": best_f1,
-            "best_step": best_step,
-            "nonfinite_total": nonfinite_total,
+            "loop": dataclasses.asdict(loop),
+            "val": None if val is None else {k: val[k] for k in ("loss", "accuracy", "macro_f1")},
         }
         tmp = ckpt_dir / f".{name}.tmp{os.getpid()}"
-        torch.save(payload, tmp)
-        os.replace(tmp, ckpt_dir / name)
+        try:
+            torch.save(payload, tmp)
+            os.replace(tmp, ckpt_dir / name)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     logger = RunLogger(workdir)
-    progress = Progress(total, step, config.log_every, enabled=verbose)
-    stop: list[int] = []
-    old = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
-    epoch_loss, epoch_correct, epoch_seen = 0.0, 0, 0
-    last_val = None
-    t0 = t_last = time.perf_counter()
-    n_last = 0
+    tracker = run.StepTracker(loop, config, spe, total, logger, verbose=verbose)
+    t0 = time.perf_counter()
     model.train()
     try:
-        while step < total:
-            batch = next(train_iter)
-            for g in optimizer.param_groups:
-                g["lr"] = lr_at(config, spe, total, step)
-            x = to_tensor(batch["image"], device, channels_last)
-            y = torch.from_numpy(batch["label"].astype(np.int64)).to(device)
-            # BN running statistics change in the forward pass: keep a copy so a skipped step leaves no trace.
-            buffers = {k: v.clone() for k, v in model.named_buffers()}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = forward(x).float()
-            loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(g).all()) for g in grads)
-            step += 1
-            if finite:
-                if config.grad_clip is not None:
-                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                optimizer.step()
-                nonfinite_run = 0
-                epoch_loss += float(loss) * len(y)
-                epoch_correct += int((logits.argmax(-1) == y).sum())
-                epoch_seen += len(y)
-            else:
-                with torch.no_grad():
-                    for k, v in model.named_buffers():
-                        v.copy_(buffers[k])
-                nonfinite_total += 1
-                nonfinite_run += 1
-                progress.message(f"step {step}: non-finite loss or gradient, skipped ({nonfinite_run} in a row)")
-                logger.log({"kind": "nonfinite", "step": step, "in_a_row": nonfinite_run, "total": nonfinite_total})
-                if nonfinite_run >= config.max_nonfinite:
-                    save("latest.pt")
-                    raise NonFinite(f"{nonfinite_run} non-finite steps in a row at step {step}; checkpoint saved")
-            n_last += len(y)
-            now = time.perf_counter()
-            progress.update(step, float(loss), n_last / max(now - t_last, 1e-9), step // spe)
-            if step % config.log_every == 0:
-                t_last, n_last = now, 0
-            end_of_epoch = step % spe == 0 or step == total
-            periodic = config.checkpoint_every is not None and step % config.checkpoint_every == 0
-            if end_of_epoch:
-                epoch = (step - 1) // spe + 1
-                if epoch_seen:
-                    logger.log(
-                        {
-                            "kind": "train_epoch",
-                            "step": step,
-                            "epoch": epoch,
-                            "loss": epoch_loss / epoch_seen,
-                            "accuracy": epoch_correct / epoch_seen,
-                            "lr": lr_at(config, spe, total, step - 1),
-                        }
-                    )
-                epoch_loss, epoch_correct, epoch_seen = 0.0, 0, 0
-                last_val = evaluate(model, eval_iter, device, amp, channels_last, class_names)
-                is_best = last_val["macro_f1"] > best_f1
-                if is_best:
-                    best_f1, best_step = last_val["macro_f1"], step
-                logger.log({"kind": "val", "step": step, "epoch": epoch, **last_val})
-                logger.plot(class_names)
-                progress.message(
-                    f"epoch {epoch} step {step}: val loss {last_val['loss']:.4f} acc "
-                    f"{last_val['accuracy']:.4f} macro F1 {last_val['macro_f1']:.4f}"
-                )
-                save("latest.pt")
-                if is_best:
-                    save("best.pt")
-            elif periodic or stop:
-                save("latest.pt")
-            if stop:
-                raise InterruptedError(stop[0])
+        with run.SignalFlag() as flag:
+            while loop.step < total:
+                for g in optimizer.param_groups:  # the optimizer's own count: skipped steps do not advance it
+                    g["lr"] = lr_at(config, spe, total, loop.step - loop.nonfinite_total)
+                m = train_step(model, forward, optimizer, dev, next(train_iter), config)
+                loop.step += 1
+                if tracker.record(loop.step, m):
+                    save(LATEST)
+                    raise tracker.nonfinite_error(workdir)
+                end_of_epoch = loop.step % spe == 0 or loop.step == total
+                periodic = config.checkpoint_every is not None and loop.step % config.checkpoint_every == 0
+                if end_of_epoch:
+                    last_val = evaluate(model, eval_iter, dev, class_names)
+                    is_best = tracker.end_epoch(last_val, class_names)
+                    save(LATEST, last_val)
+                    if is_best:
+                        save(BEST, last_val)
+                elif periodic or flag.signum is not None:
+                    save(LATEST)
+                if flag.signum is not None:
+                    raise run.Interrupted(flag.signum, loop.step)
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
         logger.close()
         train_iter.close()
-    summary = {
-        "steps": step,
-        "train_seconds": time.perf_counter() - t0,
-        "best_macro_f1": best_f1,
-        "best_step": best_step,
-        "nonfinite_steps": nonfinite_total,
-        "workdir": str(workdir),
-        "final_val": None if last_val is None else {k: last_val[k] for k in ("loss", "accuracy", "macro_f1")},
-    }
-    atomic_write_text(workdir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    summary = run.finish(workdir, loop, time.perf_counter() - t0, last_val)
+    run.write_summary(workdir, summary)
     return summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Parse flags, train, and map failures to a clear message and an exit code."""
     parser = build_parser("python -m train.torch")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -292,21 +258,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     from train.data import DataError
 
     try:
-        config = config_from_args(args)
+        config = resolve(config_from_args(args), accelerator=torch.cuda.is_available())
         validate(config)
         if args.threads:
             torch.set_num_threads(args.threads)
         summary = train_torch(config, compile_model=args.compile)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, run.WorkdirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except NonFinite as e:
+    except run.NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_NONFINITE
-    except InterruptedError as e:
-        signum = int(e.args[0])
-        print(f"stopped by {signal.Signals(signum).name}; checkpoint saved", file=sys.stderr)
-        return SIGNAL_EXIT_BASE + signum
+    except run.Interrupted as e:
+        print(str(e), file=sys.stderr)
+        return SIGNAL_EXIT_BASE + e.signum
     final = summary["final_val"] or {}
     print(
         f"done: {summary['steps']} steps in {summary['train_seconds']:.1f} s; final val accuracy "
@@ -316,4 +281,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -165,11 +165,6 @@ class TrainIterator:
         self._step = 0
         self._it: Iterator | None = None
 
-    @property
-    def epoch(self) -> int:
-        """The epoch of the next batch."""
-        return self._step // self.steps_per_epoch
-
     def __iter__(self) -> TrainIterator:
         return self
 

@@ -43,15 +43,6 @@ class Records:
             tuple(self.groups[i] for i in idx),
         )
 
-    @staticmethod
-    def concat(parts: list[Records]) -> Records:
-        """All records of `parts`, in order."""
-        return Records(
-            tuple(p for r in parts for p in r.paths),
-            np.concatenate([r.labels for r in parts]) if parts else np.zeros(0, np.int32),
-            tuple(g for r in parts for g in r.groups),
-        )
-
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class DataSplits:

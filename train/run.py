@@ -1,0 +1,328 @@
+"""What train.flax and train.torch both do around their steps: the workdir, the data, step accounting, stops.
+
+No jax or torch here: each trainer brings its own steps and checkpoints, and both write the same run files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from train.data import DataSplits, load_splits, make_eval_iter, make_train_iter
+from train.logging_utils import METRICS_FILE, Progress, RunLogger, atomic_write_text, ensure_writable_dir, epoch_of
+from train.options import DEMO_DATA, IMAGENET_MEAN, IMAGENET_STD, PIXEL_SCALE, TrainConfig, dumps
+
+CONFIG_FILE = "config.json"
+DATA_SUMMARY_FILE = "data_summary.json"
+SUMMARY_FILE = "summary.json"
+# How the trainers feed images to the network: uint8 RGB, resized to the square side, then (x / 255 - mean) / std.
+RESIZE_INTERPOLATION = "bilinear"
+
+
+class WorkdirError(ValueError):
+    """A workdir that exists without --resume/--overwrite, cannot be written, or has nothing to resume."""
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite steps in a row; a checkpoint was saved first."""
+
+
+class Interrupted(RuntimeError):
+    """SIGTERM/SIGINT: the current step finished and a checkpoint was saved."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved")
+        self.signum, self.step = signum, step
+
+
+def preprocessing(config: TrainConfig, class_names: list[str]) -> dict[str, Any]:
+    """What the weights expect as input, recorded beside them in every checkpoint."""
+    return {
+        "input": "uint8 RGB",
+        "scale": 1.0 / PIXEL_SCALE,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "image_size": config.image_size,
+        "interpolation": RESIZE_INTERPOLATION,
+        "class_names": list(class_names),
+        "leaky_slope": config.model_config.leaky_slope,
+    }
+
+
+class WorkdirLock:
+    """One writer per workdir: an advisory lock on <workdir>/.lock, held for the whole run (released on exit)."""
+
+    FILE = ".lock"
+
+    def __init__(self, workdir: Path) -> None:
+        self.path = workdir / self.FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise WorkdirError(
+                f"--workdir {self.path.parent} is in use by another run (pid {holder}); wait for it to finish, "
+                "or choose another folder"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the lock; the file stays (unlinking it would race a new writer)
+            self._fd = None
+
+
+def _contents(workdir: Path) -> list[Path]:
+    return [p for p in workdir.iterdir() if p.name != WorkdirLock.FILE] if workdir.is_dir() else []
+
+
+def check_workdir(config: TrainConfig, checkpoint_dir: str) -> None:
+    """Refuse (WorkdirError) a workdir this run may not use; changes nothing."""
+    workdir = Path(config.workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise WorkdirError(f"--workdir {workdir} exists and is not a folder")
+    used = bool(_contents(workdir))
+    if config.resume:
+        if not (workdir / checkpoint_dir).is_dir():
+            raise WorkdirError(f"--resume: {workdir} holds no checkpoints ({workdir / checkpoint_dir} is missing)")
+    elif used and not config.overwrite:
+        raise WorkdirError(
+            f"--workdir {workdir} already exists and is not empty; pass --resume to continue it, "
+            "--overwrite to replace it, or choose another folder"
+        )
+    elif used and not (workdir / CONFIG_FILE).is_file():
+        raise WorkdirError(
+            f"--overwrite: {workdir} is not a training run folder (it has no {CONFIG_FILE}); "
+            "refusing to delete it. Choose another --workdir"
+        )
+    for name in ("data", "val_path", "init_from", "cache_dir"):
+        value = getattr(config, name)
+        if used and config.overwrite and value and value != DEMO_DATA and _inside(Path(value), workdir):
+            flag = "--" + name.replace("_", "-")
+            raise WorkdirError(f"--overwrite would delete {flag} {value}, which is inside {workdir}; choose another")
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def prepare_workdir(
+    config: TrainConfig, checkpoint_dir: str, is_main: bool = True, sync: Callable[[str], None] | None = None
+) -> WorkdirLock | None:
+    """Check that the workdir may be used, take its lock (process 0), clear it for --overwrite, make it writable.
+
+    `sync(name)` is a barrier between processes (multi-host), called before and after process 0 changes anything.
+    Returns the held lock (None on other processes), to be released when the run ends.
+    """
+    sync = sync or (lambda name: None)
+    workdir = Path(config.workdir)
+    check_workdir(config, checkpoint_dir)
+    sync("workdir-checked")  # every process has looked before process 0 clears or creates it
+    lock = None
+    if is_main:
+        lock = WorkdirLock(workdir)
+        lock.acquire()
+        try:
+            check_workdir(config, checkpoint_dir)  # again under the lock: another run may have started meanwhile
+            if config.overwrite:
+                for p in _contents(workdir):
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            ensure_writable_dir(workdir / checkpoint_dir, probe_in=workdir)
+        except OSError as e:
+            lock.release()
+            raise WorkdirError(f"--workdir {workdir} is not writable: {e}") from e
+        except BaseException:
+            lock.release()
+            raise
+    sync("workdir-ready")
+    return lock
+
+
+def trim_metrics(workdir: Path, step: int) -> None:
+    """On --resume: drop metrics.jsonl records after `step` and a half-written last line (a kill -9 leaves both)."""
+    path = workdir / METRICS_FILE
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if record.get("step", 0) <= step:
+            kept.append(line)
+    atomic_write_text(path, "".join(k + "\n" for k in kept))
+
+
+def load_run_splits(config: TrainConfig) -> DataSplits:
+    """The run's train/val splits; a demo is generated at twice the run's (resolved) image size."""
+    return load_splits(
+        config.data,
+        val_fraction=config.val_fraction,
+        seed=config.seed,
+        val_path=config.val_path,
+        demo_image_size=config.image_size,
+    )
+
+
+def make_run_iterators(
+    config: TrainConfig, splits: DataSplits, *, batch_size: int, process_index: int = 0, process_count: int = 1
+) -> tuple[Any, Any]:
+    """(infinite train iterator, one-pass eval iterable) of `batch_size` rows per process."""
+    common = {
+        "batch_size": batch_size,
+        "image_size": config.image_size,
+        "num_workers": config.num_workers,
+        "process_index": process_index,
+        "process_count": process_count,
+        "cache_dir": config.cache_dir,
+    }
+    train_iter = make_train_iter(splits.train, seed=config.seed, augment=config.augment, **common)
+    return train_iter, make_eval_iter(splits.val, **common)
+
+
+def write_run_files(workdir: Path, config: TrainConfig, splits: DataSplits) -> None:
+    """config.json (the resolved config) and data_summary.json (what was found in --data)."""
+    atomic_write_text(workdir / CONFIG_FILE, dumps(config) + "\n")
+    atomic_write_text(workdir / DATA_SUMMARY_FILE, json.dumps(splits.summary(), indent=2) + "\n")
+
+
+class SignalFlag:
+    """Remembers SIGTERM/SIGINT so the loop can finish the step, save and stop."""
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
+        self.signals = signals
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> SignalFlag:
+        for s in self.signals:
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+@dataclasses.dataclass
+class LoopState:
+    """Host-side counters saved in every checkpoint's meta."""
+
+    step: int = 0
+    nonfinite_total: int = 0
+    nonfinite_run: int = 0
+    best_f1: float = -1.0
+    best_step: int | None = None
+
+
+class StepTracker:
+    """Per-step host bookkeeping of both trainers: non-finite counts, epoch loss/accuracy, progress, evaluations."""
+
+    def __init__(
+        self,
+        loop: LoopState,
+        config: TrainConfig,
+        steps_per_epoch: int,
+        total_steps: int,
+        logger: RunLogger,
+        verbose: bool = True,
+    ) -> None:
+        self.loop, self.config, self.steps_per_epoch, self.logger = loop, config, steps_per_epoch, logger
+        self.progress = Progress(total_steps, config.log_every, steps_per_epoch=steps_per_epoch, enabled=verbose)
+        self.loss_sum, self.correct, self.seen = 0.0, 0, 0
+        self.lr = float("nan")
+        self._t, self._n = time.perf_counter(), 0  # the img/s window of the progress line
+        self._started = False
+
+    def record(self, step: int, m: dict[str, Any]) -> bool:
+        """Account for step `step`'s metrics (a host sync); True when the non-finite limit is reached."""
+        loop, batch = self.loop, self.config.batch_size
+        loss = float(m["loss"])
+        self.lr = float(m["lr"])
+        if bool(m["finite"]):
+            loop.nonfinite_run = 0
+            self.loss_sum += loss * batch
+            self.correct += int(m["correct"])
+            self.seen += batch
+        else:
+            loop.nonfinite_total += 1
+            loop.nonfinite_run += 1
+            self.progress.message(
+                f"step {step}: non-finite loss or gradient, step skipped "
+                f"({loop.nonfinite_run} in a row, {loop.nonfinite_total} in total)"
+            )
+            self.logger.log(
+                {"kind": "nonfinite", "step": step, "in_a_row": loop.nonfinite_run, "total": loop.nonfinite_total}
+            )
+        self._n += batch
+        now = time.perf_counter()
+        self.progress.update(step, loss, self._n / max(now - self._t, 1e-9))
+        if step % self.config.log_every == 0 or not self._started:  # the first window holds the compilation
+            self._t, self._n, self._started = now, 0, True
+        return loop.nonfinite_run >= self.config.max_nonfinite
+
+    def nonfinite_error(self, workdir: Path) -> NonFiniteError:
+        """The error that stops a run after too many non-finite steps (raised once the checkpoint is saved)."""
+        return NonFiniteError(
+            f"{self.loop.nonfinite_run} non-finite steps in a row (limit --max-nonfinite {self.config.max_nonfinite})"
+            f" at step {self.loop.step}; checkpoint saved in {workdir}. Lower --lr, add --grad-clip, or check the data"
+        )
+
+    def end_epoch(self, val: dict[str, Any], class_names: list[str]) -> bool:
+        """Log the epoch's training figures (finite steps only) and its evaluation; True when it is the best."""
+        loop, epoch = self.loop, epoch_of(self.loop.step, self.steps_per_epoch)
+        if self.seen:
+            train = {"loss": self.loss_sum / self.seen, "accuracy": self.correct / self.seen, "lr": self.lr}
+            self.logger.log({"kind": "train_epoch", "step": loop.step, "epoch": epoch, **train})
+        self.loss_sum, self.correct, self.seen = 0.0, 0, 0
+        # Ties go to the later step, as orbax's best-checkpoint ranking does.
+        is_best = val["macro_f1"] >= loop.best_f1
+        if is_best:
+            loop.best_f1, loop.best_step = val["macro_f1"], loop.step
+        self.logger.log({"kind": "val", "step": loop.step, "epoch": epoch, **val})
+        self.logger.plot(class_names)
+        self.progress.message(
+            f"epoch {epoch} step {loop.step}: val loss {val['loss']:.4f} acc {val['accuracy']:.4f} "
+            f"macro F1 {val['macro_f1']:.4f}" + (" (best)" if is_best else "")
+        )
+        return is_best
+
+
+def finish(workdir: Path, loop: LoopState, train_seconds: float, last_val: dict | None, **extra: Any) -> dict:
+    """The run's summary (written to summary.json by the caller's main process)."""
+    return {
+        "steps": loop.step,
+        "train_seconds": train_seconds,
+        "best_macro_f1": loop.best_f1,
+        "best_step": loop.best_step,
+        "nonfinite_steps": loop.nonfinite_total,
+        "final_val": None if last_val is None else {k: last_val[k] for k in ("loss", "accuracy", "macro_f1")},
+        "workdir": str(workdir),
+        **extra,
+    }
+
+
+def write_summary(workdir: Path, summary: dict) -> None:
+    """summary.json."""
+    atomic_write_text(workdir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
