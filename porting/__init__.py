@@ -5,7 +5,7 @@ is what the `port-weights` command runs.
 """
 
 from porting.api import Loaded, PortResult, fresh_head, load_canonical, load_flax_variables
-from porting.convert import DIRECTIONS, ConvertResult, check_conversion, compare_models, convert
+from porting.convert import DIRECTIONS, check_conversion, compare_models, convert, direction_of
 from porting.darknet import (
     DEFAULT_HEADER,
     DarknetHeader,
@@ -33,7 +33,6 @@ from porting.torch_flax import (
 __all__ = [
     "DEFAULT_HEADER",
     "DIRECTIONS",
-    "ConvertResult",
     "DarknetHeader",
     "DarknetWeights",
     "Loaded",
@@ -49,6 +48,7 @@ __all__ = [
     "darknet_bytes",
     "darknet_float_count",
     "detect_source",
+    "direction_of",
     "flax_to_torch_state_dict",
     "format_of",
     "fresh_head",

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from porting.convert import DIRECTIONS, SIDE_HELP, check_conversion, convert
+from porting.convert import DIRECTIONS, check_conversion, convert
 from porting.errors import PortingError
+from porting.files import SIDE_HELP
 from porting.torch_flax import SOURCES
 
 EXIT_ERROR = 2
@@ -56,14 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `port-weights` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
-    if args.num_classes is not None and args.num_classes < 1:
-        print(f"port-weights: error: --num-classes must be >= 1, got {args.num_classes}", file=sys.stderr)
-        return EXIT_ERROR
     try:
         result = convert(
-            args.direction,
             args.src,
             args.dst,
+            direction=args.direction,
             num_classes=args.num_classes,
             leaky_slope=args.leaky_slope,
             source=args.source,
@@ -73,15 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         head = "none" if result.num_classes is None else f"{result.num_classes} classes"
         print(
-            f"wrote {result.dst} ({args.direction}, from {result.source_format}, head: {head}, "
+            f"wrote {args.dst} ({args.direction}, from {result.source_format}, head: {head}, "
             f"leaky_slope: {result.leaky_slope})"
         )
         for note in result.notes:
             print(f"note: {note}")
         if args.check:
-            diffs = check_conversion(
-                args.direction, args.src, args.dst, leaky_slope=result.leaky_slope, source=args.source
-            )
+            diffs = check_conversion(args.src, args.dst, leaky_slope=result.leaky_slope, source=args.source)
             for name, (diff, scale) in diffs.items():
                 print(f"check {name}: max |torch - flax| = {diff:.3e} (max |torch| = {scale:.3e})")
     except (PortingError, OSError) as exc:

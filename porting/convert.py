@@ -9,55 +9,39 @@ from collections.abc import Callable
 
 import numpy as np
 
-from darknet_arch import DARKNET53, DarknetConfig
-from porting import files
-from porting.api import adapt_head, load_canonical, resolve_slope
+from darknet_arch import DARKNET53, DARKNET_LEAKY_SLOPE, DarknetConfig
+from porting import files, keymap
+from porting.api import Loaded, load_canonical
 from porting.darknet import write_darknet_weights
 from porting.errors import PortingError
 from porting.state import CanonicalStateDict
 from porting.torch_flax import canonical_to_flax, canonical_to_torch
 
-# Which container formats each side reads and writes.
-SIDE_FORMATS = {"torch": ("torch", "safetensors"), "flax": ("msgpack", "orbax"), "darknet": ("darknet",)}
 DIRECTIONS: dict[str, tuple[str, str]] = {
-    "torch2flax": ("torch", "flax"),
-    "flax2torch": ("flax", "torch"),
-    "darknet2flax": ("darknet", "flax"),
-    "darknet2torch": ("darknet", "torch"),
-    "flax2darknet": ("flax", "darknet"),
-    "torch2darknet": ("torch", "darknet"),
-}
-SIDE_HELP = {
-    "torch": ".pt, .pth or .safetensors",
-    "flax": ".msgpack or an orbax directory",
-    "darknet": ".weights or .conv.NN",
-}
+    f"{a}2{b}": (a, b) for a in files.SIDE_HELP for b in files.SIDE_HELP if a != b
+}  # torch2flax: SRC side, DST side
 CHECK_BATCH = 2
 
 
-@dataclasses.dataclass(frozen=True)
-class ConvertResult:
-    """What a conversion wrote and what the user must know."""
-
-    dst: str
-    num_classes: int | None
-    leaky_slope: float | None
-    source_format: str
-    notes: tuple[str, ...]
-
-
-def _side_of(path: str, side: str, role: str, direction: str) -> str:
-    fmt = files.format_of(path)
-    if fmt not in SIDE_FORMATS[side]:
-        raise PortingError(f"{direction}: {role} {path!r} is a {fmt} path; expected {SIDE_HELP[side]}")
-    return fmt
+def direction_of(src: str | os.PathLike, dst: str | os.PathLike, expected: str | None = None) -> str:
+    """The direction ('torch2flax') the paths' suffixes give; PortingError if it is none or not `expected`."""
+    if expected is None:
+        sides = [files.FORMAT_SIDES[files.format_of(p)] for p in (src, dst)]
+        if sides[0] == sides[1]:
+            raise PortingError(f"SRC and DST are both {sides[0]} files; port-weights converts between frameworks")
+        return "2".join(sides)
+    if expected not in DIRECTIONS:
+        raise PortingError(f"unknown direction {expected!r}; expected one of {', '.join(DIRECTIONS)}")
+    for role, path, side in zip(("SRC", "DST"), (src, dst), DIRECTIONS[expected], strict=True):
+        files.check_side(path, side, f"{expected}: {role}")
+    return expected
 
 
 def convert(
-    direction: str,
     src: str | os.PathLike,
     dst: str | os.PathLike,
     *,
+    direction: str | None = None,
     num_classes: int | None = None,
     leaky_slope: float | None = None,
     source: str = "auto",
@@ -65,38 +49,29 @@ def convert(
     force: bool = False,
     reset_head: bool = False,
     config: DarknetConfig = DARKNET53,
-) -> ConvertResult:
-    """Convert SRC to DST in `direction` (e.g. 'torch2flax'); DST is written atomically, never half."""
-    if direction not in DIRECTIONS:
-        raise PortingError(f"unknown direction {direction!r}; expected one of {', '.join(DIRECTIONS)}")
+) -> Loaded:
+    """Convert SRC to DST, the formats taken from their suffixes (and checked against `direction` if given).
+
+    DST is written atomically, never half. A head-less SRC with num_classes gets a fresh head; a head of another
+    width is an error unless reset_head. Returns what was written.
+    """
     src, dst = os.fspath(src), os.fspath(dst)
-    src_side, dst_side = DIRECTIONS[direction]
-    _side_of(src, src_side, "SRC", direction)
-    _side_of(dst, dst_side, "DST", direction)
+    dst_side = DIRECTIONS[direction_of(src, dst, direction)][1]
     files.check_destination(dst, force)
     if os.path.abspath(src) == os.path.abspath(dst):
         raise PortingError(f"SRC and DST are the same path {src!r}")
-    loaded = load_canonical(src, config=config, source=source)
-    state, classes, notes = adapt_head(
-        loaded,
-        num_classes,
-        config=config,
-        seed=seed,
-        reset_mismatched_head=reset_head,
-        framework="torch" if dst_side == "torch" else "flax",
-        label=os.path.basename(os.path.normpath(src)),
-    )
-    notes = list(loaded.notes) + notes
-    slope = resolve_slope(loaded.leaky_slope, leaky_slope, notes)
-    meta = {"num_classes": classes, "leaky_slope": slope, "source_format": loaded.source_format}
+    loaded = load_canonical(src, config=config, source=source, num_classes=num_classes, leaky_slope=leaky_slope,
+                            seed=seed, reset_mismatched_head=reset_head)  # fmt: skip
+    meta = {"num_classes": loaded.num_classes, "leaky_slope": loaded.leaky_slope, "source_format": loaded.source_format}
     if dst_side == "torch":
-        files.write_torch_file(dst, canonical_to_torch(state, config), meta, force)
+        files.write_torch_file(dst, canonical_to_torch(loaded.state, config), meta, force)
     elif dst_side == "flax":
-        files.write_flax_file(dst, canonical_to_flax(state, config), meta, force)
+        files.write_flax_file(dst, canonical_to_flax(loaded.state, config), meta, force)
     else:
-        write_darknet_weights(dst, state, config=config, force=force)
-        notes.append("Darknet files record no metadata: the head width follows from the size, the slope is 0.1")
-    return ConvertResult(dst, classes, slope, loaded.source_format, tuple(notes))
+        write_darknet_weights(dst, loaded.state, config=config, force=force)
+        note = f"Darknet files record no metadata: the head follows from the size, the slope is {DARKNET_LEAKY_SLOPE}"
+        loaded = dataclasses.replace(loaded, notes=(*loaded.notes, note))
+    return loaded
 
 
 @functools.lru_cache(maxsize=4)
@@ -127,9 +102,7 @@ def compare_models(
 
     import torch_ref
 
-    num_classes = None
-    if f"{config.head_name()}.weight" in torch_state:
-        num_classes = int(torch_state[f"{config.head_name()}.weight"].shape[0])
+    num_classes = keymap.head_width(torch_state, config)
     size = image_size or 2 * config.total_stride
     x = np.random.default_rng(seed).standard_normal((CHECK_BATCH, config.in_channels, size, size), np.float32)
     tmodel = torch_ref.Darknet53(num_classes, leaky_slope, config).eval()
@@ -145,7 +118,6 @@ def compare_models(
 
 
 def check_conversion(
-    direction: str,
     src: str | os.PathLike,
     dst: str | os.PathLike,
     *,
@@ -155,14 +127,14 @@ def check_conversion(
     seed: int = 0,
 ) -> dict[str, tuple[float, float]]:
     """After a conversion: torch_ref runs the torch-side file, Flax the Flax-side one (Darknet: whichever is left)."""
-    src_side, dst_side = DIRECTIONS[direction]
+    src_side, dst_side = DIRECTIONS[direction_of(src, dst)]
     src_state = load_canonical(src, config=config, source=source).state
     dst_state = load_canonical(dst, config=config).state
     torch_from_src = src_side == "torch" or dst_side == "flax"
     torch_state, flax_state = (src_state, dst_state) if torch_from_src else (dst_state, src_state)
-    head = config.head_name()
-    if (f"{head}.weight" in torch_state) != (f"{head}.weight" in flax_state):
+    if (keymap.head_width(torch_state, config) is None) != (keymap.head_width(flax_state, config) is None):
         # A head added during the conversion exists on one side only: compare the backbones.
-        torch_state = {k: v for k, v in torch_state.items() if not k.startswith(f"{head}.")}
-        flax_state = {k: v for k, v in flax_state.items() if not k.startswith(f"{head}.")}
+        backbone = keymap.expected_torch_shapes(config, None)
+        torch_state = {k: v for k, v in torch_state.items() if k in backbone}
+        flax_state = {k: v for k, v in flax_state.items() if k in backbone}
     return compare_models(torch_state, flax_state, config=config, leaky_slope=leaky_slope, seed=seed)

@@ -1,6 +1,6 @@
 """Darknet `.weights` files (the classifier `darknet53.weights` and the backbone-only `darknet53.conv.74`).
 
-Layout (shared/reference.md section 4): int32 major, minor, revision; `seen` as 8 bytes when
+Layout (docs/darknet-weights.md): int32 major, minor, revision; `seen` as 8 bytes when
 major*10 + minor >= 2 (and both < 1000), else 4; then little-endian float32, unit by unit in cfg order. A
 batch-normalized conv stores biases (BN beta), scales (gamma), rolling mean, rolling variance, then the OIHW
 weights; the classifier head (a 1x1 conv without BN) stores biases then weights (out, in, 1, 1).
@@ -14,6 +14,7 @@ and a header cannot make us allocate anything.
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import struct
 from typing import BinaryIO
@@ -21,10 +22,9 @@ from typing import BinaryIO
 import numpy as np
 
 from darknet_arch import DARKNET53, DarknetConfig
-from porting import keymap
+from porting import files, keymap
 from porting.errors import PortingError
-from porting.state import CanonicalStateDict, check_keys_and_shapes, check_running_var, convert_all, shape_of
-from porting.torch_flax import INFER, Infer
+from porting.state import CanonicalStateDict, check_and_convert, check_num_classes, check_running_var
 
 INT32 = struct.Struct("<i")
 SEEN_LONG = struct.Struct("<Q")  # size_t on the 64-bit machines Darknet runs on
@@ -58,18 +58,23 @@ class DarknetHeader:
     seen: int = 0
 
     @property
-    def size(self) -> int:
-        """16 or 20 bytes, decided as Darknet's loader decides it."""
+    def seen_struct(self) -> struct.Struct:
+        """`seen` as 8 bytes (size_t) or 4, decided as Darknet's loader decides it."""
         long_seen = (
             self.major * 10 + self.minor >= LONG_SEEN_MIN_VERSION
             and self.major < VERSION_FLAG
             and self.minor < VERSION_FLAG
         )
-        return LONG_HEADER_BYTES if long_seen else SHORT_HEADER_BYTES
+        return SEEN_LONG if long_seen else SEEN_SHORT
+
+    @property
+    def size(self) -> int:
+        """16 or 20 bytes."""
+        return HEADER_INTS * INT32.size + self.seen_struct.size
 
     def to_bytes(self) -> bytes:
         ints = b"".join(INT32.pack(v) for v in (self.major, self.minor, self.revision))
-        return ints + (SEEN_LONG if self.size == LONG_HEADER_BYTES else SEEN_SHORT).pack(self.seen)
+        return ints + self.seen_struct.pack(self.seen)
 
 
 # What our exports write: version 0.2.0, seen 0, an 8-byte seen (20-byte header).
@@ -94,12 +99,10 @@ def parse_header(data: bytes) -> DarknetHeader:
         raise PortingError(
             f"not a Darknet .weights file: header version {major}.{minor}.{revision} has a negative number"
         )
-    size = DarknetHeader(major, minor, revision).size
-    if len(data) < size:
-        raise PortingError(f"not a Darknet .weights file: {len(data)} bytes, shorter than its {size}-byte header")
-    seen_struct = SEEN_LONG if size == LONG_HEADER_BYTES else SEEN_SHORT
-    seen = seen_struct.unpack_from(data, HEADER_INTS * INT32.size)[0]
-    return DarknetHeader(major, minor, revision, seen)
+    header = DarknetHeader(major, minor, revision)
+    if len(data) < header.size:
+        raise PortingError(f"not a Darknet .weights file: {len(data)} bytes, less than its {header.size}-byte header")
+    return dataclasses.replace(header, seen=header.seen_struct.unpack_from(data, HEADER_INTS * INT32.size)[0])
 
 
 def _unit_orders(config: DarknetConfig, num_classes: int | None) -> list[tuple[str, tuple[int, ...]]]:
@@ -118,27 +121,24 @@ def darknet_float_count(config: DarknetConfig = DARKNET53, num_classes: int | No
 
 
 def _resolve_head(
-    payload_bytes: int, header: DarknetHeader, config: DarknetConfig, num_classes: int | Infer | None
+    payload_bytes: int, header: DarknetHeader, config: DarknetConfig, num_classes: int | None
 ) -> int | None:
-    """The head width the file's exact size implies, or PortingError with expected and actual sizes."""
+    """The head width (None: backbone only) the file's exact size implies, or PortingError with both sizes."""
     total = header.size + payload_bytes
-    backbone = darknet_float_count(config, None)
-    per_class = config.width + 1  # a 1x1 conv's weights plus its bias
-    if num_classes != INFER:
+    if num_classes is not None:
         expected = header.size + FLOAT32.itemsize * darknet_float_count(config, num_classes)
         if total != expected:
-            head = "no head (backbone only)" if num_classes is None else f"a {num_classes}-class head"
             raise PortingError(
                 f"Darknet .weights size mismatch: expected {expected} bytes ({header.size}-byte header + 4 x "
-                f"{darknet_float_count(config, num_classes)} floats for this network with {head}), got {total}"
+                f"{darknet_float_count(config, num_classes)} floats for this network with a {num_classes}-class "
+                f"head), got {total}"
             )
         return num_classes
-    if payload_bytes % FLOAT32.itemsize == 0:
-        extra = payload_bytes // FLOAT32.itemsize - backbone
-        if extra == 0:
-            return None
-        if extra > 0 and extra % per_class == 0:
-            return extra // per_class
+    backbone = darknet_float_count(config, None)
+    per_class = darknet_float_count(config, 1) - backbone  # a 1x1 conv's weights plus its bias
+    classes, rest = divmod(payload_bytes - FLOAT32.itemsize * backbone, FLOAT32.itemsize * per_class)
+    if classes >= 0 and rest == 0:
+        return classes or None
     example = header.size + FLOAT32.itemsize * (backbone + 1000 * per_class)
     raise PortingError(
         f"Darknet .weights size mismatch: expected {header.size + FLOAT32.itemsize * backbone} bytes (backbone only, "
@@ -147,69 +147,46 @@ def _resolve_head(
     )
 
 
-def _split(floats: np.ndarray, config: DarknetConfig, num_classes: int | None) -> CanonicalStateDict:
-    state, offset = {}, 0
-    for key, shape in _unit_orders(config, num_classes):
+def _read(f: BinaryIO, size: int, config: DarknetConfig, num_classes: int | None) -> DarknetWeights:
+    header = parse_header(f.read(min(size, LONG_HEADER_BYTES)))
+    classes = _resolve_head(size - header.size, header, config, check_num_classes(num_classes))
+    # Only now, with the size proven to be exactly what the network needs, read the floats.
+    f.seek(header.size)
+    want = size - header.size
+    data = f.read(want)
+    if len(data) != want:
+        raise PortingError(f"Darknet .weights file changed while reading: wanted {want} bytes, got {len(data)}")
+    floats, offset, state = np.frombuffer(data, FLOAT32), 0, {}
+    for key, shape in _unit_orders(config, classes):
         n = int(np.prod(shape))
         state[key] = floats[offset : offset + n].reshape(shape)
         offset += n
-    # Torch key order (weight before BN), whatever order the file had.
-    order = keymap.expected_torch_shapes(config, num_classes)
-    canonical = {k: np.ascontiguousarray(state[k], dtype=np.float32) for k in order}
-    for key, arr in canonical.items():
-        if not np.all(np.isfinite(arr)):
-            raise PortingError(f"{key}: contains NaN or Inf values in the Darknet file")
+    canonical = check_and_convert(state, keymap.expected_torch_shapes(config, classes), what="reading Darknet weights")
     check_running_var(canonical)
-    return canonical
-
-
-def _read_exact(f: BinaryIO, n: int) -> bytes:
-    data = f.read(n)
-    if len(data) != n:
-        raise PortingError(f"Darknet .weights file changed while reading: wanted {n} bytes, got {len(data)}")
-    return data
+    return DarknetWeights(header, canonical, classes)
 
 
 def read_darknet_weights(
-    source: str | os.PathLike | bytes,
-    *,
-    config: DarknetConfig = DARKNET53,
-    num_classes: int | Infer | None = INFER,
+    source: str | os.PathLike | bytes, *, config: DarknetConfig = DARKNET53, num_classes: int | None = None
 ) -> DarknetWeights:
-    """Read a .weights file (path or bytes); 'infer' picks the head from the exact size (none: backbone only)."""
+    """Read a .weights file (path or bytes); num_classes None takes the head from the exact size (none: backbone)."""
     if isinstance(source, bytes | bytearray | memoryview):
-        data = bytes(source)
-        header = parse_header(data[:LONG_HEADER_BYTES])
-        classes = _resolve_head(len(data) - header.size, header, config, num_classes)
-        floats = np.frombuffer(data, FLOAT32, offset=header.size).astype(np.float32)
-        return DarknetWeights(header, _split(floats, config, classes), classes)
+        return _read(io.BytesIO(source), len(source), config, num_classes)
+    where = files.require_file(source)
     try:
-        with open(source, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            header = parse_header(f.read(min(size, LONG_HEADER_BYTES)))
-            classes = _resolve_head(size - header.size, header, config, num_classes)
-            f.seek(header.size)
-            # Only now, with the size proven to be exactly what the network needs, read the floats.
-            count = (size - header.size) // FLOAT32.itemsize
-            floats = np.frombuffer(_read_exact(f, count * FLOAT32.itemsize), FLOAT32).astype(np.float32)
+        with open(where, "rb") as f:
+            return _read(f, os.fstat(f.fileno()).st_size, config, num_classes)
     except OSError as exc:
-        raise PortingError(f"cannot read Darknet weights {os.fspath(source)!r}: {exc}") from exc
-    return DarknetWeights(header, _split(floats, config, classes), classes)
+        raise PortingError(f"cannot read Darknet weights {where!r}: {exc}") from exc
 
 
 def darknet_bytes(
     state: CanonicalStateDict, *, config: DarknetConfig = DARKNET53, header: DarknetHeader = DEFAULT_HEADER
 ) -> bytes:
     """Serialise a canonical state dict (checked strictly) as a Darknet .weights file."""
-    weight = state.get(f"{config.head_name()}.weight")
-    shape = shape_of(weight)
-    classes = shape[0] if shape is not None and len(shape) == 2 else None
-    expected = keymap.expected_torch_shapes(config, classes)
-    check_keys_and_shapes(state, expected, what="writing Darknet weights")
-    arrays = convert_all(state, expected)
-    parts = [header.to_bytes()]
-    parts.extend(arrays[key].astype(FLOAT32).tobytes() for key, _ in _unit_orders(config, classes))
-    return b"".join(parts)
+    classes = keymap.head_width(state, config)
+    arrays = check_and_convert(state, keymap.expected_torch_shapes(config, classes), what="writing Darknet weights")
+    return header.to_bytes() + b"".join(arrays[k].astype(FLOAT32).tobytes() for k, _ in _unit_orders(config, classes))
 
 
 def write_darknet_weights(
@@ -221,12 +198,4 @@ def write_darknet_weights(
     force: bool = False,
 ) -> None:
     """Write a canonical state dict as a .weights file (20-byte header by default), atomically."""
-    from porting.files import atomic_write
-
-    payload = darknet_bytes(state, config=config, header=header)
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            f.write(payload)
-
-    atomic_write(dst, write, force)
+    files.write_bytes(dst, darknet_bytes(state, config=config, header=header), force)

@@ -15,11 +15,12 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from porting.errors import PortingError
+from porting.state import check_num_classes
 
 TORCH_SUFFIXES = (".pt", ".pth")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -32,6 +33,13 @@ ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt")
 META_KEY = "meta"
 META_FIELDS = ("num_classes", "leaky_slope", "source_format")
 TMP_TAG = ".porting-tmp-"
+# The side (framework) each format belongs to; a direction such as torch2flax names two sides.
+FORMAT_SIDES = {"torch": "torch", "safetensors": "torch", "msgpack": "flax", "orbax": "flax", "darknet": "darknet"}
+SIDE_HELP = {
+    "torch": ".pt, .pth or .safetensors",
+    "flax": ".msgpack or an orbax directory",
+    "darknet": ".weights or .conv.NN",
+}
 
 Meta = dict[str, Any]
 
@@ -50,10 +58,16 @@ def format_of(path: str | os.PathLike) -> str:
         return "darknet"
     if p.is_dir() or not p.suffix:
         return "orbax"
-    raise PortingError(
-        f"cannot tell the format of {os.fspath(path)!r}: expected .pt/.pth/.safetensors (PyTorch), .msgpack or an "
-        f"orbax directory (Flax), or .weights/.conv.NN (Darknet)"
-    )
+    expected = "; ".join(f"{names} ({side})" for side, names in SIDE_HELP.items())
+    raise PortingError(f"cannot tell the format of {os.fspath(path)!r}: expected {expected}")
+
+
+def check_side(path: str | os.PathLike, side: str, what: str) -> str:
+    """format_of(path) if that format belongs to `side` ('torch', 'flax', 'darknet'), else PortingError."""
+    fmt = format_of(path)
+    if FORMAT_SIDES[fmt] != side:
+        raise PortingError(f"{what} {os.fspath(path)!r} is a {fmt} path; expected {SIDE_HELP[side]}")
+    return fmt
 
 
 def clean_meta(raw: Any, where: str) -> Meta:
@@ -65,9 +79,7 @@ def clean_meta(raw: Any, where: str) -> Meta:
     meta: Meta = {}
     classes, slope, source = raw.get("num_classes"), raw.get("leaky_slope"), raw.get("source_format")
     if classes is not None:
-        if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1:
-            raise PortingError(f"{where}: metadata num_classes must be a positive int, got {classes!r}")
-        meta["num_classes"] = classes
+        meta["num_classes"] = check_num_classes(classes, f"{where}: metadata num_classes")
     if slope is not None:
         if isinstance(slope, bool) or not isinstance(slope, int | float):
             raise PortingError(f"{where}: metadata leaky_slope must be a number, got {slope!r}")
@@ -75,6 +87,22 @@ def clean_meta(raw: Any, where: str) -> Meta:
     if source is not None:
         meta["source_format"] = str(source)
     return meta
+
+
+def _read_json_meta(path: str | os.PathLike) -> Meta:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return clean_meta(json.load(f), os.fspath(path))
+    except ValueError as exc:  # json.JSONDecodeError and UnicodeDecodeError
+        raise PortingError(f"{os.fspath(path)}: not valid JSON metadata: {exc}") from exc
+
+
+def require_file(path: str | os.PathLike) -> str:
+    """The path as a string if it names an existing file, else PortingError."""
+    where = os.fspath(path)
+    if not os.path.isfile(where):
+        raise PortingError(f"{where!r} does not exist or is not a file")
+    return where
 
 
 def _meta_to_strings(meta: Meta) -> dict[str, str]:
@@ -90,6 +118,18 @@ def _strings_to_meta(raw: Mapping[str, str] | None, where: str) -> Meta:
             except (TypeError, ValueError) as exc:
                 raise PortingError(f"{where}: metadata {k}={raw[k]!r} is not JSON") from exc
     return clean_meta(parsed, where)
+
+
+@contextlib.contextmanager
+def _reading(where: str, refusal: str) -> Iterator[None]:
+    """Turn whatever a third-party reader raises on a corrupt or foreign file into one PortingError."""
+    try:
+        yield
+    except PortingError:
+        raise
+    except Exception as exc:  # torch, safetensors, msgpack and orbax each raise several unrelated types
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise PortingError(f"{where}: {refusal}: {type(exc).__name__}: {first}") from exc
 
 
 # ---------------------------------------------------------------------------------------------- atomic writes
@@ -142,9 +182,18 @@ def atomic_write(dst: str | os.PathLike, write: Callable[[str], None], force: bo
         raise
 
 
-def _write_json(path: str, payload: Mapping[str, Any]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=1, sort_keys=True)
+def _write_file(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def write_bytes(dst: str | os.PathLike, data: bytes, force: bool = False) -> None:
+    """Write `data` to DST atomically."""
+    atomic_write(dst, lambda tmp: _write_file(tmp, data), force)
+
+
+def _json_bytes(payload: Mapping[str, Any]) -> bytes:
+    return json.dumps(payload, indent=1, sort_keys=True).encode("utf-8")
 
 
 # ------------------------------------------------------------------------------------------------ PyTorch
@@ -163,36 +212,20 @@ def read_torch_file(path: str | os.PathLike) -> tuple[Mapping[str, Any], Meta]:
     """A state_dict from .pt/.pth (weights_only=True, never anything else) or .safetensors, and its metadata."""
     import torch
 
-    where = os.fspath(path)
-    if not os.path.isfile(where):
-        raise PortingError(f"{where!r} does not exist or is not a file")
+    where = require_file(path)
     if format_of(where) == "safetensors":
         from safetensors import safe_open
-        from safetensors.torch import load_file
 
-        try:
-            with safe_open(where, framework="pt") as f:
-                raw_meta = f.metadata()
-            state = load_file(where, device="cpu")
-        except Exception as exc:  # safetensors raises its own and OS errors for corrupt headers
-            raise PortingError(f"{where}: not a readable safetensors file: {type(exc).__name__}: {exc}") from exc
-        return state, _strings_to_meta(raw_meta, where)
-    try:
+        with _reading(where, "not a readable safetensors file"), safe_open(where, framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+            return state, _strings_to_meta(f.metadata(), where)
+    # The weights-only unpickler refuses any global it does not allow: no code from the file runs.
+    with _reading(where, "refused by torch.load(weights_only=True) (a pickle payload or not a torch file)"):
         obj = torch.load(where, map_location="cpu", weights_only=True)
-    except Exception as exc:  # the weights-only unpickler refuses any global it does not allow
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise PortingError(
-            f"{where}: refused by torch.load(weights_only=True) (a pickle payload or not a torch file): "
-            f"{type(exc).__name__}: {first}"
-        ) from exc
     state, meta = _unwrap_checkpoint(obj, where)
     sidecar = where + PT_SIDECAR_SUFFIX
     if not meta and os.path.isfile(sidecar):
-        try:
-            with open(sidecar, encoding="utf-8") as f:
-                meta = clean_meta(json.load(f), sidecar)
-        except ValueError as exc:
-            raise PortingError(f"{sidecar}: not valid JSON metadata: {exc}") from exc
+        meta = _read_json_meta(sidecar)
     return state, meta
 
 
@@ -201,33 +234,34 @@ def write_torch_file(dst: str | os.PathLike, state_dict: Mapping[str, Any], meta
     import torch
 
     dst = os.fspath(dst)
-    fmt = format_of(dst)
-    if fmt == "safetensors":
+    if check_side(dst, "torch", "PyTorch output") == "safetensors":
         from safetensors.torch import save_file
 
         tensors = {k: v.contiguous() for k, v in state_dict.items()}
         atomic_write(dst, lambda tmp: save_file(tensors, tmp, metadata=_meta_to_strings(meta)), force)
         return
-    if fmt != "torch":
-        raise PortingError(f"{dst!r}: a PyTorch output must end in .pt, .pth or .safetensors")
     check_destination(dst + PT_SIDECAR_SUFFIX, force)
     atomic_write(dst, lambda tmp: torch.save(dict(state_dict), tmp), force)
-    atomic_write(dst + PT_SIDECAR_SUFFIX, lambda tmp: _write_json(tmp, clean_meta(meta, dst)), True)
+    write_bytes(dst + PT_SIDECAR_SUFFIX, _json_bytes(clean_meta(meta, dst)), True)
 
 
 # --------------------------------------------------------------------------------------------------- Flax
 
 
+def _is_checkpoint(path: Path) -> bool:
+    return any((path / m).exists() for m in ORBAX_MARKERS)
+
+
 def _orbax_item_dir(path: Path) -> tuple[Path, list[str]]:
     """The directory that holds the pytree: PATH itself, or the newest step (and single item) of a manager dir."""
     notes = []
-    if not any((path / m).exists() for m in ORBAX_MARKERS):
+    if not _is_checkpoint(path):
         steps = sorted((p for p in path.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
         if steps:
             path = steps[-1]
             notes.append(f"orbax: read the newest step {path.name} of a checkpoint manager directory")
-        if not any((path / m).exists() for m in ORBAX_MARKERS):
-            items = [p for p in path.iterdir() if p.is_dir() and any((p / m).exists() for m in ORBAX_MARKERS)]
+        if not _is_checkpoint(path):
+            items = [p for p in path.iterdir() if p.is_dir() and _is_checkpoint(p)]
             if len(items) == 1:
                 path = items[0]
                 notes.append(f"orbax: read item {path.name!r}")
@@ -254,14 +288,8 @@ def read_flax_file(path: str | os.PathLike) -> tuple[dict[str, Any], Meta, list[
     if format_of(where) == "msgpack":
         from flax import serialization
 
-        if not os.path.isfile(where):
-            raise PortingError(f"{where!r} does not exist or is not a file")
-        with open(where, "rb") as f:
-            data = f.read()
-        try:
-            tree = serialization.msgpack_restore(data)
-        except Exception as exc:  # msgpack raises several unrelated types on corrupt input
-            raise PortingError(f"{where}: not a Flax msgpack file: {type(exc).__name__}: {exc}") from exc
+        with open(require_file(where), "rb") as f, _reading(where, "not a Flax msgpack file"):
+            tree = serialization.msgpack_restore(f.read())
         if not isinstance(tree, Mapping):
             raise PortingError(f"{where}: expected a msgpack dict of params and batch_stats, got {type(tree).__name__}")
         meta = clean_meta(tree.get(META_KEY), where)
@@ -277,45 +305,28 @@ def read_flax_file(path: str | os.PathLike) -> tuple[dict[str, Any], Meta, list[
     item, notes = _orbax_item_dir(directory.absolute())
     import orbax.checkpoint as ocp
 
-    try:
+    with _reading(where, "not a readable orbax checkpoint"):
         tree = ocp.StandardCheckpointer().restore(item)
-    except Exception as exc:  # orbax raises many types for a directory that is not a checkpoint
-        raise PortingError(f"{where}: not a readable orbax checkpoint: {type(exc).__name__}: {exc}") from exc
     variables, more = _pick_variables(tree, where)
-    meta: Meta = {}
-    for candidate in (item / ORBAX_META_FILE, directory / ORBAX_META_FILE):
-        if candidate.is_file():
-            try:
-                meta = clean_meta(json.loads(candidate.read_text(encoding="utf-8")), os.fspath(candidate))
-            except ValueError as exc:
-                raise PortingError(f"{candidate}: not valid JSON metadata: {exc}") from exc
-            break
-    return variables, meta, notes + more
+    found = [p for p in (item / ORBAX_META_FILE, directory / ORBAX_META_FILE) if p.is_file()]
+    return variables, _read_json_meta(found[0]) if found else {}, notes + more
 
 
 def write_flax_file(dst: str | os.PathLike, variables: Mapping[str, Any], meta: Meta, force: bool = False) -> None:
     """Write Flax variables as .msgpack (with a `meta` entry) or, for any other name, an orbax directory."""
     dst = os.fspath(dst)
     meta = clean_meta(meta, dst)
-    if format_of(dst) == "msgpack":
+    if check_side(dst, "flax", "Flax output") == "msgpack":
         from flax import serialization
 
-        payload = serialization.msgpack_serialize({**variables, META_KEY: meta})
-
-        def write_bytes(tmp: str) -> None:
-            with open(tmp, "wb") as f:
-                f.write(payload)
-
-        atomic_write(dst, write_bytes, force)
+        write_bytes(dst, serialization.msgpack_serialize({**variables, META_KEY: meta}), force)
         return
-    if format_of(dst) != "orbax":
-        raise PortingError(f"{dst!r}: a Flax output must end in .msgpack or be an orbax directory name")
     import orbax.checkpoint as ocp
 
     def write_dir(tmp: str) -> None:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(os.path.abspath(tmp), dict(variables))
         checkpointer.wait_until_finished()
-        _write_json(os.path.join(tmp, ORBAX_META_FILE), meta)
+        _write_file(os.path.join(tmp, ORBAX_META_FILE), _json_bytes(meta))
 
     atomic_write(dst, write_dir, force)

@@ -1,16 +1,18 @@
 """Declarative key maps between torch_ref (seed) names, Flax paths and timm names, derived from the config.
 
 Every conv of Darknet is a ConvBN unit; one table (`CONV_BN_RULES`) says how each of its tensors is named and
-laid out on each side, and `layers(config)` lists the units in Darknet's file order. Nothing here imports a
+laid out on each side, and `units(config, num_classes)` lists the units in Darknet's file order. Nothing here imports a
 framework.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from darknet_arch import DarknetConfig
+from porting.state import shape_of
 
 # PyTorch OIHW conv weight -> Flax HWIO kernel; Linear (out, in) -> Dense kernel (in, out).
 OIHW_TO_HWIO = (2, 3, 1, 0)
@@ -113,6 +115,14 @@ def conv_units(config: DarknetConfig) -> Iterator[Unit]:
 def head_unit(config: DarknetConfig, num_classes: int) -> Unit:
     """The linear classifier (Darknet: a 1x1 conv with bias on the pooled features)."""
     return Unit(config.head_name(), (config.head_name(),), "head.fc", "dense", num_classes, config.width, 1)
+
+
+def head_width(found: Mapping[str, Any], config: DarknetConfig, *, flax: bool = False) -> int | None:
+    """Classes of the head in a torch-named state dict (or flat Flax paths 'params/fc/kernel'); None: no head."""
+    unit, weight = head_unit(config, 1), DENSE_RULES[0]
+    shape = shape_of(found.get("/".join(unit.flax_key(weight)) if flax else unit.torch_key(weight)))
+    out_axis = weight.transpose.index(0) if flax else 0
+    return shape[out_axis] if shape is not None and len(shape) == 2 else None
 
 
 def units(config: DarknetConfig, num_classes: int | None) -> list[Unit]:

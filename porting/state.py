@@ -61,37 +61,34 @@ def shape_of(value: Any) -> tuple[int, ...] | None:
         return None
 
 
-def _listing(title: str, keys: list[str]) -> str:
+def listing(title: str, keys: list[str]) -> str:
+    """'title (N): 'a', 'b' ... and M more', at most MAX_LISTED keys shown."""
     shown = ", ".join(repr(k) for k in keys[:MAX_LISTED])
     more = f" ... and {len(keys) - MAX_LISTED} more" if len(keys) > MAX_LISTED else ""
     return f"{title} ({len(keys)}): {shown}{more}"
 
 
-def check_keys_and_shapes(
+def check_and_convert(
     found: Mapping[str, Any],
     expected: Mapping[str, tuple[int, ...]],
     *,
     what: str,
     optional: Iterable[str] = (),
     shape_note: Mapping[str, str] | None = None,
-) -> None:
-    """Raise one PortingError listing ALL missing keys, ALL unexpected keys and every shape mismatch.
+) -> CanonicalStateDict:
+    """The `expected` keys of `found` as float32 numpy, after ONE PortingError listing every problem.
 
-    `optional` keys may be present or absent (num_batches_tracked); `shape_note` explains a key's expected
-    layout (e.g. "HWIO = torch OIHW transposed (2, 3, 1, 0)").
+    Like load_state_dict(strict=True): all missing keys, all unexpected keys and every shape mismatch are reported
+    together. `optional` keys may be present or absent (num_batches_tracked); `shape_note` explains a key's
+    expected layout (e.g. "torch conv1.0.weight (32, 3, 3, 3) transposed (2, 3, 1, 0)").
     """
     optional = set(optional)
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected and k not in optional]
-    problems = []
-    if missing:
-        problems.append(_listing("missing keys", missing))
-    if unexpected:
-        problems.append(_listing("unexpected keys", unexpected))
+    problems = [listing(title, keys) for title, keys in (("missing keys", missing), ("unexpected keys", unexpected))
+                if keys]  # fmt: skip
     for key, want in expected.items():
-        if key not in found:
-            continue
-        got = shape_of(found[key])
+        got = shape_of(found[key]) if key in found else tuple(want)
         if got is None:
             problems.append(f"{key}: expected a tensor or array of shape {want}, got {_describe_type(found[key])}")
         elif got != tuple(want):
@@ -99,11 +96,14 @@ def check_keys_and_shapes(
             problems.append(f"size mismatch for {key}: expected shape {tuple(want)}{note}, got {got}")
     if problems:
         raise PortingError(f"error(s) in {what}:\n  " + "\n  ".join(problems))
+    return {k: to_float32(k, found[k]) for k in expected}
 
 
-def convert_all(found: Mapping[str, Any], keys: Iterable[str]) -> CanonicalStateDict:
-    """Convert the listed keys to float32 numpy, raising PortingError on the first non-float or non-finite one."""
-    return {k: to_float32(k, found[k]) for k in keys}
+def check_num_classes(value: Any, what: str = "num_classes") -> int | None:
+    """A head width: a positive int, or None for "not given" (take it from the file); PortingError otherwise."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise PortingError(f"{what} must be a positive int (or None: the file's own head), got {value!r}")
+    return value
 
 
 def check_counter(key: str, value: Any) -> None:

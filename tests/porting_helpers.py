@@ -1,7 +1,7 @@
 """Independent references for the porting tests: random weights, a Darknet .weights writer, a float64 forward.
 
-Nothing here imports `porting`: the writer and the numpy forward follow shared/reference.md sections 3-4
-(Darknet's layer order and conventions), so they can catch a wrong key map, transpose or file layout.
+Nothing here imports `porting`: the writer and the numpy forward follow Darknet's layer order and
+conventions (docs/darknet-weights.md), so they can catch a wrong key map, transpose or file layout.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 
 from darknet_arch import TINY, DarknetConfig  # noqa: F401  (TINY: re-exported for the tests)
 
-# Darknet's own conventions (reference.md section 3-4).
+# Darknet's own conventions (docs/darknet-weights.md).
 DARKNET_SLOPE = 0.1
 BN_EPS = 1e-5  # Darknet's GPU path: (x - mean) / sqrt(var + 1e-5), the convention the port assumes
 # Running statistics far from the mean-0 / var-1 defaults that hide BN bugs.
@@ -131,7 +131,7 @@ def _ordered_convs(layers: dict):
 
 
 def write_weights_file(path, layers: dict, major: int = 0, minor: int = 2, revision: int = 0, seen: int = 0) -> None:
-    """Write a Darknet .weights file as darknet's save_weights does (reference.md section 4)."""
+    """Write a Darknet .weights file as darknet's save_weights does (docs/darknet-weights.md)."""
     header = struct.pack("<iii", major, minor, revision)
     long_seen = major * 10 + minor >= 2 and major < 1000 and minor < 1000
     header += struct.pack("<Q", seen) if long_seen else struct.pack("<i", seen)

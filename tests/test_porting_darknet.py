@@ -98,7 +98,7 @@ def test_a_mismatched_head_is_replaced_with_a_note_or_refused(tmp_path, layers):
 
 
 def test_darknet53_file_sizes_match_the_published_files():
-    # reference.md section 4: darknet53.weights 41,645,640 floats (166,582,580 bytes), conv.74 40,620,640.
+    # docs/darknet-weights.md: darknet53.weights 41,645,640 floats (166,582,580 bytes), conv.74 40,620,640.
     assert darknet_float_count(DARKNET53, 1000) == 41_645_640
     assert darknet_float_count(DARKNET53, None) == 40_620_640
     assert 20 + 4 * darknet_float_count(DARKNET53, 1000) == 166_582_580
@@ -137,10 +137,10 @@ def test_check_after_darknet2torch_with_a_fresh_head_compares_the_backbones(tmp_
 
     src, dst = tmp_path / "tiny.conv.74", tmp_path / "tiny.safetensors"
     write_weights_file(src, darknet_layers(TINY, None, seed=12))
-    result = convert("darknet2torch", src, dst, num_classes=4, config=TINY)
+    result = convert(src, dst, num_classes=4, config=TINY)
     assert (result.num_classes, result.leaky_slope, result.source_format) == (4, 0.1, "darknet")
     assert any("tiny.conv.74 has no classifier head" in n for n in result.notes)
-    diffs = check_conversion("darknet2torch", src, dst, config=TINY)
+    diffs = check_conversion(src, dst, config=TINY)
     assert set(diffs) == {"pooled", *TINY.feature_names()}
     for name, (diff, scale) in diffs.items():
         assert diff <= TOL * scale, name

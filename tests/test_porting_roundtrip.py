@@ -68,8 +68,8 @@ def test_file_round_trip_is_bit_exact_and_records_metadata(tmp_path, torch_model
     src = tmp_path / "src.pth"
     torch.save(torch_model.state_dict(), src)
     flax_path, torch_path = tmp_path / flax_name, tmp_path / torch_name
-    convert("torch2flax", src, flax_path, config=TINY, leaky_slope=0.01)
-    convert("flax2torch", flax_path, torch_path, config=TINY)
+    convert(src, flax_path, config=TINY, leaky_slope=0.01)
+    convert(flax_path, torch_path, config=TINY)
     state, meta = read_torch_file(torch_path)
     # safetensors stores keys sorted; .pt keeps torch_ref's order.
     _assert_state_dicts_bit_equal(torch_model.state_dict(), dict(state), ordered=torch_name.endswith(".pt"))
@@ -84,11 +84,11 @@ def test_darknet_torch_darknet_is_byte_exact(tmp_path):
 
     src, mid, back = tmp_path / "net.weights", tmp_path / "net.pt", tmp_path / "back.weights"
     write_weights_file(src, darknet_layers(TINY, CLASSES, seed=6))
-    convert("darknet2torch", src, mid, config=TINY)
-    convert("torch2darknet", mid, back, config=TINY)
+    convert(src, mid, config=TINY)
+    convert(mid, back, config=TINY)
     assert back.read_bytes() == src.read_bytes()
     with pytest.raises(PortingError, match="already exists"):
-        convert("torch2darknet", mid, back, config=TINY)
+        convert(mid, back, config=TINY)
     assert back.read_bytes() == src.read_bytes()
 
 
