@@ -24,6 +24,17 @@ class StageSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class FeatureInfo:
+    """One feature level a model can return (timm's feature_info entry): its dict key, width and stride."""
+
+    level: int  # 0: the stem; i >= 1: stage i - 1
+    name: str  # the key in the returned dict, "stride{stride}"
+    channels: int
+    stride: int  # relative to the input
+    module: str  # the layer whose output it is (its checkpoint name)
+
+
+@dataclasses.dataclass(frozen=True)
 class DarknetConfig:
     """Architecture of a Darknet backbone plus classifier head (defaults: Darknet-53)."""
 
@@ -76,15 +87,58 @@ class DarknetConfig:
         """Stride of stage `index`'s output relative to the input."""
         return self.down_stride ** (index + 1)
 
-    def feature_names(self) -> tuple[str, ...]:
-        """Keys of the feature-map dict both models return: ('stride8', 'stride16', 'stride32')."""
-        return tuple(f"stride{self.stage_stride(i)}" for i in self.feature_stages)
+    @property
+    def num_feature_levels(self) -> int:
+        """Feature levels a model can return: the stem (level 0, stride 1) and every stage (levels 1..len(stages))."""
+        return len(self.stages) + 1
 
-    def feature_channels(self) -> dict[str, int]:
+    @property
+    def default_feature_levels(self) -> tuple[int, ...]:
+        """The levels of `feature_stages` (3, 4, 5 for Darknet-53: strides 8, 16, 32)."""
+        return tuple(i + 1 for i in self.feature_stages)
+
+    def feature_info(self, levels: Sequence[int] | None = None) -> tuple[FeatureInfo, ...]:
+        """Name, channels, stride and layer of each requested level, in the order given (None: the defaults).
+
+        Level 0 is the stem's output (stride 1), level i >= 1 the output of stage i - 1, `residual_block{i}`
+        (stride 2**i for Darknet-53), as timm numbers its `out_indices`. A level out of range or repeated raises
+        ValueError naming it.
+        """
+        if levels is None:
+            levels = self.default_feature_levels
+        if isinstance(levels, int | str) or not isinstance(levels, Sequence):
+            raise ValueError(f"feature levels must be a sequence of ints, got {levels!r}")
+        if not levels:
+            raise ValueError(f"feature levels must name at least one level of 0..{self.num_feature_levels - 1}")
+        seen: set[int] = set()
+        infos = []
+        for level in levels:
+            if isinstance(level, bool) or not isinstance(level, int):
+                raise ValueError(f"feature level {level!r} is not an int; levels are 0..{self.num_feature_levels - 1}")
+            if not 0 <= level < self.num_feature_levels:
+                raise ValueError(
+                    f"feature level {level} is out of range: this network has levels 0..{self.num_feature_levels - 1} "
+                    f"(0: the stem {self.stem_name()!r} at stride 1; 1..{len(self.stages)}: the outputs of "
+                    f"{self.blocks_name(0)}..{self.blocks_name(len(self.stages) - 1)})"
+                )
+            if level in seen:
+                raise ValueError(f"feature level {level} is requested twice in {tuple(levels)}; name each level once")
+            seen.add(level)
+            if level == 0:
+                infos.append(FeatureInfo(0, "stride1", self.stem_channels, 1, self.stem_name()))
+            else:
+                stride = self.stage_stride(level - 1)
+                channels = self.stages[level - 1].out_channels
+                infos.append(FeatureInfo(level, f"stride{stride}", channels, stride, self.blocks_name(level - 1)))
+        return tuple(infos)
+
+    def feature_names(self, levels: Sequence[int] | None = None) -> tuple[str, ...]:
+        """Keys of the feature-map dict the models return: ('stride8', 'stride16', 'stride32') by default."""
+        return tuple(info.name for info in self.feature_info(levels))
+
+    def feature_channels(self, levels: Sequence[int] | None = None) -> dict[str, int]:
         """Channel count of each returned feature map."""
-        return {
-            name: self.stages[i].out_channels for name, i in zip(self.feature_names(), self.feature_stages, strict=True)
-        }
+        return {info.name: info.channels for info in self.feature_info(levels)}
 
     # Layer names are the checkpoint format: they follow the seed's code, conv1..conv6,
     # residual_block1..5 and fc, so its state_dicts load unchanged.

@@ -1,15 +1,33 @@
-"""Flax (linen) Darknet-53, NHWC: logits, pooled features, or stride 8/16/32 feature maps."""
+"""Flax Darknet-53, NHWC: linen (`Darknet53`) and NNX (`flax_darknet.nnx.Darknet53`) twins of one config.
 
-from darknet_arch import DARKNET53, DarknetConfig, InputShapeError, summarize
+Logits, pooled features, or the feature maps of any level (stem at stride 1, stages at strides 2-32);
+optional rematerialisation per residual block or per stage.
+"""
+
+import importlib
+from types import ModuleType
+
+from darknet_arch import DARKNET53, DarknetConfig, FeatureInfo, InputShapeError, summarize
+from flax_darknet.common import REMAT_MODES
 from flax_darknet.model import ConvBN, Darknet53, ResidualBlock, ResidualStage
 
 __all__ = [
     "DARKNET53",
+    "REMAT_MODES",
     "ConvBN",
     "Darknet53",
     "DarknetConfig",
+    "FeatureInfo",
     "InputShapeError",
     "ResidualBlock",
     "ResidualStage",
+    "nnx",
     "summarize",
 ]
+
+
+def __getattr__(name: str) -> ModuleType:
+    # `flax_darknet.nnx` is imported on first use: flax.nnx loads optax and treescope, which linen users skip.
+    if name == "nnx":
+        return importlib.import_module("flax_darknet.nnx")
+    raise AttributeError(f"module 'flax_darknet' has no attribute {name!r}")

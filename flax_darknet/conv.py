@@ -8,6 +8,9 @@ test sizes) ends in such maps, and they made up about two thirds of its CPU trai
 XLA's own conv is as fast or faster, so only maps up to SMALL_MAP_MAX_SIDE use the matmul; at 256 px the
 smallest Darknet-53 map is 8x8 and nothing changes. The result is the same convolution (summed in another
 order); a tap that only ever sees padding is dropped, so a 3x3 conv on a 1x1 map is one dense layer.
+
+Only XLA:CPU was measured, so the matmul is chosen per lowering platform (`lax.platform_dependent`):
+on CPU it replaces the conv, on every other backend (cuDNN, TPU) XLA's own convolution runs unchanged.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from jax import lax
 
 # Largest output height/width computed as a matmul (measured crossover: 4x4 is faster or equal, 8x8 slower).
 SMALL_MAP_MAX_SIDE = 4
+# Lowering platforms where the matmul was measured to beat XLA's conv (bench/RESULTS.md); elsewhere XLA's conv.
+SMALL_MAP_PLATFORMS = ("cpu",)
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
@@ -53,26 +58,13 @@ def darknet_conv(
     batch_group_count: int = 1,
     precision: Any = None,
     preferred_element_type: Any = None,
+    out_sharding: Any = None,
 ) -> jax.Array:
-    """`lax.conv_general_dilated`; NHWC/HWIO convs with outputs up to SMALL_MAP_MAX_SIDE wide run as a matmul."""
-    general = (
-        lhs.ndim != 4
-        or isinstance(padding, str)
-        or not _is_nhwc(lhs, rhs, dimension_numbers)
-        or not (_unit(lhs_dilation) and _unit(rhs_dilation))
-        or feature_group_count != 1
-        or batch_group_count != 1
-        or rhs.shape[0] * rhs.shape[1] == 1
-        or any(p < 0 for pair in padding for p in pair)
-    )
-    if not general:
-        (kh, kw), (sh, sw) = rhs.shape[:2], tuple(window_strides)
-        n, h, w, c = lhs.shape
-        (ph_lo, ph_hi), (pw_lo, pw_hi) = padding
-        out_h = (h + ph_lo + ph_hi - kh) // sh + 1
-        out_w = (w + pw_lo + pw_hi - kw) // sw + 1
-        general = max(out_h, out_w) > SMALL_MAP_MAX_SIDE or min(out_h, out_w) < 1
-    if general:
+    """`lax.conv_general_dilated`; on SMALL_MAP_PLATFORMS, NHWC convs with outputs up to 4x4 run as a matmul."""
+    # nnx.Conv passes out_sharding (None unless the user shards explicitly); older jax has no such argument.
+    sharding = {} if out_sharding is None else {"out_sharding": out_sharding}
+
+    def xla_conv(lhs: jax.Array, rhs: jax.Array) -> jax.Array:
         return lax.conv_general_dilated(
             lhs,
             rhs,
@@ -85,7 +77,50 @@ def darknet_conv(
             batch_group_count=batch_group_count,
             precision=precision,
             preferred_element_type=preferred_element_type,
+            **sharding,
         )
+
+    general = (
+        out_sharding is not None
+        or lhs.ndim != 4
+        or isinstance(padding, str)
+        or not _is_nhwc(lhs, rhs, dimension_numbers)
+        or not (_unit(lhs_dilation) and _unit(rhs_dilation))
+        or feature_group_count != 1
+        or batch_group_count != 1
+        or rhs.shape[0] * rhs.shape[1] == 1
+        or any(p < 0 for pair in padding for p in pair)
+    )
+    if not general:
+        (kh, kw), (sh, sw) = rhs.shape[:2], tuple(window_strides)
+        h, w = lhs.shape[1:3]
+        (ph_lo, ph_hi), (pw_lo, pw_hi) = padding
+        out_h = (h + ph_lo + ph_hi - kh) // sh + 1
+        out_w = (w + pw_lo + pw_hi - kw) // sw + 1
+        general = max(out_h, out_w) > SMALL_MAP_MAX_SIDE or min(out_h, out_w) < 1
+    if general:
+        return xla_conv(lhs, rhs)
+
+    def matmul_conv(lhs: jax.Array, rhs: jax.Array) -> jax.Array:
+        return _small_map_matmul(lhs, rhs, (sh, sw), tuple(padding), (out_h, out_w), precision, preferred_element_type)
+
+    # Both branches are traced; lowering keeps only its platform's (the compiled program has no conditional).
+    return lax.platform_dependent(lhs, rhs, default=xla_conv, **dict.fromkeys(SMALL_MAP_PLATFORMS, matmul_conv))
+
+
+def _small_map_matmul(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    strides: tuple[int, int],
+    padding: tuple[tuple[int, int], tuple[int, int]],
+    out_shape: tuple[int, int],
+    precision: Any,
+    preferred_element_type: Any,
+) -> jax.Array:
+    """The NHWC/HWIO conv as one matmul over the gathered taps that see data (im2col)."""
+    (kh, kw), (sh, sw), (out_h, out_w) = rhs.shape[:2], strides, out_shape
+    n, h, w, c = lhs.shape
+    (ph_lo, ph_hi), (pw_lo, pw_hi) = padding
     taps = [
         (i, j)
         for i in range(kh)

@@ -3,28 +3,25 @@
 Parameter paths mirror torch_ref's module names, which makes porting a mechanical rename:
 torch `conv1.0.weight` is `params/conv1/conv/kernel`, `residual_block3.7.layer2.1.running_var` is
 `batch_stats/residual_block3/block7/layer2/bn/var`, `fc.weight` is `params/fc/kernel`.
+`flax_darknet.nnx.Darknet53` is the same network in Flax NNX, with the same paths.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from darknet_arch import DARKNET53, DarknetConfig, InputShapeError, check_input_shape
+from darknet_arch import DARKNET53, DarknetConfig, FeatureInfo
+from flax_darknet.common import Dtype, batch_norm_kwargs, check_input, check_remat_mode, conv_init, global_pool
 from flax_darknet.conv import darknet_conv
 
-Dtype = Any
 ModuleDef = Any
-
-
-# PyTorch's kaiming_normal_(mode="fan_out", nonlinearity="leaky_relu") with the same slope as the
-# torch model, so both start training from the same distribution.
-def conv_init(leaky_slope: float) -> nn.initializers.Initializer:
-    """He-normal (fan-out) initializer with the leaky-ReLU gain."""
-    return nn.initializers.variance_scaling(2.0 / (1.0 + leaky_slope**2), "fan_out", "normal")
+# ResidualBlock/ResidualStage.__call__(self, x, train): `train` (argument 2, counting self) is a Python bool.
+_TRAIN_ARGNUM = 2
 
 
 class ConvBN(nn.Module):
@@ -77,11 +74,12 @@ class ResidualStage(nn.Module):
     config: DarknetConfig
     conv: ModuleDef
     norm: ModuleDef
+    block: ModuleDef = ResidualBlock  # or nn.remat(ResidualBlock, ...): the same names, recomputed in backward
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         for j in range(self.num_blocks):
-            x = ResidualBlock(self.channels, self.config, self.conv, self.norm, name=f"block{j}")(x, train)
+            x = self.block(self.channels, self.config, self.conv, self.norm, name=f"block{j}")(x, train)
         return x
 
 
@@ -89,9 +87,14 @@ class Darknet53(nn.Module):
     """Darknet backbone with a linear head; variables are {"params", "batch_stats"}.
 
     `model.apply(v, x)` gives logits (N, num_classes) in float32 (pooled (N, 1024) features when
-    num_classes is None); `model.apply(v, x, return_features=True)` gives the dict
-    {"stride8", "stride16", "stride32"} of NHWC maps in the compute dtype. Pass
-    `train=True, mutable=["batch_stats"]` to train with batch statistics.
+    num_classes is None); `model.apply(v, x, return_features=True)` gives the dict of NHWC maps of
+    `feature_levels` in the compute dtype ({"stride8", "stride16", "stride32"} by default; `feature_info`
+    describes them).
+
+    Train mode follows the caller: without `train=`, BatchNorm uses batch statistics and updates the
+    running ones exactly when "batch_stats" is mutable and the module is not initialising, so
+    `apply(v, x, mutable=["batch_stats"])` trains (flax examples' convention) and `apply(v, x)` evaluates
+    (big_vision's and Hugging Face's). An explicit `train=True` or `train=False` always wins.
     """
 
     num_classes: int | None = 18
@@ -100,51 +103,64 @@ class Darknet53(nn.Module):
     dtype: Dtype = jnp.float32  # compute dtype of convs and BN outputs; bf16 keeps f32 params and stats
     param_dtype: Dtype = jnp.float32
     bn_axis_name: str | None = None  # for pmap/shard_map users; under jit with sharded arrays BN is global anyway
+    # Maps return_features gives, as timm's out_indices: 0 the stem (stride 1), i stage i (stride 2**i).
+    feature_levels: Sequence[int] | None = None  # None: the config's (3, 4, 5: strides 8, 16, 32)
+    remat: str = "none"  # one of REMAT_MODES ("none", "block", "stage"): less activation memory, more compute
+
+    def __post_init__(self) -> None:
+        # Fail at construction, naming the bad level or mode, not inside the first trace.
+        self.config.feature_info(self.feature_levels)
+        check_remat_mode(self.remat)
+        super().__post_init__()
 
     @property
     def resolved_config(self) -> DarknetConfig:
         """The config with `leaky_slope` applied."""
         return self.config.with_slope(self.leaky_slope)
 
+    @property
+    def feature_info(self) -> tuple[FeatureInfo, ...]:
+        """(level, name, channels, stride, module) of each map `return_features=True` returns, in order."""
+        return self.config.feature_info(self.feature_levels)
+
     @nn.compact
     def __call__(
-        self, x: jnp.ndarray, train: bool = False, return_features: bool = False
+        self, x: jnp.ndarray, train: bool | None = None, return_features: bool = False
     ) -> jnp.ndarray | dict[str, jnp.ndarray]:
         cfg = self.resolved_config
-        check_input_shape(x.shape, "NHWC", cfg)
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise InputShapeError(
-                f"expected a floating-point NHWC batch, got dtype {x.dtype}; convert and normalise it first"
-            )
+        check_input(x, cfg)
+        if train is None:
+            train = self.is_mutable_collection("batch_stats") and not self.is_initializing()
         conv = functools.partial(
             nn.Conv,
             use_bias=False,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             kernel_init=conv_init(cfg.leaky_slope),
-            conv_general_dilated=darknet_conv,  # tiny maps as a matmul: see flax_darknet/conv.py
+            conv_general_dilated=darknet_conv,  # tiny maps as a matmul on CPU: see flax_darknet/conv.py
         )
         norm = functools.partial(
             nn.BatchNorm,
-            momentum=1.0 - cfg.bn_momentum,  # Flax keeps `momentum` of the old value; PyTorch's m is the new one's
-            epsilon=cfg.bn_eps,
+            **batch_norm_kwargs(cfg),
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             axis_name=self.bn_axis_name,
         )
+        # nn.remat on a class keeps the submodule's name, so the parameter paths are the same in every mode.
+        block = nn.remat(ResidualBlock, static_argnums=_TRAIN_ARGNUM) if self.remat == "block" else ResidualBlock
+        stage_cls = nn.remat(ResidualStage, static_argnums=_TRAIN_ARGNUM) if self.remat == "stage" else ResidualStage
         layer = functools.partial(ConvBN, leaky_slope=cfg.leaky_slope, conv=conv, norm=norm)
         x = layer(cfg.stem_channels, cfg.stem_kernel, 1, name=cfg.stem_name())(x, train)
-        names = dict(zip(cfg.feature_stages, cfg.feature_names(), strict=True))
-        features = {}
+        levels = [x]
         for i, stage in enumerate(cfg.stages):
             x = layer(stage.out_channels, cfg.down_kernel, cfg.down_stride, name=cfg.down_name(i))(x, train)
-            x = ResidualStage(stage.out_channels, stage.num_blocks, cfg, conv, norm, name=cfg.blocks_name(i))(x, train)
-            if i in names:
-                features[names[i]] = x
+            blocks = stage_cls(stage.out_channels, stage.num_blocks, cfg, conv, norm, block, name=cfg.blocks_name(i))
+            x = blocks(x, train)
+            levels.append(x)
         if return_features:
-            return features
-        # Pool and classify in float32 so bf16 compute still yields f32 logits.
-        pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+            # Stages after the last requested level are dead code under jit (their parameters still exist).
+            return {info.name: levels[info.level] for info in self.feature_info}
+        pooled = global_pool(x)
         if self.num_classes is None:
             return pooled
         head = nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=self.param_dtype, name=cfg.head_name())

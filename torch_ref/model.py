@@ -6,6 +6,8 @@ state_dict saved by the seed's code loads here with `load_state_dict(strict=True
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -38,19 +40,25 @@ class ResidualBlock(nn.Module):
 
 
 class Darknet53(nn.Module):
-    """Darknet backbone with an optional linear classifier (`num_classes=None`: pooled features)."""
+    """Darknet backbone with an optional linear classifier (`num_classes=None`: pooled features).
+
+    `forward_features` returns the maps of `feature_levels` (0: the stem, i: stage i; default 3, 4, 5, i.e.
+    strides 8, 16, 32), described by `feature_info`.
+    """
 
     def __init__(
         self,
         num_classes: int | None = 18,
         leaky_slope: float | None = None,
         config: DarknetConfig = DARKNET53,
+        feature_levels: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if num_classes is not None and num_classes < 1:
             raise ValueError(f"num_classes must be a positive int or None, got {num_classes}")
         self.config = config = config.with_slope(leaky_slope)
         self.num_classes = num_classes
+        self.feature_info = config.feature_info(feature_levels)
         # Registration order is the seed's, so state_dict keys come out in the same order.
         setattr(
             self,
@@ -88,17 +96,15 @@ class Darknet53(nn.Module):
         cfg = self.config
         self._check_input(x)
         out = getattr(self, cfg.stem_name())(x)
-        features = {}
-        names = dict(zip(cfg.feature_stages, cfg.feature_names(), strict=True))
+        levels = [out]
         for i in range(len(cfg.stages)):
             out = getattr(self, cfg.down_name(i))(out)
             out = getattr(self, cfg.blocks_name(i))(out)
-            if i in names:
-                features[names[i]] = out
-        return out, features
+            levels.append(out)
+        return out, {info.name: levels[info.level] for info in self.feature_info}
 
     def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The stride-8/16/32 feature maps (256, 512, 1024 channels for Darknet-53), for detection heads."""
+        """The maps of `feature_info` by name (default stride 8/16/32: 256, 512, 1024 channels for Darknet-53)."""
         return self._stages(x)[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

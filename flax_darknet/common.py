@@ -1,0 +1,53 @@
+"""What the linen and NNX Darknets share: initialisers, BatchNorm settings, input checks, remat modes, pooling."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from darknet_arch import DarknetConfig, InputShapeError, check_input_shape
+
+# Rematerialisation (activation checkpointing) granularity: "none" keeps every activation for the backward
+# pass; "block" keeps only each residual block's input and recomputes the block; "stage" keeps only each
+# stage's input and recomputes its blocks. Parameter names are the same in every mode.
+REMAT_MODES = ("none", "block", "stage")
+
+
+def check_remat_mode(remat: str) -> str:
+    """`remat` if it is one of REMAT_MODES; otherwise a ValueError naming it."""
+    if remat not in REMAT_MODES:
+        raise ValueError(f"unknown remat mode {remat!r}: choose one of {', '.join(map(repr, REMAT_MODES))}")
+    return remat
+
+
+# PyTorch's kaiming_normal_(mode="fan_out", nonlinearity="leaky_relu") with the same slope as the
+# torch model, so both start training from the same distribution.
+def conv_init(leaky_slope: float) -> nn.initializers.Initializer:
+    """He-normal (fan-out) initializer with the leaky-ReLU gain."""
+    return nn.initializers.variance_scaling(2.0 / (1.0 + leaky_slope**2), "fan_out", "normal")
+
+
+def batch_norm_kwargs(config: DarknetConfig) -> dict[str, float]:
+    """momentum and epsilon for flax's BatchNorm (linen and NNX) from the config's PyTorch-convention values."""
+    # Flax keeps `momentum` of the old value; PyTorch's m is the new one's.
+    return {"momentum": 1.0 - config.bn_momentum, "epsilon": config.bn_eps}
+
+
+def check_input(x: jax.Array, config: DarknetConfig) -> None:
+    """Raise InputShapeError unless `x` is a floating-point NHWC batch the network takes."""
+    check_input_shape(x.shape, "NHWC", config)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise InputShapeError(
+            f"expected a floating-point NHWC batch, got dtype {x.dtype}; convert and normalise it first"
+        )
+
+
+def global_pool(x: jax.Array) -> jax.Array:
+    """Spatial mean in float32, so bf16 compute still yields f32 pooled features and logits."""
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+
+Dtype = Any
