@@ -1,48 +1,46 @@
-"""What every benchmark case shares: its specification, its result record, and the timing loop."""
+"""What every benchmark case shares: its specification, its result record, the timing loop, the optimizer."""
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import importlib.metadata
+import math
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from darknet_arch import DARKNET53, TINY, DarknetConfig
+from darknet_arch import ARCHS
+from train.options import TrainConfig
 
-FRAMEWORKS = ("flax", "torch", "e2e")
 MODES = ("train", "infer")
-# Flax: compute dtype with f32 params and statistics. Torch: the reference's three ways to run.
-# "trainer_bf16" is the product's own step (train.steps.train_step with train.state's optimizer), timed the
-# same way: the figure the real loop is compared with.
-FLAX_VARIANTS = ("fp32", "bf16", "trainer_bf16")
-TORCH_VARIANTS = ("eager_fp32", "eager_amp_bf16_cl", "compile_amp_bf16_cl")
-# The real loop, `python -m train.flax`, over JPEG files or over the decoded cache (see bench/e2e.py).
-E2E_VARIANTS = ("jpeg", "cache")
-ARCHS = ("darknet53", "tiny")
-
+VARIANTS = {
+    "flax": ("fp32", "bf16"),  # the `precision` of train.state.create_model
+    "torch": ("eager_fp32", "eager_amp_bf16_cl", "compile_amp_bf16_cl"),  # AMP variants run channels_last
+    "e2e": ("jpeg", "cache"),  # the real loop, python -m train.flax, over JPEG files or the decoded cache
+}
+# The competition's 18 classes (len(train.data.MASK_CLASS_NAMES); train.data is not imported: it needs grain).
 NUM_CLASSES = 18
-# The same optimizer on both sides: plain SGD with heavy-ball momentum, no weight decay.
-LEARNING_RATE = 0.01
-MOMENTUM = 0.9
-# uint8 RGB -> float: the ImageNet statistics (scaled to 0..255) the trainer normalises with on device.
-RGB_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-RGB_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 DATA_SEED = 0
-
-
-def arch_config(arch: str) -> DarknetConfig:
-    """The DarknetConfig a case names ('darknet53' or 'tiny')."""
-    if arch == "darknet53":
-        return DARKNET53
-    if arch == "tiny":
-        return TINY
-    raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+TAIL_CHARS = 2000  # of a failed case's traceback or stderr, kept in its record
+# Both sides train with the product's optimizer at TrainConfig's settings (train.state.make_optimizer,
+# train.torch.make_torch_optimizer) and zero-initialised residual branches, at a constant rate: the loop's
+# cosine schedule costs a scalar per step, and a constant rate keeps random data from diverging.
+TRAIN_CONFIG = TrainConfig(data="synthetic", workdir="unused", optimizer="sgd", lr=0.01)
+OPTIMIZER = (
+    f"SGD, Nesterov momentum {TRAIN_CONFIG.momentum}, weight decay {TRAIN_CONFIG.weight_decay} on conv and dense "
+    f"kernels, constant lr {TRAIN_CONFIG.lr}, zero-initialised residual branches: "
+    "train.state.make_optimizer and train.torch.make_torch_optimizer"
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class CaseSpec:
-    """One measurement: framework, mode, variant, shapes and how long to time it."""
+    """One measurement: framework, mode, variant, shapes and how long to time it (sizes checked by the CLI)."""
 
     framework: str
     mode: str
@@ -57,21 +55,18 @@ class CaseSpec:
     label: str = ""  # distinguishes repeated runs of one spec, e.g. "warm-cache"
 
     def __post_init__(self) -> None:
-        if self.framework not in FRAMEWORKS:
-            raise ValueError(f"framework must be one of {FRAMEWORKS}, got {self.framework!r}")
-        variants = {"flax": FLAX_VARIANTS, "torch": TORCH_VARIANTS, "e2e": E2E_VARIANTS}[self.framework]
+        if self.framework not in VARIANTS:
+            raise ValueError(f"framework must be one of {tuple(VARIANTS)}, got {self.framework!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.variant not in variants:
-            raise ValueError(f"{self.framework} variant must be one of {variants}, got {self.variant!r}")
-        if (self.variant.startswith("trainer") or self.framework == "e2e") and self.mode != "train":
-            raise ValueError(f"variant {self.variant!r} is a train step; mode must be 'train', got {self.mode!r}")
-        arch_config(self.arch)
-        for name in ("batch", "image_size", "steps", "repeats"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.warmup < 0:
-            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if self.variant not in VARIANTS[self.framework]:
+            raise ValueError(
+                f"{self.framework} variant must be one of {VARIANTS[self.framework]}, got {self.variant!r}"
+            )
+        if self.framework == "e2e" and self.mode != "train":
+            raise ValueError(f"the real loop is a train loop; mode must be 'train', got {self.mode!r}")
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {tuple(ARCHS)}, got {self.arch!r}")
 
     @property
     def name(self) -> str:
@@ -82,26 +77,68 @@ class CaseSpec:
 
 def result_record(spec: CaseSpec, status: str, **fields: Any) -> dict[str, Any]:
     """A case's JSON record: the spec, a status ('ok', 'skipped', 'failed') and whatever was measured."""
-    record: dict[str, Any] = {"name": spec.name, "status": status, **dataclasses.asdict(spec)}
-    record.update(fields)
-    return record
+    return {"name": spec.name, "status": status, **dataclasses.asdict(spec), **fields}
 
 
-def time_windows(run_steps: Callable[[int], None], sync: Callable[[], None], spec: CaseSpec) -> dict[str, Any]:
-    """Warm up, then time `spec.repeats` windows of `spec.steps` steps; each window ends with a device sync."""
-    if spec.warmup:
-        run_steps(spec.warmup)
-        sync()
+def time_windows(
+    run_steps: Callable[[int], None], sync: Callable[[], None], warmup: int, steps: int, repeats: int
+) -> list[float]:
+    """Seconds per step in each of `repeats` windows of `steps` steps, after `warmup` untimed steps."""
+    if warmup:
+        run_steps(warmup)
     per_step = []
-    for _ in range(spec.repeats):
+    for _ in range(repeats):
         sync()
         t0 = time.perf_counter()
-        run_steps(spec.steps)
+        run_steps(steps)
         sync()
-        per_step.append((time.perf_counter() - t0) / spec.steps)
+        per_step.append((time.perf_counter() - t0) / steps)
+    return per_step
+
+
+def measure(
+    spec: CaseSpec,
+    run_steps: Callable[[int], None],
+    sync: Callable[[], None],
+    final_loss: Callable[[], float] | None,
+    spawn_time: float | None,
+) -> dict[str, Any]:
+    """Time the first step, then the windows; 'failed' when `final_loss` (train cases) is not finite."""
+    t0 = time.perf_counter()
+    run_steps(1)
+    sync()
+    first_step_s = time.perf_counter() - t0
+    per_step = time_windows(run_steps, sync, spec.warmup, spec.steps, spec.repeats)
     median = statistics.median(per_step)
-    return {
+    fields: dict[str, Any] = {
+        "first_step_s": first_step_s,
+        "startup_s": None if spawn_time is None else time.time() - spawn_time,  # process spawn -> first step done
         "step_ms_median": 1e3 * median,
         "step_ms_windows": [1e3 * t for t in per_step],
         "img_per_s": spec.batch / median,
+    }
+    if final_loss is None:
+        return result_record(spec, "ok", **fields)
+    loss = final_loss()
+    if not math.isfinite(loss):
+        return result_record(spec, "failed", reason=f"non-finite loss {loss}", **fields)
+    return result_record(spec, "ok", final_loss=loss, **fields)
+
+
+def run_meta(command: str, distributions: tuple[str, ...]) -> dict[str, Any]:
+    """When, how and where a benchmark ran: UTC date, command, host and CPU, Python's and packages' versions."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor())
+    versions = {"python": platform.python_version()}
+    for name in distributions:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": command,
+        "host": f"{platform.node()}, {platform.platform()}, {os.cpu_count()} x {cpu}",
+        "versions": versions,
     }

@@ -10,6 +10,7 @@
 #      bf16; DEMO_S reserved, default 150); its output and summary.json go into gpu_run.log
 # PARTS=bench (or equivalence,pipeline, ...) runs a subset; BENCH_ARGS adds benchmark flags, e.g. for a
 # second call: PARTS=bench BENCH_ARGS="--only torch/*/compile* --only e2e/*" (see bench/NOTES.md).
+# On a CPU (a check of this script): PARTS=bench,pipeline BENCH_ARGS="--quick --skip torch/*/compile*" TOTAL_S=400.
 # Carried wheels in .whl/ (grain and friends, for the real training loop) are installed first.
 # Files written to $OUT by this script: results.json, results.md, gpu_run.log.
 set -uo pipefail

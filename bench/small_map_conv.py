@@ -9,14 +9,16 @@ measured side by side in one process. The model takes the matmul for outputs up 
 from __future__ import annotations
 
 import argparse
-import time
+import statistics
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from bench.common import time_windows
 from flax_darknet.conv import SMALL_MAP_MAX_SIDE, darknet_conv
 
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -33,14 +35,15 @@ SHAPES = (
 )
 
 
-def _ms(fn: Callable, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times))
+def _ms(fn: Callable, *args: jax.Array, repeats: int) -> float:
+    """Median milliseconds of one call, after a first (compiling) one."""
+    out: dict[str, Any] = {}
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            out["y"] = fn(*args)
+
+    return 1e3 * statistics.median(time_windows(run, lambda: jax.block_until_ready(out), 1, 1, repeats))
 
 
 def measure(side: int, c_in: int, c_out: int, stride: int, batch: int, repeats: int) -> dict[str, float]:
