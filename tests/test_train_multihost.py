@@ -194,10 +194,10 @@ def test_sigterm_to_one_process_stops_both_at_one_agreed_step_with_a_checkpoint(
     args = tiny_cli_args(workdir, "--steps", "2000", "--batch-size", "8", "--val-fraction", "0.05", "--log-every", "1")
     procs = two_processes([args, args])
     try:
-        for line in procs[1].stdout:  # wait until process 1 is in the loop
+        for line in procs[0].stdout:  # wait until the run is in its loop (process 0 prints the progress)
             if "first step done" in line:
                 break
-        procs[1].send_signal(signal.SIGTERM)
+        procs[1].send_signal(signal.SIGTERM)  # the other process: the notice must travel
     finally:
         results = finish(procs, timeout=180)
     step, _ = read_meta(workdir / CHECKPOINT_DIR)
