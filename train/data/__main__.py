@@ -15,7 +15,7 @@ _MAX_SKIPPED_SHOWN = 50  # the text summary lists this many skipped files; --jso
 def format_summary(summary: dict) -> str:
     """The human-readable summary text."""
     lines = [f"format: {summary['format']}  ({summary['root']})", f"classes: {summary['num_classes']}"]
-    width = max(len(c["name"]) for c in summary["classes"])
+    width = max((len(c["name"]) for c in summary["classes"]), default=len("class"))
     lines.append(f"  {'#':>3}  {'class':<{width}}  {'train':>7}  {'val':>7}")
     lines += [f"  {c['index']:>3}  {c['name']:<{width}}  {c['train']:>7}  {c['val']:>7}" for c in summary["classes"]]
     sizes, groups = summary["split_sizes"], summary["groups"]

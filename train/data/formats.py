@@ -5,20 +5,24 @@ Formats (detected in this order):
   normal}.<ext>`` with optional ``PATH/train.csv`` (id, gender, race, age, path). PATH may also be the
   ``images`` folder itself. See mask.py.
 - ``csv``: a CSV file with a ``path,label`` header (optional ``group`` column); paths relative to the file.
+  See csvformat.py.
 - ``folder``: one subfolder per class; classes in sorted folder-name order (torchvision ImageFolder's order).
+
+Hostile input (checks.py): symlinks back into or above the data root are not followed, and a file reached twice
+through symlinks is counted once.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import os
 import re
 from pathlib import Path
 
+from .checks import LINKS_BACK_REASON, links_back, names_list, printable
 from .errors import DataError
 from .records import Records
-from .scan import check_image_files, is_image_name
+from .scan import IMAGE_EXTENSIONS, check_image_files, is_image_name
 
 # The 18-class formula: class = 6 * mask + 3 * gender + age_band.
 MASK_FILE_STEMS = {"mask1": 0, "mask2": 0, "mask3": 0, "mask4": 0, "mask5": 0, "incorrect_mask": 1, "normal": 2}
@@ -27,8 +31,11 @@ GENDERS = ("male", "female")
 AGE_BANDS = (0, 30, 60)  # lower bounds: < 30, 30..59, >= 60
 AGE_BAND_NAMES = ("<30", "30-59", ">=60")
 MASK_CLASS_NAMES = tuple(f"{m}_{g}_{a}" for m in MASK_STATES for g in GENDERS for a in AGE_BAND_NAMES)
-PERSON_FOLDER_RE = re.compile(r"^(?P<id>[^_]+)_(?P<gender>[A-Za-z]+)_(?P<race>.+)_(?P<age>\d+)$")
-CLASSES_FILE = "classes.txt"  # optional class list beside a CSV dataset, one name per line
+# An age above this is a typo (the oldest recorded person reached 122), not a person: refused, not banded >= 60.
+MAX_AGE = 150
+# ASCII digits only: int() also reads other scripts' digits, which would make two spellings of one folder.
+PERSON_FOLDER_RE = re.compile(r"(?P<id>[^_]+)_(?P<gender>[A-Za-z]+)_(?P<race>.+)_(?P<age>[0-9]+)", re.ASCII | re.DOTALL)
+PERSON_FOLDER_FORM = f"<id>_<male|female>_<race>_<age 0..{MAX_AGE}>"
 
 
 def age_band(age: int) -> int:
@@ -39,6 +46,38 @@ def age_band(age: int) -> int:
 def mask_class(mask_state: int, gender: int, band: int) -> int:
     """The competition's class index: 6 * mask_state + 3 * gender + age band."""
     return 6 * mask_state + 3 * gender + band
+
+
+def parse_gender(text: str) -> int | None:
+    """0 for male, 1 for female (any case, surrounding spaces ignored); None for anything else."""
+    text = text.strip().lower()
+    return GENDERS.index(text) if text in GENDERS else None
+
+
+def parse_age(text: str) -> int | None:
+    """A whole number of ASCII digits in 0..MAX_AGE, else None (never builds an int from a long digit string)."""
+    text = text.strip()
+    if not (text.isascii() and text.isdigit()):
+        return None
+    digits = text.lstrip("0") or "0"
+    if len(digits) > len(str(MAX_AGE)) or int(digits) > MAX_AGE:
+        return None
+    return int(digits)
+
+
+def parse_person_folder(name: str) -> tuple[int, int] | None:
+    """(gender, age) from a mask-layout folder name <id>_<male|female>_<race>_<age>; None when it does not parse."""
+    m = PERSON_FOLDER_RE.fullmatch(name)
+    if m is None:
+        return None
+    gender, age = parse_gender(m["gender"]), parse_age(m["age"])
+    return None if gender is None or age is None else (gender, age)
+
+
+def mask_slot(file_name: str) -> int | None:
+    """The mask state (0 wear, 1 incorrect, 2 not worn) a mask-layout image file name stands for, else None."""
+    stem, _ = os.path.splitext(file_name)
+    return MASK_FILE_STEMS.get(stem.lower()) if is_image_name(file_name) else None
 
 
 @dataclasses.dataclass
@@ -53,13 +92,13 @@ class Loaded:
     root: str
 
 
-def list_dir(path: Path) -> list[os.DirEntry]:
+def list_dir(path: Path | str) -> list[os.DirEntry]:
     """Non-hidden entries of `path`, sorted by name; DataError when unreadable."""
     try:
         with os.scandir(path) as it:
             return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
     except OSError as e:
-        raise DataError(f"{path}: cannot read folder: {e}") from e
+        raise DataError(f"{printable(str(path))}: cannot read folder: {e.strerror or e}") from e
 
 
 def detect_format(path: Path) -> tuple[str, Path]:
@@ -73,14 +112,28 @@ def detect_format(path: Path) -> tuple[str, Path]:
     if (path / "images").is_dir():
         return "mask", path
     subdirs = [e for e in list_dir(path) if e.is_dir()]
-    if path.name == "images" and subdirs and any(PERSON_FOLDER_RE.match(e.name) for e in subdirs):
+    if path.name == "images" and any(parse_person_folder(e.name) for e in subdirs):
         return "mask", path.parent
     if not subdirs:
         raise DataError(f"{path}: no class subfolders, no images/ folder and not a CSV: no dataset found")
     return "folder", path
 
 
-def _finish(
+def _drop_repeats(found: list[tuple[str, int, str]]) -> tuple[list[tuple[str, int, str]], list[tuple[str, str]]]:
+    """`found` without files reached a second time through a symlink (the first path wins), and those skipped."""
+    first: dict[str, str] = {}
+    kept, repeats = [], []
+    for item in found:
+        real = os.path.realpath(item[0])
+        if real in first:
+            repeats.append((item[0], f"the same file as {first[real]} (reached again through a symlink)"))
+        else:
+            first[real] = item[0]
+            kept.append(item)
+    return kept, repeats
+
+
+def finish_loading(
     fmt: str,
     class_names: tuple[str, ...],
     found: list[tuple[str, int, str]],
@@ -91,7 +144,8 @@ def _finish(
 ) -> Loaded:
     """Check the candidate files, drop bad ones (keeping every other label in place), check classes."""
     if not found:
-        raise DataError(f"{root}: no images found")
+        raise DataError(f"{root}: no images found (image files end in {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    found, repeats = _drop_repeats(found)
     reasons = check_image_files([p for p, _, _ in found])
     good = [item for item, reason in zip(found, reasons, strict=True) if reason is None]
     bad = [(p, reason) for (p, _, _), reason in zip(found, reasons, strict=True) if reason is not None]
@@ -100,20 +154,46 @@ def _finish(
         counts[label] += 1
     empty = [name for name, count in zip(class_names, counts, strict=True) if count == 0]
     if empty and not allow_empty_classes:
-        raise DataError(f"{root}: classes with no usable images: {', '.join(empty)} (allow_empty_classes=True allows)")
+        unreadable = f" ({len(bad)} file(s) could not be read, e.g. {printable(bad[0][0])}: {bad[0][1]})" if bad else ""
+        raise DataError(
+            f"{root}: classes with no usable images: {names_list(empty)}{unreadable}. Add images to them, or "
+            "pass allow_empty_classes=True (--allow-empty-classes) to keep them as classes without images."
+        )
     records = Records(tuple(p for p, _, _ in good), [lbl for _, lbl, _ in good], tuple(g for _, _, g in good))
-    return Loaded(fmt, class_names, records, skipped + bad, len(bad), str(root))
+    return Loaded(fmt, class_names, records, skipped + repeats + bad, len(bad), str(root))
 
 
 def load_image_folder(root: Path, *, allow_empty_classes: bool = False) -> Loaded:
-    """One subfolder per class (sorted names), images found recursively inside each."""
-    classes = [e for e in list_dir(root) if e.is_dir()]
-    skipped = [(e.path, "file outside a class folder") for e in list_dir(root) if e.is_file()]
-    found = []
+    """One subfolder per class (sorted names), images found recursively inside each.
+
+    A class folder that is a symlink into (or above) `root` is not followed: it would count images twice, or
+    (above the root) every class again. Symlinked folders inside a class folder are not followed either.
+    Both are reported in `skipped`, as are folders that cannot be read.
+    """
+    classes, skipped = [], []
+    for entry in list_dir(root):
+        if links_back(entry.path, root):
+            skipped.append((entry.path, LINKS_BACK_REASON))
+        elif entry.is_dir():
+            classes.append(entry)
+        elif entry.is_file():
+            skipped.append((entry.path, "file outside a class folder"))
+        else:
+            skipped.append((entry.path, "not a file or folder (a broken symlink?)"))
+    if not classes:
+        links = names_list([p for p, reason in skipped if reason == LINKS_BACK_REASON])
+        raise DataError(f"{root}: no class folders to read: every subfolder is a symlink into or above it ({links})")
+
+    def unreadable(e: OSError) -> None:
+        skipped.append((str(e.filename), f"cannot read folder: {e.strerror}"))
+
+    found, empty = [], []
     for label, entry in enumerate(classes):
         files = []
-        for dirpath, dirnames, filenames in os.walk(entry.path):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for dirpath, dirnames, filenames in os.walk(entry.path, onerror=unreadable):
+            links = sorted(d for d in dirnames if os.path.islink(os.path.join(dirpath, d)))
+            skipped += [(os.path.join(dirpath, d), "symlinked folder in a class folder: not followed") for d in links]
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in links)
             for name in sorted(filenames):
                 if name.startswith("."):
                     continue
@@ -122,73 +202,13 @@ def load_image_folder(root: Path, *, allow_empty_classes: bool = False) -> Loade
                     files.append(full)
                 else:
                     skipped.append((full, "not an image file extension"))
-        if not files and not allow_empty_classes:
-            raise DataError(f"{entry.path}: empty class folder (no image files; allow_empty_classes=True allows)")
+        if not files:
+            empty.append(entry.path)
         found += [(p, label, p) for p in files]
+    if empty and not allow_empty_classes:
+        raise DataError(
+            f"{root}: empty class folder(s) (no image files): {names_list(empty)}. Add images, remove the "
+            "folder, or pass allow_empty_classes=True (--allow-empty-classes) to keep it as a class without images."
+        )
     names = tuple(e.name for e in classes)
-    return _finish("folder", names, found, skipped, root, allow_empty_classes=allow_empty_classes)
-
-
-def _read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            header = [h.strip() for h in (reader.fieldnames or [])]
-            missing = [c for c in required if c not in header]
-            if missing:
-                raise DataError(f"{path}: missing column(s) {', '.join(missing)}; header is {header}")
-            return [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
-    except OSError as e:
-        raise DataError(f"{path}: cannot read CSV: {e}") from e
-    except (csv.Error, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: malformed CSV: {e}") from e
-
-
-def _rows_message(rows: list[int], what: str, path: Path) -> str:
-    shown = ", ".join(str(r) for r in rows[:10]) + (f" (+{len(rows) - 10} more)" if len(rows) > 10 else "")
-    return f"{path}: {what} on row(s) {shown}"
-
-
-def load_csv(path: Path, *, allow_empty_classes: bool = False) -> Loaded:
-    """A CSV of path,label[,group] rows (row 2 is the first data row).
-
-    Labels are integers 0..K-1 or class names. The class list comes from classes.txt beside the CSV when
-    present (labels must then be in range / known); else sorted names, or 0..max for integer labels.
-    """
-    rows = _read_csv(path, ("path", "label"))
-    base = path.parent
-    resolved = [os.path.normpath(base / r["path"]) for r in rows]
-    empty_rows = [i + 2 for i, r in enumerate(rows) if not r["path"] or not r["label"]]
-    if empty_rows:
-        raise DataError(_rows_message(empty_rows, "empty path or label", path))
-    first_row: dict[str, int] = {}
-    dupes = []
-    for i, p in enumerate(resolved):
-        if p in first_row:
-            dupes.append(f"{rows[i]['path']} (rows {first_row[p]} and {i + 2})")
-        first_row.setdefault(p, i + 2)
-    if dupes:
-        raise DataError(f"{path}: duplicate paths: {'; '.join(dupes[:10])}")
-    labels_text = [r["label"] for r in rows]
-    numeric = all(re.fullmatch(r"-?\d+", t) for t in labels_text)
-    classes_file = base / CLASSES_FILE
-    if classes_file.is_file():
-        names = tuple(n.strip() for n in classes_file.read_text(encoding="utf-8").splitlines() if n.strip())
-    elif numeric:
-        names = tuple(str(i) for i in range(max(int(t) for t in labels_text) + 1))
-    else:
-        names = tuple(sorted(set(labels_text)))
-    index = {n: i for i, n in enumerate(names)}
-    if numeric:
-        labels = [int(t) for t in labels_text]
-        bad_rows = [i + 2 for i, lbl in enumerate(labels) if not 0 <= lbl < len(names)]
-        if bad_rows:
-            raise DataError(_rows_message(bad_rows, f"label out of range 0..{len(names) - 1}", path))
-    else:
-        bad_rows = [i + 2 for i, t in enumerate(labels_text) if t not in index]
-        if bad_rows:
-            raise DataError(_rows_message(bad_rows, f"label not in {classes_file.name} ({len(names)} classes)", path))
-        labels = [index[t] for t in labels_text]
-    groups = [r.get("group") or p for r, p in zip(rows, resolved, strict=True)]
-    found = list(zip(resolved, labels, groups, strict=True))
-    return _finish("csv", names, found, [], path, allow_empty_classes=allow_empty_classes)
+    return finish_loading("folder", names, found, skipped, root, allow_empty_classes=allow_empty_classes)

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .checks import names_list, printable
+from .csvformat import load_csv
 from .demo import DEMO_IMAGE_SIZE, default_cache_dir, demo_file_height, generate_demo_dataset
 from .errors import DataError
-from .formats import Loaded, detect_format, load_csv, load_image_folder
+from .formats import Loaded, detect_format, load_image_folder
 from .mask import load_mask_layout
 from .records import DataSplits, Records
 
@@ -25,6 +27,8 @@ def split_indices(records: Records, val_fraction: float, seed: int) -> tuple[np.
     """
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if seed < 0:
+        raise DataError(f"the split seed must be a whole number >= 0, got {seed}")
     members: dict[str, list[int]] = defaultdict(list)
     for i, g in enumerate(records.groups):
         members[g].append(i)
@@ -62,7 +66,7 @@ def _check_bad(parts: list[Loaded], max_bad_fraction: float) -> None:
     bad = sum(p.bad for p in parts)
     total = sum(len(p.records) + p.bad for p in parts)
     if bad and bad > max_bad_fraction * total:
-        lines = "\n".join(f"  {path}: {reason}" for p in parts for path, reason in p.skipped)
+        lines = "\n".join(f"  {printable(path)}: {reason}" for p in parts for path, reason in p.skipped)
         raise DataError(
             f"{bad} of {total} image files are unreadable ({bad / total:.1%} > max_bad_fraction "
             f"{max_bad_fraction:.1%}); skipped files:\n{lines}"
@@ -74,10 +78,11 @@ def _align_val(train: Loaded, val: Loaded) -> Records:
     index = {n: i for i, n in enumerate(train.class_names)}
     unknown = [n for n in val.class_names if n not in index]
     if unknown:
-        raise DataError(f"{val.root}: classes not in the training data: {', '.join(unknown)}")
+        raise DataError(f"{val.root}: classes not in the training data: {names_list(unknown)}")
     overlap = set(train.records.paths) & set(val.records.paths)
     if overlap:
-        raise DataError(f"{val.root}: {len(overlap)} file(s) in both train and val, e.g. {sorted(overlap)[0]}")
+        example = printable(sorted(overlap)[0])
+        raise DataError(f"{val.root}: {len(overlap)} file(s) in both train and val, e.g. {example}")
     remap = np.array([index[n] for n in val.class_names], dtype=np.int32)
     return Records(val.records.paths, remap[val.records.labels], val.records.groups)
 
