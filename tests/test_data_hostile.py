@@ -166,14 +166,15 @@ def test_csv_rows_outside_the_data_root_are_refused_naming_each_row(tmp_path: Pa
     root = tmp_path / "ds"
     write_image(root / "a.jpg", CLASS_COLOURS[0])
     write_image(root / "sub" / "b.jpg", CLASS_COLOURS[1])
-    outside = write_image(tmp_path / "secret.jpg", CLASS_COLOURS[2])
+    for name in ("secret.jpg", "secret2.jpg", "secret3.jpg"):  # real images: the old code loaded them silently
+        write_image(tmp_path / name, CLASS_COLOURS[2])
     csv = root / "data.csv"
-    csv.write_text(f"path,label\na.jpg,x\n../secret.jpg,y\n{outside},y\nsub/../../secret.jpg,y\n")
+    csv.write_text(f"path,label\na.jpg,x\n../secret.jpg,y\n{tmp_path / 'secret2.jpg'},y\nsub/../../secret3.jpg,y\n")
     with pytest.raises(DataError) as info:
         load_splits(csv)
     message = str(info.value)
     _one_paragraph(message)
-    assert "row(s) 3 ('../secret.jpg'), 4 (" in message and "5 ('sub/../../secret.jpg')" in message
+    assert "row(s) 3 ('../secret.jpg'), 4 (" in message and "5 ('sub/../../secret3.jpg')" in message
     assert "outside the data root" in message and str(root) in message
     # Inside the root, absolute paths and `..` that stay inside are fine.
     csv.write_text(f"path,label\na.jpg,x\n{root / 'sub' / 'b.jpg'},y\nsub/../sub/./b2.jpg,y\n")
