@@ -18,8 +18,7 @@ import torch.nn.functional as F
 from bench.common import DATA_SEED, NUM_CLASSES, TRAIN_CONFIG, CaseSpec, measure
 from darknet_arch import ARCHS
 from torch_ref import Darknet53
-from train.options import IMAGENET_MEAN, IMAGENET_STD, PIXEL_SCALE
-from train.torch import make_torch_optimizer, zero_init_residual
+from train.torch import make_torch_optimizer, normalize, zero_init_residual
 
 
 def tf32_state() -> dict[str, Any]:
@@ -55,13 +54,11 @@ def run_torch_case(spec: CaseSpec, spawn_time: float | None = None) -> dict[str,
     shape = (spec.batch, config.in_channels, spec.image_size, spec.image_size)
     images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen).to(device, memory_format=fmt)
     labels = torch.randint(0, NUM_CLASSES, (spec.batch,), generator=gen).to(device)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, -1, 1, 1)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
 
     def forward() -> torch.Tensor:
-        x = ((images.float() / PIXEL_SCALE - mean) / std).contiguous(memory_format=fmt)
+        x = normalize(images).contiguous(memory_format=fmt)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             return net(x)
 

@@ -23,6 +23,7 @@ CHECKPOINT_DIR = "checkpoints"
 # Orbax writes into "<step>.orbax-checkpoint-tmp*" and renames when done; a crash can leave these behind.
 TMP_MARKER = ".orbax-checkpoint-tmp"
 STATE, META = "state", "meta"
+UNREADABLE_SUFFIX = ".unreadable"  # step folders a --resume could not read, kept beside the good ones
 BEST_METRIC = "macro_f1"  # the competition metric; higher is better
 
 
@@ -137,6 +138,20 @@ def all_steps(directory: str | Path) -> list[int]:
     """Every finished step of a checkpoint folder, newest first."""
     with _reading(directory) as m:
         return sorted(m.all_steps(), reverse=True)
+
+
+def set_aside_after(directory: str | Path, step: int) -> list[Path]:
+    """Rename the step folders newer than `step` (unreadable ones a resume skipped) to `<step>.unreadable`.
+
+    The run continues from `step` and will save those step numbers again; the old folders are kept, not deleted.
+    """
+    moved = []
+    for p in Path(directory).iterdir():
+        if p.name.isdigit() and int(p.name) > step:
+            target = p.with_name(f"{p.name}{UNREADABLE_SUFFIX}")
+            p.rename(target)
+            moved.append(target)
+    return moved
 
 
 def read_meta(directory: str | Path, step: int | None = None) -> tuple[int, dict]:

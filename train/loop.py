@@ -71,9 +71,7 @@ def load_init_variables(
     return jax.tree_util.tree_map(np.asarray, result.variables), result.leaky_slope, list(result.notes)
 
 
-def check_resume(
-    config: TrainConfig, workdir: Path, class_names: list[str]
-) -> tuple[list[tuple[int, dict]], TrainConfig]:
+def check_resume(config: TrainConfig, workdir: Path, splits: DataSplits) -> tuple[list[tuple[int, dict]], TrainConfig]:
     """--resume: the readable checkpoints (step, meta), newest first, and the config; refuses another config/classes.
 
     A checkpoint whose meta cannot be read (a corrupt or truncated save) is skipped with a warning: the run goes
@@ -95,9 +93,7 @@ def check_resume(
     diffs = config_differences(saved, config)
     if diffs:
         raise run.WorkdirError("--resume with another config than the saved run: " + "; ".join(diffs))
-    if meta["class_names"] != class_names:
-        saved_names = meta["class_names"]
-        raise run.WorkdirError(f"--resume: the data's classes {class_names} differ from the run's {saved_names}")
+    run.check_same_data(meta, splits)
     return candidates, config
 
 
@@ -106,10 +102,12 @@ def restore_newest(directory: Path, candidates: list[tuple[int, dict]], target: 
     errors = []
     for step, meta in candidates:
         try:
-            return ckpt.restore_state(directory, step, target), meta
+            state = ckpt.restore_state(directory, step, target)
         except ckpt.CheckpointError as e:
             errors.append(str(e))
             print(f"warning: --resume skips checkpoint step {step}: {e}", file=sys.stderr)
+            continue
+        return state, meta
     raise ckpt.CheckpointError("--resume: no checkpoint could be restored: " + "; ".join(errors))
 
 
@@ -149,7 +147,7 @@ def plan_run(config: TrainConfig, base_config: DarknetConfig, splits: DataSplits
     class_names = list(splits.class_names)
     run.check_workdir(config, ckpt.CHECKPOINT_DIR)
     if config.resume:
-        candidates, config = check_resume(config, Path(config.workdir), class_names)
+        candidates, config = check_resume(config, Path(config.workdir), splits)
         return RunStart(config, base_config.with_slope(config.leaky_slope), splits, tuple(candidates))
     if not config.init_from:
         return RunStart(config, base_config.with_slope(config.leaky_slope), splits)
@@ -217,10 +215,11 @@ def _train(start: RunStart, topology: Topology, verbose: bool, t_entry: float) -
     state = replicate(state, topology)
 
     loop, last_val = run.LoopState(), None
-    # Every process takes part in saving (orbax writes each process's shards and synchronises them).
-    checkpointer = ckpt.Checkpointer(workdir, keep=config.keep_checkpoints)
     if start.resume_from:
         state, resume_meta = restore_newest(workdir / ckpt.CHECKPOINT_DIR, list(start.resume_from), state)
+        if is_main:  # the steps after it will be saved again: keep the unreadable folders aside
+            ckpt.set_aside_after(workdir / ckpt.CHECKPOINT_DIR, int(state.step))
+        distributed.barrier("resume-set-aside")
         data_state = ckpt.decode_data_state(resume_meta["data_state"])
         # Saved by another number of processes? The same global position (see docs/multihost.md).
         data_state = distributed.data_state_for_topology(data_state, local_batch, topology.process_count)
@@ -230,6 +229,8 @@ def _train(start: RunStart, topology: Topology, verbose: bool, t_entry: float) -
             run.trim_metrics(workdir, loop.step)
         last_val = resume_meta["val"]  # a finished run resumed keeps its final evaluation in summary.json
         say(f"resumed from step {loop.step} in {workdir}")
+    # Every process takes part in saving (orbax writes each process's shards and synchronises them).
+    checkpointer = ckpt.Checkpointer(workdir, keep=config.keep_checkpoints)
 
     if is_main:
         run.write_run_files(workdir, config, splits)
@@ -244,12 +245,13 @@ def _train(start: RunStart, topology: Topology, verbose: bool, t_entry: float) -
     eval_fn = jax.jit(eval_step)
     logger = RunLogger(workdir, enabled=is_main)
     tracker = run.StepTracker(loop, config, steps_per_epoch, total_steps, logger, verbose=verbose)
-    preprocessing = run.preprocessing(config, class_names)
+    preprocessing, fingerprint = run.preprocessing(config, class_names), run.data_fingerprint(splits)
 
     def save(val: dict | None = None) -> None:
         meta = {
             "config": config.to_json(),
             "class_names": class_names,
+            "data_fingerprint": fingerprint,
             "preprocessing": preprocessing,
             "model_config": dataclasses.asdict(model_config),
             "data_state": ckpt.encode_data_state(train_iter.get_state()),

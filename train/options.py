@@ -1,7 +1,8 @@
 """One TrainConfig for train.flax and train.torch: its field defaults are the defaults, its metadata the flags.
 
 Each field carries its help text and two properties in its metadata: whether it may change on `--resume`
-(`mutable`: it does not change what is trained) and whether it may differ between the processes of one run
+(`mutable`: it does not change what is trained; the data folder and the workdir may move, as a resume checks
+the data's content, not its path) and whether it may differ between the processes of one run
 (`per_host`). The argparse parser is generated from the fields, and presets (`get_config("demo")`, as
 big_vision's configs do) change only the fields where they differ. No jax or torch here.
 """
@@ -60,7 +61,7 @@ def _field(
     per_host: bool = False,
     path: bool = False,
 ) -> Any:
-    """A TrainConfig field: its default, its flag's help and its --resume / multi-host properties."""
+    """A TrainConfig field: its default, its flag's help, its --resume / multi-host properties, whether a path."""
     meta = {"help": help, "type": type, "choices": choices, "mutable": mutable, "per_host": per_host, "path": path}
     return dataclasses.field(default=default, metadata=meta)
 
@@ -70,13 +71,15 @@ class TrainConfig:
     """Everything that defines a training run; saved as config.json in the workdir and in every checkpoint."""
 
     data: str | None = _field(
-        None, "dataset folder (mask layout or one folder per class), or 'demo'", type=str, path=True
+        None, "dataset folder (mask layout or one folder per class), or 'demo'", type=str, mutable=True, path=True
     )
     val_path: str | None = _field(
-        None, "separate validation folder (default: split --val-fraction off --data)", type=str, path=True
+        None, "separate validation folder (default: split --val-fraction off --data)", type=str, mutable=True, path=True
     )
     val_fraction: float = _field(0.2, "fraction of --data held out for validation (grouped by person)")
-    workdir: str | None = _field(None, "output folder (default: runs/<UTC timestamp>)", type=str, path=True)
+    workdir: str | None = _field(
+        None, "output folder (default: runs/<UTC timestamp>)", type=str, mutable=True, path=True
+    )
     resume: bool = _field(False, "continue the run in --workdir from its latest checkpoint", mutable=True)
     overwrite: bool = _field(False, "delete an existing run in --workdir and start over", mutable=True)
     arch: str = _field("darknet53", "architecture ('tiny' is for smoke tests only)", choices=tuple(ARCHS))
@@ -101,7 +104,7 @@ class TrainConfig:
     zero_init_residual: bool = _field(True, "start each residual block as the identity (zeroed last BN scale)")
     seed: int = _field(0, "seed of the split, the initialisation and the data order")
     num_workers: int = _field(0, "data-loading worker processes", mutable=True, per_host=True)
-    cache_dir: str | None = _field(None, "decoded-image cache folder", type=str, mutable=True, per_host=True)
+    cache_dir: str | None = _field(None, "decoded-image cache folder", type=str, mutable=True, per_host=True, path=True)
     init_from: str | None = _field(
         None, "weights to start from (.pt, .safetensors, .weights, .conv.74, Flax)", type=str, mutable=True, path=True
     )
@@ -168,15 +171,14 @@ def mutable_on_resume(name: str) -> bool:
     return TrainConfig.__dataclass_fields__[name].metadata["mutable"]
 
 
+def path_fields() -> tuple[str, ...]:
+    """The fields that name files or folders (an --overwrite must not delete any of them)."""
+    return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["path"])
+
+
 def per_host_fields() -> frozenset[str]:
     """The fields that may differ between the processes of one run (they concern each host)."""
     return frozenset(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["per_host"])
-
-
-def _same(field: dataclasses.Field, a: Any, b: Any) -> bool:
-    if field.metadata["path"] and a is not None and b is not None and a != DEMO_DATA and b != DEMO_DATA:
-        return os.path.realpath(a) == os.path.realpath(b)  # ./runs/x, runs/x/ and /abs/runs/x are one folder
-    return a == b
 
 
 def config_differences(saved: TrainConfig, new: TrainConfig) -> list[str]:
@@ -184,7 +186,7 @@ def config_differences(saved: TrainConfig, new: TrainConfig) -> list[str]:
     return [
         f"{f.name}: {getattr(saved, f.name)!r} -> {getattr(new, f.name)!r}"
         for f in dataclasses.fields(TrainConfig)
-        if not f.metadata["mutable"] and not _same(f, getattr(saved, f.name), getattr(new, f.name))
+        if not f.metadata["mutable"] and getattr(saved, f.name) != getattr(new, f.name)
     ]
 
 

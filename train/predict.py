@@ -71,15 +71,19 @@ class Predictor:
     def from_checkpoint(cls, path: str | os.PathLike, batch_size: int | None = None) -> Predictor:
         directory, step = resolve_checkpoint(path)
         _, meta = read_meta(directory, step)
-        return cls(
-            variables=restore_variables(directory, step),
-            model_config=model_config_from_json(meta["model_config"]),
-            class_names=list(meta["class_names"]),
-            image_size=int(meta["config"]["image_size"]),
-            precision=meta["config"]["precision"],
-            batch_size=batch_size or int(meta["config"]["batch_size"]),
-            source=f"{directory} step {step}",
-        )
+        try:
+            fields = {
+                "model_config": model_config_from_json(meta["model_config"]),
+                "class_names": [str(c) for c in meta["class_names"]],
+                "image_size": int(meta["config"]["image_size"]),
+                "precision": str(meta["config"]["precision"]),
+                "batch_size": batch_size or int(meta["config"]["batch_size"]),
+            }
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(
+                f"checkpoint step {step} in {directory}: its meta is not a training run's ({type(e).__name__}: {e})"
+            ) from e
+        return cls(variables=restore_variables(directory, step), source=f"{directory} step {step}", **fields)
 
     def probabilities(self, records: Records) -> np.ndarray:
         """(len(records), num_classes) softmax probabilities, in record order."""
@@ -138,8 +142,12 @@ def predict(checkpoint: str, data: str, out: str | None, force: bool = False) ->
         raise DataError(f"--out {out_path} is the input {EVAL_CSV}; write the submission to another file")
     if out_path.exists() and not force:
         raise DataError(f"--out {out_path} already exists; pass --force to replace it")
+    if out_path.is_dir():
+        raise DataError(f"--out {out_path} is a folder; give a file name such as {out_path / out_path.name}.csv")
     if not out_path.parent.is_dir():
         raise DataError(f"--out {out_path}: folder {out_path.parent} does not exist")
+    if not os.access(out_path.parent, os.W_OK):
+        raise DataError(f"--out {out_path}: folder {out_path.parent} is not writable; choose another --out")
     predictor = Predictor.from_checkpoint(checkpoint)
     print(f"using checkpoint {predictor.source}")
     records = load_eval_folder(folder) if is_eval else list_images(folder)
@@ -154,7 +162,10 @@ def predict(checkpoint: str, data: str, out: str | None, force: bool = False) ->
         for path, p, pr in zip(records.paths, preds, probs, strict=True):
             writer.writerow([os.path.relpath(path, folder), predictor.class_names[p], f"{pr[p]:.6f}"])
         text = buf.getvalue()
-    atomic_write_text(out_path, text)
+    try:
+        atomic_write_text(out_path, text)
+    except OSError as e:
+        raise DataError(f"--out {out_path}: writing failed ({e.strerror or e}); nothing was written") from e
     return out_path, len(records)
 
 

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from train.data import DataSplits, load_splits, make_eval_iter, make_train_iter
+from train.data.pipeline import records_fingerprint
 from train.logging_utils import METRICS_FILE, Progress, RunLogger, atomic_write_text, ensure_writable_dir, epoch_of
-from train.options import DEMO_DATA, IMAGENET_MEAN, IMAGENET_STD, PIXEL_SCALE, TrainConfig, dumps
+from train.options import DEMO_DATA, IMAGENET_MEAN, IMAGENET_STD, PIXEL_SCALE, TrainConfig, dumps, path_fields
 
 CONFIG_FILE = "config.json"
 DATA_SUMMARY_FILE = "data_summary.json"
@@ -55,6 +56,23 @@ def preprocessing(config: TrainConfig, class_names: list[str]) -> dict[str, Any]
         "class_names": list(class_names),
         "leaky_slope": config.model_config.leaky_slope,
     }
+
+
+def data_fingerprint(splits: DataSplits) -> str:
+    """The run's records (paths relative to their folder, labels) of both splits: the same after a move."""
+    return f"{records_fingerprint(splits.train)}:{records_fingerprint(splits.val)}"
+
+
+def check_same_data(saved: dict[str, Any], splits: DataSplits) -> None:
+    """Refuse a --resume whose data differ (classes or records) from the run's."""
+    class_names = list(splits.class_names)
+    if saved["class_names"] != class_names:
+        raise WorkdirError(f"--resume: the data's classes {class_names} differ from the run's {saved['class_names']}")
+    if saved.get("data_fingerprint") != data_fingerprint(splits):
+        raise WorkdirError(
+            "--resume: --data holds other images or labels than the run was trained on (the records' fingerprint "
+            "differs); resume with the run's data, or start a new run"
+        )
 
 
 class WorkdirLock:
@@ -111,9 +129,16 @@ def check_workdir(config: TrainConfig, checkpoint_dir: str) -> None:
             f"--overwrite: {workdir} is not a training run folder (it has no {CONFIG_FILE}); "
             "refusing to delete it. Choose another --workdir"
         )
-    for name in ("data", "val_path", "init_from", "cache_dir"):
+    for name in path_fields():
         value = getattr(config, name)
-        if used and config.overwrite and value and value != DEMO_DATA and _inside(Path(value), workdir):
+        if (
+            name != "workdir"
+            and used
+            and config.overwrite
+            and value
+            and value != DEMO_DATA
+            and _inside(Path(value), workdir)
+        ):
             flag = "--" + name.replace("_", "-")
             raise WorkdirError(f"--overwrite would delete {flag} {value}, which is inside {workdir}; choose another")
 
@@ -138,7 +163,10 @@ def prepare_workdir(
     lock = None
     if is_main:
         lock = WorkdirLock(workdir)
-        lock.acquire()
+        try:
+            lock.acquire()
+        except OSError as e:
+            raise WorkdirError(f"--workdir {workdir} is not writable: {e}") from e
         try:
             check_workdir(config, checkpoint_dir)  # again under the lock: another run may have started meanwhile
             if config.overwrite:

@@ -72,12 +72,16 @@ def zero_init_residual(model: nn.Module) -> None:
             nn.init.zeros_(module[1].weight)
 
 
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (or float 0..255) RGB NCHW -> (x / 255 - mean) / std in float32 (train.steps.normalize's numbers)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, -1, 1, 1)
+    return (images.float() / PIXEL_SCALE - mean) / std
+
+
 def to_tensor(images: np.ndarray, device: torch.device, channels_last: bool) -> torch.Tensor:
-    """uint8 NHWC numpy -> normalised float NCHW tensor (train.steps.normalize)."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float() / PIXEL_SCALE
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, -1, 1, 1)
-    x = (x - mean) / std
+    """uint8 NHWC numpy -> normalised float NCHW tensor."""
+    x = normalize(torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2))
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
@@ -180,10 +184,18 @@ def _train_torch(config: TrainConfig, splits: Any, compile_model: bool, verbose:
     optimizer = make_torch_optimizer(model, config)
     loop, last_val = run.LoopState(), None
     if config.resume:
-        saved = torch.load(ckpt_dir / LATEST, map_location=dev.device, weights_only=True)  # never runs pickled code
-        diffs = config_differences(TrainConfig.from_json(saved["config"]), config)
-        if diffs or saved["class_names"] != class_names:
-            raise run.WorkdirError("--resume with another config or class list: " + "; ".join(diffs or ["class names"]))
+        try:  # weights_only: tensors and plain data only, so no code in the file ever runs
+            saved = torch.load(ckpt_dir / LATEST, map_location=dev.device, weights_only=True)
+            saved_config = TrainConfig.from_json(saved["config"])
+        except Exception as e:
+            raise run.WorkdirError(
+                f"--resume: {ckpt_dir / LATEST} is not a checkpoint this trainer wrote ({type(e).__name__}: {e}); "
+                "nothing in it was run. Start a new run, or --overwrite this one"
+            ) from e
+        diffs = config_differences(saved_config, config)
+        if diffs:
+            raise run.WorkdirError("--resume with another config than the saved run: " + "; ".join(diffs))
+        run.check_same_data(saved, splits)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         train_iter.set_state(saved["data_state"])
@@ -202,6 +214,7 @@ def _train_torch(config: TrainConfig, splits: Any, compile_model: bool, verbose:
             "optimizer": optimizer.state_dict(),
             "config": config.to_json(),
             "class_names": class_names,
+            "data_fingerprint": run.data_fingerprint(splits),
             "preprocessing": run.preprocessing(config, class_names),
             "data_state": train_iter.get_state(),
             "torch_rng": torch.get_rng_state(),

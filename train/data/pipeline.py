@@ -61,10 +61,14 @@ class ImageSource:
 
 
 def records_fingerprint(records: Records) -> str:
-    """A short hash of the paths and labels: a saved state only restores onto the same records."""
+    """A short hash of the paths and labels: a saved state only restores onto the same records.
+
+    Paths count relative to their common folder, so a moved copy of the data is the same data.
+    """
+    root = os.path.commonpath(records.paths) if records.paths else ""
     h = hashlib.sha1()
     for p, lbl in zip(records.paths, records.labels.tolist(), strict=True):
-        h.update(f"{p}\0{lbl}\n".encode())
+        h.update(f"{os.path.relpath(p, root) if root else p}\0{lbl}\n".encode())
     return h.hexdigest()[:16]
 
 
