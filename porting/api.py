@@ -12,7 +12,7 @@ from darknet_arch import DARKNET53, DARKNET_LEAKY_SLOPE, SEED_LEAKY_SLOPE, Darkn
 from porting import files, keymap
 from porting.darknet import read_darknet_weights
 from porting.errors import PortingError
-from porting.state import CanonicalStateDict, check_num_classes
+from porting.state import CanonicalStateDict, check_leaky_slope, check_num_classes
 from porting.torch_flax import (
     canonical_from_flax,
     canonical_from_torch,
@@ -101,6 +101,7 @@ def load_canonical(
     leaky_slope None keeps what the file records or implies.
     """
     num_classes = check_num_classes(num_classes, "num_classes (--num-classes)")
+    leaky_slope = check_leaky_slope(leaky_slope, "leaky_slope (--leaky-slope)")
     where = os.fspath(path)
     loaded = _read(where, config, source)
     label = os.path.basename(os.path.normpath(where))
@@ -127,9 +128,9 @@ def load_canonical(
         )
     slope = loaded.leaky_slope
     if leaky_slope is not None:
-        if slope is not None and float(leaky_slope) != slope:
+        if slope is not None and leaky_slope != slope:
             notes.append(f"leaky_slope {leaky_slope} requested although the file records/implies {slope}")
-        slope = float(leaky_slope)
+        slope = leaky_slope
     return Loaded(state, classes, slope, loaded.source_format, tuple(notes))
 
 

@@ -3,14 +3,43 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 
+from darknet_arch import ARCHS
 from porting.convert import DIRECTIONS, check_conversion, convert
-from porting.errors import PortingError
+from porting.errors import PortingError, Stopped, pending_stop, raise_if_stopped
 from porting.files import SIDE_HELP
 from porting.torch_flax import SOURCES
 
 EXIT_ERROR = 2
+# A run stopped by one of these exits with 128 + the signal's number, as a shell reports a process it killed.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+SIGNAL_EXIT_BASE = 128
+
+
+@contextlib.contextmanager
+def signals_raise() -> Iterator[None]:
+    """Within the block, the first SIGTERM/SIGINT raises Stopped; later ones are ignored so cleanup can finish."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread can install handlers
+        yield
+        return
+
+    def handler(signum: int, _frame: object) -> None:
+        if not pending_stop:
+            pending_stop.append(signum)
+            raise Stopped(signum)
+
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
+        pending_stop.clear()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,38 +80,36 @@ def build_parser() -> argparse.ArgumentParser:
             help="run torch_ref and Flax on one random batch and print the max difference of each output",
         )
         p.add_argument("--force", action="store_true", help="overwrite an existing DST")
+        p.add_argument("--arch", choices=ARCHS, default="darknet53", help="architecture of SRC and DST")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `port-weights` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
+    config = ARCHS[args.arch]
     try:
-        result = convert(
-            args.src,
-            args.dst,
-            direction=args.direction,
-            num_classes=args.num_classes,
-            leaky_slope=args.leaky_slope,
-            source=args.source,
-            seed=args.seed,
-            force=args.force,
-            reset_head=args.reset_head,
-        )
-        head = "none" if result.num_classes is None else f"{result.num_classes} classes"
-        print(
-            f"wrote {args.dst} ({args.direction}, from {result.source_format}, head: {head}, "
-            f"leaky_slope: {result.leaky_slope})"
-        )
-        for note in result.notes:
-            print(f"note: {note}")
-        if args.check:
-            diffs = check_conversion(args.src, args.dst, leaky_slope=result.leaky_slope, source=args.source)
-            for name, (diff, scale) in diffs.items():
-                print(f"check {name}: max |torch - flax| = {diff:.3e} (max |torch| = {scale:.3e})")
+        with signals_raise():
+            result = convert(args.src, args.dst, direction=args.direction, num_classes=args.num_classes,
+                             leaky_slope=args.leaky_slope, source=args.source, seed=args.seed, force=args.force,
+                             reset_head=args.reset_head, config=config)  # fmt: skip
+            head = "none" if result.num_classes is None else f"{result.num_classes} classes"
+            print(f"wrote {args.dst} ({args.direction}, from {result.source_format}, head: {head}, "
+                  f"leaky_slope: {result.leaky_slope})")  # fmt: skip
+            for note in result.notes:
+                print(f"note: {note}")
+            if args.check:
+                diffs = check_conversion(args.src, args.dst, leaky_slope=result.leaky_slope, source=args.source,
+                                         config=config)  # fmt: skip
+                for name, (diff, scale) in diffs.items():
+                    print(f"check {name}: max |torch - flax| = {diff:.3e} (max |torch| = {scale:.3e})")
+            raise_if_stopped()
     except (PortingError, OSError) as exc:
         print(f"port-weights: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except Stopped as stop:
+        print(f"port-weights: stopped by {stop}; no temporary file was left behind", file=sys.stderr)
+        return SIGNAL_EXIT_BASE + stop.signum
     return 0
 
 

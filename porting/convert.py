@@ -10,7 +10,7 @@ from collections.abc import Callable
 import numpy as np
 
 from darknet_arch import DARKNET53, DARKNET_LEAKY_SLOPE, DarknetConfig
-from porting import files, keymap
+from porting import atomic, files, keymap
 from porting.api import Loaded, load_canonical
 from porting.darknet import write_darknet_weights
 from porting.errors import PortingError
@@ -57,7 +57,7 @@ def convert(
     """
     src, dst = os.fspath(src), os.fspath(dst)
     dst_side = DIRECTIONS[direction_of(src, dst, direction)][1]
-    files.check_destination(dst, force)
+    atomic.check_destination(dst, force)
     if os.path.abspath(src) == os.path.abspath(dst):
         raise PortingError(f"SRC and DST are the same path {src!r}")
     loaded = load_canonical(src, config=config, source=source, num_classes=num_classes, leaky_slope=leaky_slope,

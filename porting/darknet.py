@@ -22,7 +22,7 @@ from typing import BinaryIO
 import numpy as np
 
 from darknet_arch import DARKNET53, DarknetConfig
-from porting import files, keymap
+from porting import atomic, files, keymap
 from porting.errors import PortingError
 from porting.state import CanonicalStateDict, check_and_convert, check_num_classes, check_running_var
 
@@ -198,4 +198,4 @@ def write_darknet_weights(
     force: bool = False,
 ) -> None:
     """Write a canonical state dict as a .weights file (20-byte header by default), atomically."""
-    files.write_bytes(dst, darknet_bytes(state, config=config, header=header), force)
+    atomic.write_bytes({dst: darknet_bytes(state, config=config, header=header)}, force)

@@ -1,7 +1,45 @@
-"""The one error type every bad-weights case raises."""
+"""The one error type every bad-weights case raises, the one place other libraries' errors become it, and stops."""
 
 from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Iterator
 
 
 class PortingError(ValueError):
     """Weights that cannot be ported: a bad file, missing or unexpected keys, a wrong shape or dtype, NaN/Inf."""
+
+
+class Stopped(BaseException):
+    """A SIGTERM/SIGINT raised as an exception (by the CLI's handler) so that every cleanup runs before exit."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+# The signal a handler turned into Stopped. Python drops an exception raised inside a GC callback or __del__
+# ("Exception ignored in ..."), so writers call raise_if_stopped() before they commit anything.
+pending_stop: list[int] = []
+
+
+def raise_if_stopped() -> None:
+    """Raise Stopped again if a stop signal arrived and its exception was swallowed."""
+    if pending_stop:
+        raise Stopped(pending_stop[0])
+
+
+@contextlib.contextmanager
+def failing_as(prefix: str, suffix: str = "") -> Iterator[None]:
+    """Turn whatever a third-party reader or writer raises into ONE PortingError: prefix, the cause, suffix."""
+    try:
+        yield
+    except PortingError:
+        raise
+    except Exception as exc:  # torch, safetensors, msgpack, orbax and tensorstore each raise unrelated types
+        if isinstance(exc, OSError) and exc.strerror:
+            cause = f"[Errno {exc.errno}] {exc.strerror}"  # without the temporary's name that str(exc) carries
+        else:
+            cause = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+        raise PortingError(f"{prefix}: {cause}{suffix}") from exc

@@ -1,4 +1,4 @@
-"""Reading and writing the container formats, chosen by path, with atomic writes and small metadata.
+"""Reading and writing the container formats, chosen by path, with small metadata (writes: porting.atomic).
 
 Formats: PyTorch `.pt`/`.pth` (torch.load with weights_only=True only) and `.safetensors`; Flax `.msgpack`
 (flax.serialization bytes of {"params", "batch_stats", "meta"}) and orbax checkpoint directories; Darknet
@@ -10,17 +10,19 @@ sidecar next to a .pt/.pth (whose payload stays a plain state_dict that `load_st
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
-import shutil
-import uuid
-from collections.abc import Callable, Iterator, Mapping
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from porting.errors import PortingError
-from porting.state import check_num_classes
+from porting.atomic import atomic_write, remove_temporaries, write_bytes, write_file
+from porting.errors import PortingError, failing_as
+from porting.state import check_leaky_slope, check_num_classes
 
 TORCH_SUFFIXES = (".pt", ".pth")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -32,7 +34,6 @@ ORBAX_META_FILE = "porting_meta.json"
 ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt")
 META_KEY = "meta"
 META_FIELDS = ("num_classes", "leaky_slope", "source_format")
-TMP_TAG = ".porting-tmp-"
 # The side (framework) each format belongs to; a direction such as torch2flax names two sides.
 FORMAT_SIDES = {"torch": "torch", "safetensors": "torch", "msgpack": "flax", "orbax": "flax", "darknet": "darknet"}
 SIDE_HELP = {
@@ -81,9 +82,7 @@ def clean_meta(raw: Any, where: str) -> Meta:
     if classes is not None:
         meta["num_classes"] = check_num_classes(classes, f"{where}: metadata num_classes")
     if slope is not None:
-        if isinstance(slope, bool) or not isinstance(slope, int | float):
-            raise PortingError(f"{where}: metadata leaky_slope must be a number, got {slope!r}")
-        meta["leaky_slope"] = float(slope)
+        meta["leaky_slope"] = check_leaky_slope(slope, f"{where}: metadata leaky_slope")
     if source is not None:
         meta["source_format"] = str(source)
     return meta
@@ -120,80 +119,45 @@ def _strings_to_meta(raw: Mapping[str, str] | None, where: str) -> Meta:
     return clean_meta(parsed, where)
 
 
-@contextlib.contextmanager
-def _reading(where: str, refusal: str) -> Iterator[None]:
-    """Turn whatever a third-party reader raises on a corrupt or foreign file into one PortingError."""
-    try:
-        yield
-    except PortingError:
-        raise
-    except Exception as exc:  # torch, safetensors, msgpack and orbax each raise several unrelated types
-        first = (str(exc).strip().splitlines() or [""])[0]
-        raise PortingError(f"{where}: {refusal}: {type(exc).__name__}: {first}") from exc
-
-
-# ---------------------------------------------------------------------------------------------- atomic writes
-
-
-def _remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
-
-
-def check_destination(dst: str | os.PathLike, force: bool) -> None:
-    """Refuse an existing DST unless `force`, and a DST whose directory does not exist."""
-    dst = os.fspath(dst)
-    if os.path.lexists(dst) and not force:
-        raise PortingError(f"{dst!r} already exists; pass force=True (--force) to overwrite it")
-    parent = os.path.dirname(os.path.abspath(dst))
-    if not os.path.isdir(parent):
-        raise PortingError(f"cannot write {dst!r}: directory {parent!r} does not exist")
-
-
-def atomic_write(dst: str | os.PathLike, write: Callable[[str], None], force: bool) -> None:
-    """Call write(tmp) for a temporary name in DST's directory, then rename it onto DST (files or directories).
-
-    An interrupted or failed run leaves DST untouched and no temporary behind.
-    """
-    dst = os.path.abspath(os.fspath(dst))
-    check_destination(dst, force)
-    directory, name = os.path.split(dst)
-    tmp = os.path.join(directory, f".{name}{TMP_TAG}{uuid.uuid4().hex}")
-    try:
-        write(tmp)
-        if os.path.isfile(tmp):
-            # Some writers (safetensors) create 0600 files; give the output the usual umask-derived mode.
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
-        if os.path.isdir(tmp) and os.path.lexists(dst):
-            # os.replace cannot put a directory over a non-empty one: move the old one aside first.
-            old = os.path.join(directory, f".{name}{TMP_TAG}old-{uuid.uuid4().hex}")
-            os.replace(dst, old)
-            os.replace(tmp, dst)
-            _remove(old)
-        else:
-            os.replace(tmp, dst)
-    except BaseException:
-        _remove(tmp)
-        raise
-
-
-def _write_file(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-
-
-def write_bytes(dst: str | os.PathLike, data: bytes, force: bool = False) -> None:
-    """Write `data` to DST atomically."""
-    atomic_write(dst, lambda tmp: _write_file(tmp, data), force)
-
-
 def _json_bytes(payload: Mapping[str, Any]) -> bytes:
-    return json.dumps(payload, indent=1, sort_keys=True).encode("utf-8")
+    return json.dumps(payload, indent=1, sort_keys=True, allow_nan=False).encode("utf-8")
+
+
+def _orbax_checkpointer() -> Any:
+    """orbax's synchronous checkpointer. The asynchronous one (StandardCheckpointer) creates the directory in a
+    background thread; when that fails (read-only or full disk) its writer threads wait 300 s for a signal that
+    never comes, holding the process long after the error."""
+    import orbax.checkpoint as ocp
+
+    return ocp.Checkpointer(ocp.StandardCheckpointHandler())
+
+
+@contextlib.contextmanager
+def _orbax_failing_quietly(tmp: str) -> Iterator[None]:
+    """On a failed orbax save into `tmp`, remove what it wrote while dropping the tracebacks it prints.
+
+    orbax raises at the first failed write (ENOSPC) while its other writes are still in flight; each of those
+    then prints a traceback ("Event loop is closed") on stderr, and may still create files, until its
+    temporaries are gone. The error itself is reported once, by atomic_write. What a successful save prints
+    is passed on.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 2)
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            if failed:
+                remove_temporaries(tmp, settle=True)
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if not failed:
+                log.seek(0)
+                os.write(2, log.read())
 
 
 # ------------------------------------------------------------------------------------------------ PyTorch
@@ -216,11 +180,11 @@ def read_torch_file(path: str | os.PathLike) -> tuple[Mapping[str, Any], Meta]:
     if format_of(where) == "safetensors":
         from safetensors import safe_open
 
-        with _reading(where, "not a readable safetensors file"), safe_open(where, framework="pt") as f:
+        with failing_as(f"{where}: not a readable safetensors file"), safe_open(where, framework="pt") as f:
             state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
             return state, _strings_to_meta(f.metadata(), where)
     # The weights-only unpickler refuses any global it does not allow: no code from the file runs.
-    with _reading(where, "refused by torch.load(weights_only=True) (a pickle payload or not a torch file)"):
+    with failing_as(f"{where}: refused by torch.load(weights_only=True) (a pickle payload or not a torch file)"):
         obj = torch.load(where, map_location="cpu", weights_only=True)
     state, meta = _unwrap_checkpoint(obj, where)
     sidecar = where + PT_SIDECAR_SUFFIX
@@ -231,18 +195,17 @@ def read_torch_file(path: str | os.PathLike) -> tuple[Mapping[str, Any], Meta]:
 
 def write_torch_file(dst: str | os.PathLike, state_dict: Mapping[str, Any], meta: Meta, force: bool = False) -> None:
     """Write a torch state_dict as .pt/.pth (plain state_dict + sidecar) or .safetensors (metadata in header)."""
+    dst, meta = os.fspath(dst), clean_meta(meta, os.fspath(dst))
+    if check_side(dst, "torch", "PyTorch output") == "safetensors":
+        from safetensors.torch import save
+
+        write_bytes({dst: save({k: v.contiguous() for k, v in state_dict.items()}, _meta_to_strings(meta))}, force)
+        return
     import torch
 
-    dst = os.fspath(dst)
-    if check_side(dst, "torch", "PyTorch output") == "safetensors":
-        from safetensors.torch import save_file
-
-        tensors = {k: v.contiguous() for k, v in state_dict.items()}
-        atomic_write(dst, lambda tmp: save_file(tensors, tmp, metadata=_meta_to_strings(meta)), force)
-        return
-    check_destination(dst + PT_SIDECAR_SUFFIX, force)
-    atomic_write(dst, lambda tmp: torch.save(dict(state_dict), tmp), force)
-    write_bytes(dst + PT_SIDECAR_SUFFIX, _json_bytes(clean_meta(meta, dst)), True)
+    buffer = io.BytesIO()  # serialised here, so that every byte reaches the disk through write_file
+    torch.save(dict(state_dict), buffer)
+    write_bytes({dst: buffer.getvalue(), dst + PT_SIDECAR_SUFFIX: _json_bytes(meta)}, force)
 
 
 # --------------------------------------------------------------------------------------------------- Flax
@@ -288,7 +251,7 @@ def read_flax_file(path: str | os.PathLike) -> tuple[dict[str, Any], Meta, list[
     if format_of(where) == "msgpack":
         from flax import serialization
 
-        with open(require_file(where), "rb") as f, _reading(where, "not a Flax msgpack file"):
+        with open(require_file(where), "rb") as f, failing_as(f"{where}: not a Flax msgpack file"):
             tree = serialization.msgpack_restore(f.read())
         if not isinstance(tree, Mapping):
             raise PortingError(f"{where}: expected a msgpack dict of params and batch_stats, got {type(tree).__name__}")
@@ -303,10 +266,8 @@ def read_flax_file(path: str | os.PathLike) -> tuple[dict[str, Any], Meta, list[
     if not directory.is_dir():
         raise PortingError(f"{where!r} is not an orbax checkpoint directory (or a .msgpack file)")
     item, notes = _orbax_item_dir(directory.absolute())
-    import orbax.checkpoint as ocp
-
-    with _reading(where, "not a readable orbax checkpoint"):
-        tree = ocp.StandardCheckpointer().restore(item)
+    with failing_as(f"{where}: not a readable orbax checkpoint"), _orbax_checkpointer() as checkpointer:
+        tree = checkpointer.restore(item)
     variables, more = _pick_variables(tree, where)
     found = [p for p in (item / ORBAX_META_FILE, directory / ORBAX_META_FILE) if p.is_file()]
     return variables, _read_json_meta(found[0]) if found else {}, notes + more
@@ -319,14 +280,14 @@ def write_flax_file(dst: str | os.PathLike, variables: Mapping[str, Any], meta: 
     if check_side(dst, "flax", "Flax output") == "msgpack":
         from flax import serialization
 
-        write_bytes(dst, serialization.msgpack_serialize({**variables, META_KEY: meta}), force)
+        write_bytes({dst: serialization.msgpack_serialize({**variables, META_KEY: meta})}, force)
         return
+    import jax
     import orbax.checkpoint as ocp
 
     def write_dir(tmp: str) -> None:
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(os.path.abspath(tmp), dict(variables))
-        checkpointer.wait_until_finished()
-        _write_file(os.path.join(tmp, ORBAX_META_FILE), _json_bytes(meta))
+        with _orbax_failing_quietly(tmp), _orbax_checkpointer() as checkpointer:
+            checkpointer.save(tmp, args=ocp.args.StandardSave(dict(variables)))
+        write_file(os.path.join(tmp, ORBAX_META_FILE), _json_bytes(meta))
 
-    atomic_write(dst, write_dir, force)
+    atomic_write({dst: write_dir}, force, sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(dict(variables))))

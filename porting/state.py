@@ -6,11 +6,13 @@ The canonical form every reader produces and every writer takes is a "canonical 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
+from darknet_arch import DARKNET_LEAKY_SLOPE, SEED_LEAKY_SLOPE
 from porting.errors import PortingError
 
 CanonicalStateDict = dict[str, np.ndarray]
@@ -97,6 +99,17 @@ def check_and_convert(
     if problems:
         raise PortingError(f"error(s) in {what}:\n  " + "\n  ".join(problems))
     return {k: to_float32(k, found[k]) for k in expected}
+
+
+def check_leaky_slope(value: Any, what: str = "leaky_slope") -> float | None:
+    """A LeakyReLU slope: a finite number, or None for "not given"; PortingError otherwise (NaN, Inf, text)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                              or not math.isfinite(value)):  # fmt: skip
+        raise PortingError(
+            f"{what} must be a finite number such as {DARKNET_LEAKY_SLOPE} (Darknet) or {SEED_LEAKY_SLOPE} (the seed), "
+            f"got {value!r}"
+        )
+    return None if value is None else float(value)
 
 
 def check_num_classes(value: Any, what: str = "num_classes") -> int | None:

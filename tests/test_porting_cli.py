@@ -10,8 +10,8 @@ import torch
 
 import torch_ref
 from porting import PortingError
+from porting.atomic import atomic_write
 from porting.cli import main
-from porting.files import atomic_write
 
 CHECK_LINE = re.compile(r"check (\w+): max \|torch - flax\| = (\S+) \(max \|torch\| = (\S+)\)")
 
@@ -90,7 +90,7 @@ def test_an_interrupted_write_leaves_neither_output_nor_temporary(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        atomic_write(tmp_path / "out.weights", write_half_then_fail, force=False)
+        atomic_write({tmp_path / "out.weights": write_half_then_fail}, force=False)
     assert os.listdir(tmp_path) == []
     with pytest.raises(PortingError, match=r"directory .* does not exist"):
-        atomic_write(tmp_path / "missing" / "out.weights", write_half_then_fail, force=False)
+        atomic_write({tmp_path / "missing" / "out.weights": write_half_then_fail}, force=False)
