@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from tests.train_helpers import run_module, tiny_cli_args
 from train import flax as train_flax
 from train import predict as predict_cli
 from train import run
-from train.checkpointing import CHECKPOINT_DIR, UNREADABLE_SUFFIX, read_meta
+from train.checkpointing import CHECKPOINT_DIR, TMP_MARKER, UNREADABLE_SUFFIX, read_meta
 from train.logging_utils import METRICS_FILE, read_metrics
 
 RUN = ("--steps", "2", "--batch-size", "8", "--val-fraction", "0.05", "--checkpoint-every", "1")
@@ -220,3 +221,26 @@ def test_resume_accepts_a_moved_copy_of_the_data_and_refuses_other_data(tmp_path
     (moved / "class1" / "0.png").rename(moved / "class0" / "extra.png")  # a relabelled image: other data
     assert train_flax.main(["--data", str(moved), *args, "--resume"]) == 2
     assert "other images or labels" in capsys.readouterr().err
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 400 KiB tmpfs (when this process may mount one): room for the run files, not for a checkpoint."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_checkpoint_exits_4_and_leaves_no_temporary(small_disk):
+    workdir = small_disk / "run"
+    proc = run_module("train.flax", tiny_cli_args(workdir, *RUN))
+    assert proc.returncode == 4, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "saving checkpoint step 1" in proc.stderr and "then continue with --resume" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not [p for p in workdir.rglob("*") if TMP_MARKER in p.name or ".tmp" in p.name]

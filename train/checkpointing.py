@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import logging
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,8 @@ CHECKPOINT_DIR = "checkpoints"
 TMP_MARKER = ".orbax-checkpoint-tmp"
 STATE, META = "state", "meta"
 UNREADABLE_SUFFIX = ".unreadable"  # step folders a --resume could not read, kept beside the good ones
+# After a failed save: how long to keep removing the temporaries of orbax's writes still in flight.
+CLEANUP_GRACE_S, CLEANUP_QUIET_S, CLEANUP_POLL_S = 10.0, 1.0, 0.1
 BEST_METRIC = "macro_f1"  # the competition metric; higher is better
 
 
@@ -88,6 +92,13 @@ class Checkpointer:
 
     def save(self, step: int, state: TrainState, meta: dict, metrics: dict | None = None) -> None:
         """Save `step`; `metrics` (with BEST_METRIC) make it a candidate for the best checkpoint."""
+        need = sum(x.nbytes for x in jax.tree_util.tree_leaves(state_tree(state)))
+        free = shutil.disk_usage(self.directory).free
+        if free < need:  # refuse up front: orbax failing mid-write leaves its writer threads printing tracebacks
+            raise CheckpointError(
+                f"saving checkpoint step {step}: it needs about {need / 2**20:.1f} MiB, {self.directory} has "
+                f"{free / 2**20:.1f} MiB free. Free disk space, then continue with --resume"
+            )
         try:
             self.manager.check_for_errors()  # a failed earlier background save surfaces here, not silently
             items = {STATE: ocp.args.StandardSave(state_tree(state)), META: ocp.args.JsonSave(meta)}
@@ -102,13 +113,28 @@ class Checkpointer:
             self.manager.wait_until_finished()
             self.manager.check_for_errors()
         except Exception as e:
-            raise CheckpointError(f"background checkpoint save in {self.directory} failed: {e}") from e
+            raise CheckpointError(
+                f"background checkpoint save in {self.directory} failed: {e}. Free disk space or fix the folder's "
+                "permissions, then continue with --resume (the last finished checkpoint is intact)"
+            ) from e
 
     def close(self) -> None:
+        """Finish background saves and close; after a failed save, remove its temporary folders (process 0)."""
         try:
             self.wait()
-        finally:
-            self.manager.close()
+        except CheckpointError:
+            # orbax raises at the first failed write while its other writes are still in flight; closing the
+            # manager then would tear their event loop down under them (a page of "Event loop is closed"
+            # tracebacks). Leave them to finish or fail, and remove what they write until nothing reappears.
+            if jax.process_index() == 0:
+                deadline, quiet_since = time.monotonic() + CLEANUP_GRACE_S, time.monotonic()
+                while time.monotonic() < deadline and time.monotonic() - quiet_since < CLEANUP_QUIET_S:
+                    for p in self.directory.glob(f"*{TMP_MARKER}*"):
+                        shutil.rmtree(p, ignore_errors=True)
+                        quiet_since = time.monotonic()
+                    time.sleep(CLEANUP_POLL_S)
+            raise
+        self.manager.close()
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import traceback
 from collections.abc import Sequence
@@ -58,6 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing := missing_train_extra():
         print(f"error: {missing}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    # Our messages name every failure with its cause; orbax's and asyncio's own error logs would add a page of
+    # tracebacks from background threads to a full disk or a read-only folder.
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     from train import distributed
     from train.options import ConfigError, build_parser, config_from_args, per_host_fields, resolve, validate
 
