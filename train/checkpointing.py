@@ -37,7 +37,8 @@ class CheckpointError(RuntimeError):
 
 def state_tree(state: TrainState) -> dict[str, Any]:
     """The array part of a TrainState (apply_fn and tx are code, rebuilt from the config)."""
-    return {"step": state.step, "params": state.params, "opt_state": state.opt_state, "batch_stats": state.batch_stats}
+    tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state, "batch_stats": state.batch_stats}
+    return tree if state.ema is None else {**tree, "ema": state.ema}
 
 
 def encode_data_state(data_state: Any) -> Any:
@@ -219,4 +220,6 @@ def restore_variables(directory: str | Path, step: int) -> dict[str, Any]:
             restored = m.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract)}))[STATE]
         except Exception as e:
             raise CheckpointError(f"checkpoint step {step} in {directory} could not be read: {e}") from e
-    return jax.tree_util.tree_map(np.asarray, {"params": restored["params"], "batch_stats": restored["batch_stats"]})
+    # A run with --ema-decay evaluated (and picked its best step by) the EMA: those are its weights.
+    source = restored.get("ema") or restored
+    return jax.tree_util.tree_map(np.asarray, {"params": source["params"], "batch_stats": source["batch_stats"]})

@@ -18,6 +18,7 @@ from train import checkpointing as ckpt
 from train import distributed, run
 from train import metrics as metrics_lib
 from train.data import DataSplits
+from train.finetune import frozen_modules
 from train.logging_utils import RunLogger
 from train.options import COMPILE_CACHE_DEFAULT, COMPILE_CACHE_OFF, ConfigError, TrainConfig, config_differences, dumps
 from train.sharding import Topology, check_batch_size, make_topology, place_batch, replicate, to_host
@@ -210,7 +211,7 @@ def _train(start: RunStart, topology: Topology, verbose: bool, t_entry: float) -
         say(f"init-from: loaded {config.init_from} (leaky slope {model_config.leaky_slope})")
     init_rng = jax.random.split(jax.random.key(config.seed))[0]
     state = create_train_state(
-        init_rng, model, config.image_size, tx, variables=init_variables, zero_residual=config.zero_init_residual
+        init_rng, model, config.image_size, tx, init_variables, config.zero_init_residual, config.ema_decay is not None
     )
     state = replicate(state, topology)
 
@@ -241,7 +242,13 @@ def _train(start: RunStart, topology: Topology, verbose: bool, t_entry: float) -
         f"({jax.default_backend()}), compute {np.dtype(model.dtype).name}"
     )
 
-    train_fn = jax.jit(functools.partial(train_step, label_smoothing=config.label_smoothing), donate_argnums=0)
+    step = functools.partial(
+        train_step,
+        label_smoothing=config.label_smoothing,
+        frozen=frozen_modules(model_config, config.freeze),
+        ema_decay=config.ema_decay,
+    )
+    train_fn = jax.jit(step, donate_argnums=0)
     eval_fn = jax.jit(eval_step)
     logger = RunLogger(workdir, enabled=is_main)
     tracker = run.StepTracker(loop, config, steps_per_epoch, total_steps, logger, verbose=verbose)

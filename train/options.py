@@ -96,6 +96,18 @@ class TrainConfig:
     warmup_epochs: float = _field(2.0, "linear warm-up length in epochs, then cosine decay to 0")
     label_smoothing: float = _field(0.0, "label smoothing of the cross-entropy targets")
     grad_clip: float | None = _field(None, "clip gradients to this global norm (default: off)", type=float)
+    freeze: str = _field(
+        "none",
+        "frozen leading units: none, stem, stage1..stage5 (that stage and all before it), backbone (all but"
+        " the head); frozen parameters and their BatchNorm statistics never change and keep no optimizer state",
+    )
+    head_lr_mult: float = _field(1.0, "learning-rate multiplier of the classifier head (e.g. 10 when fine-tuning)")
+    layer_decay: float | None = _field(
+        None, "layer-wise learning-rate decay: unit k (stem 0 .. head) gets decay ** (head - k)", type=float
+    )
+    ema_decay: float | None = _field(
+        None, "keep an EMA of the weights (e.g. 0.999), used for evaluation and the best checkpoint", type=float
+    )
     image_size: int | None = _field(
         None, "square input side (default: 256; --data demo on a CPU: the demo's 32)", type=int
     )
@@ -230,6 +242,9 @@ def validate(config: TrainConfig) -> None:
     if config.epochs is None and config.steps is None:
         raise ConfigError("give the training length: --epochs or --steps")
     check("weight_decay", math.isfinite(config.weight_decay) and config.weight_decay >= 0, ">= 0")
+    check("head_lr_mult", math.isfinite(config.head_lr_mult) and config.head_lr_mult > 0, "> 0")
+    check("layer_decay", config.layer_decay is None or 0 < config.layer_decay <= 1, "in (0, 1] (or left unset)")
+    check("ema_decay", config.ema_decay is None or 0 < config.ema_decay < 1, "in (0, 1) (or left unset)")
     check("warmup_epochs", math.isfinite(config.warmup_epochs) and config.warmup_epochs >= 0, ">= 0")
     check("momentum", 0 <= config.momentum < 1, "in [0, 1)")
     check("label_smoothing", 0 <= config.label_smoothing < 1, "in [0, 1)")
@@ -239,6 +254,12 @@ def validate(config: TrainConfig) -> None:
         if f.metadata["choices"] is not None:
             choices = f.metadata["choices"]
             check(f.name, getattr(config, f.name) in choices, "one of " + ", ".join(repr(c) for c in choices))
+    from train.finetune import frozen_units  # the unit names come from the architecture
+
+    try:
+        frozen_units(ARCHS[config.arch], config.freeze)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     stride = ARCHS[config.arch].total_stride
     if config.image_size is not None and config.image_size % stride:
         raise ConfigError(

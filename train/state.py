@@ -12,13 +12,15 @@ from flax.training import train_state
 
 from darknet_arch import DarknetConfig
 from flax_darknet import Darknet53
+from train.finetune import group_label, param_labels, unit_multipliers
 from train.options import TrainConfig
 
 
 class TrainState(train_state.TrainState):
-    """flax TrainState plus the BatchNorm running statistics (as in flax examples/imagenet)."""
+    """flax TrainState plus the BatchNorm running statistics (as in flax examples/imagenet) and an optional EMA."""
 
     batch_stats: Any
+    ema: Any = None  # {"params", "batch_stats"} averaged over steps (--ema-decay), or None
 
 
 def compute_dtype(precision: str, platform: str | None = None) -> Any:
@@ -45,22 +47,25 @@ def make_schedule(config: TrainConfig, steps_per_epoch: int, total_steps: int) -
 
 
 def decay_mask(params: Any) -> Any:
-    """True for conv and dense kernels; False for BatchNorm scale/bias and every bias (no decay there)."""
-    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
-    return flax.traverse_util.unflatten_dict({path: path[-1] == "kernel" for path in flat})
+    """True for conv and dense kernels; False for BatchNorm scale/bias and every bias (no decay there).
+
+    A tree map, so it also takes the partial trees optax.multi_transform hands each parameter group.
+    """
+    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
 
 
 def make_optimizer(config: TrainConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
     """SGD with Nesterov momentum (coupled L2 decay, as torch.optim.SGD) or AdamW, decay masked, optional clip.
 
-    The learning rate is an injected hyperparameter, so `learning_rate(opt_state)` is the rate the optimizer
-    applied at its last update (its own count, which does not advance on a skipped non-finite step).
+    Parameters fall into groups by unit (train.finetune): each group runs the same optimizer at its multiple of
+    the rate (the head's --head-lr-mult, --layer-decay), and frozen ones (--freeze) get optax.set_to_zero, which
+    keeps no state. The rate is an injected hyperparameter, so `learning_rate(opt_state)` is the base rate the
+    optimizer applied at its last update (its own count, which does not advance on a skipped non-finite step).
     """
+    multipliers = unit_multipliers(config.model_config, config.freeze, config.head_lr_mult, config.layer_decay)
 
-    def chain(learning_rate: Any) -> optax.GradientTransformation:
+    def group(learning_rate: Any) -> optax.GradientTransformation:
         parts = []
-        if config.grad_clip is not None:
-            parts.append(optax.clip_by_global_norm(config.grad_clip))
         if config.optimizer == "sgd":
             if config.weight_decay:
                 parts.append(optax.add_decayed_weights(config.weight_decay, mask=decay_mask))
@@ -68,6 +73,13 @@ def make_optimizer(config: TrainConfig, schedule: optax.Schedule) -> optax.Gradi
         else:
             parts.append(optax.adamw(learning_rate, weight_decay=config.weight_decay, mask=decay_mask))
         return optax.chain(*parts)
+
+    def chain(learning_rate: Any) -> optax.GradientTransformation:
+        groups = {group_label(m): optax.set_to_zero() if m == 0 else group(learning_rate * m) for m in multipliers}
+        grouped = optax.multi_transform(groups, param_labels(config.model_config, multipliers))
+        if config.grad_clip is None:
+            return grouped
+        return optax.chain(optax.clip_by_global_norm(config.grad_clip), grouped)
 
     return optax.inject_hyperparams(chain)(learning_rate=schedule)
 
@@ -113,10 +125,11 @@ def create_train_state(
     tx: optax.GradientTransformation,
     variables: Any = None,
     zero_residual: bool = False,
+    ema: bool = False,
 ) -> TrainState:
-    """The optimizer state over `variables` (e.g. from --init-from), or over a fresh initialisation."""
+    """The optimizer state over `variables` (e.g. from --init-from), or a fresh initialisation; `ema` starts it."""
     if variables is None:
         variables = init_variables(rng, model, image_size, zero_residual)
-    return TrainState.create(
-        apply_fn=model.apply, params=variables["params"], batch_stats=variables["batch_stats"], tx=tx
-    )
+    params, stats = variables["params"], variables["batch_stats"]
+    ema = {"params": params, "batch_stats": stats} if ema else None
+    return TrainState.create(apply_fn=model.apply, params=params, batch_stats=stats, tx=tx, ema=ema)

@@ -25,9 +25,17 @@ def global_norm(tree: Any) -> jax.Array:
 
 
 def train_step(
-    state: TrainState, batch: dict[str, jax.Array], label_smoothing: float = 0.0
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    label_smoothing: float = 0.0,
+    frozen: frozenset[str] = frozenset(),
+    ema_decay: float | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One SGD/AdamW step; a non-finite loss or gradient returns `state` unchanged with metrics["finite"]=False."""
+    """One SGD/AdamW step; a non-finite loss or gradient returns `state` unchanged with metrics["finite"]=False.
+
+    `frozen` names top-level modules whose BatchNorm statistics stay as they are (their parameters are frozen by
+    the optimizer); `ema_decay` updates state.ema (optax.incremental_update, Polyak averaging).
+    """
     images = normalize(batch["image"])
     labels = batch["label"]
     num_classes = None
@@ -47,7 +55,11 @@ def train_step(
     # (a per-leaf isfinite reduction doubled the compiled program's size and slowed its compile by about 25%).
     grad_norm = global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new_stats = {k: state.batch_stats[k] if k in frozen else v for k, v in new_stats.items()}
     new_state = state.apply_gradients(grads=grads, batch_stats=new_stats)
+    if ema_decay is not None:
+        current = {"params": new_state.params, "batch_stats": new_state.batch_stats}
+        new_state = new_state.replace(ema=optax.incremental_update(current, state.ema, step_size=1.0 - ema_decay))
     # Select the whole state (step, params, optimizer state, BN statistics): a skipped step leaves no trace.
     state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     metrics = {
@@ -61,8 +73,12 @@ def train_step(
 
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """The batch's confusion matrix (unmasked rows) and summed loss, on the device (running BN statistics)."""
-    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, normalize(batch["image"]))
+    """The batch's confusion matrix (unmasked rows) and summed loss, on the device (running BN statistics).
+
+    With an EMA of the weights (--ema-decay) the EMA is what is evaluated.
+    """
+    variables = state.ema if state.ema is not None else {"params": state.params, "batch_stats": state.batch_stats}
+    logits = state.apply_fn(variables, normalize(batch["image"]))
     num_classes = logits.shape[-1]
     mask = batch["mask"].astype(jnp.int32)
     labels, preds = batch["label"], jnp.argmax(logits, -1)
