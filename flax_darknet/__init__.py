@@ -8,7 +8,7 @@ import importlib
 from types import ModuleType
 
 from darknet_arch import DARKNET53, DarknetConfig, FeatureInfo, InputShapeError, summarize
-from flax_darknet.common import REMAT_MODES
+from flax_darknet.common import REMAT_MODES, remat_compiler_options
 from flax_darknet.model import ConvBN, Darknet53, ResidualBlock, ResidualStage
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "ResidualBlock",
     "ResidualStage",
     "nnx",
+    "remat_compiler_options",
     "summarize",
 ]
 

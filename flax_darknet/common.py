@@ -16,6 +16,24 @@ from darknet_arch import DarknetConfig, InputShapeError, check_input_shape
 REMAT_MODES = ("none", "block", "stage")
 
 
+# XLA:CPU's `cse_barrier_expander` pass replaces the optimization barriers jax.checkpoint puts around the
+# recomputation by plain values; CSE then merges the recomputation back into the forward pass (and even without
+# CSE the scheduler runs it there), so on the CPU remat saves no memory at all unless the step is compiled with
+# this pass disabled (measured in bench/RESULTS.md). Other backends were not measured and get no option.
+REMAT_COMPILER_OPTIONS = {"cpu": {"xla_disable_hlo_passes": "cse_barrier_expander"}}
+
+
+def remat_compiler_options(remat: str, platform: str | None = None) -> dict[str, str]:
+    """`compiler_options` for the jax.jit of a train step whose model uses `remat` on `platform` (default backend).
+
+    `jax.jit(train_step, compiler_options=remat_compiler_options(model.remat))`: {} unless remat is on and the
+    platform needs an option for it to take effect (XLA:CPU).
+    """
+    if check_remat_mode(remat) == "none":
+        return {}
+    return dict(REMAT_COMPILER_OPTIONS.get(platform or jax.default_backend(), {}))
+
+
 def check_remat_mode(remat: str) -> str:
     """`remat` if it is one of REMAT_MODES; otherwise a ValueError naming it."""
     if remat not in REMAT_MODES:

@@ -247,7 +247,9 @@ def from_linen_variables(variables: Mapping[str, Any], **model_kwargs: Any) -> D
     """
     if "num_classes" not in model_kwargs:
         config = model_kwargs.get("config", DARKNET53)
-        head = variables.get("params", {}).get(config.head_name()) if isinstance(variables, Mapping) else None
-        model_kwargs["num_classes"] = None if head is None else int(np.shape(head["kernel"])[-1])
+        params = variables.get("params") if isinstance(variables, Mapping) else None
+        head = params.get(config.head_name()) if isinstance(params, Mapping) else None
+        kernel = head.get("kernel") if isinstance(head, Mapping) else None  # absent: load names what is wrong
+        model_kwargs["num_classes"] = None if kernel is None else int(np.shape(kernel)[-1])
     model = nnx.eval_shape(lambda: Darknet53(**model_kwargs, rngs=nnx.Rngs(0)))
     return load_linen_variables(model, variables)
