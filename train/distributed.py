@@ -6,6 +6,9 @@ connections and raises `DistributedError` naming the process when it does not (J
 ask this). Which launch is a cluster's (SLURM, Open MPI) is read from their task-count variables; the details
 (coordinator, ranks) are left to `jax.distributed.initialize`'s own cluster detection. A SIGTERM stops every
 process at one agreed step through JAX's preemption service (see train.loop).
+
+Over 300 lines because each failure mode of a multi-process launch (bad flags, an unreachable coordinator, a
+process that fails, a process count that differs) needs its own handling, and they read best together.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""The Flax training loop: data -> sharded jitted steps -> metrics, checkpoints, plots; exact resume."""
+"""The Flax training loop: data -> sharded jitted steps -> metrics, checkpoints, plots; exact resume.
+
+Over 300 lines: the checks that must pass before the workdir is touched (plan_run) and the loop they feed
+read as one story.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from darknet_arch import DarknetConfig
 from train import checkpointing as ckpt
 from train import distributed, run
 from train import metrics as metrics_lib
+from train import workdir as workdir_lib
 from train.data import DataSplits
 from train.finetune import frozen_modules
 from train.logging_utils import RunLogger
@@ -146,7 +151,7 @@ def plan_run(config: TrainConfig, base_config: DarknetConfig, splits: DataSplits
     """
     splits = splits or run.load_run_splits(config)
     class_names = list(splits.class_names)
-    run.check_workdir(config, ckpt.CHECKPOINT_DIR)
+    workdir_lib.check_workdir(config, ckpt.CHECKPOINT_DIR)
     if config.resume:
         candidates, config = check_resume(config, Path(config.workdir), splits)
         return RunStart(config, base_config.with_slope(config.leaky_slope), splits, tuple(candidates))
@@ -176,7 +181,7 @@ def train(
     topology = topology or make_topology()
     check_batch_size(config.batch_size, topology)
     start = plan_run(config, model_config or config.model_config, splits)
-    lock = run.prepare_workdir(start.config, ckpt.CHECKPOINT_DIR, topology.is_main, sync=distributed.barrier)
+    lock = workdir_lib.prepare_workdir(start.config, ckpt.CHECKPOINT_DIR, topology.is_main, sync=distributed.barrier)
     try:
         return _train(start, topology, verbose and topology.is_main, t_entry)
     finally:
@@ -227,7 +232,7 @@ def _train(start: RunStart, topology: Topology, verbose: bool, t_entry: float) -
         train_iter.set_state(data_state)
         loop = run.LoopState(**resume_meta["loop"])
         if is_main:
-            run.trim_metrics(workdir, loop.step)
+            workdir_lib.trim_metrics(workdir, loop.step)
         last_val = resume_meta["val"]  # a finished run resumed keeps its final evaluation in summary.json
         say(f"resumed from step {loop.step} in {workdir}")
     # Every process takes part in saving (orbax writes each process's shards and synchronises them).

@@ -24,6 +24,7 @@ from torch import nn
 
 from train import metrics as metrics_lib
 from train import run
+from train import workdir as workdir_lib
 from train.logging_utils import RunLogger
 from train.options import (
     IMAGENET_MEAN,
@@ -156,7 +157,7 @@ def train_torch(config: TrainConfig, *, compile_model: bool = False, verbose: bo
     if config.init_from:
         raise ConfigError("--init-from is supported by train.flax only; convert with port-weights and use train.flax")
     splits = run.load_run_splits(config)  # before the workdir is touched
-    lock = run.prepare_workdir(config, CHECKPOINT_DIR)
+    lock = workdir_lib.prepare_workdir(config, CHECKPOINT_DIR)
     try:
         return _train_torch(config, splits, compile_model, verbose)
     finally:
@@ -201,7 +202,7 @@ def _train_torch(config: TrainConfig, splits: Any, compile_model: bool, verbose:
         train_iter.set_state(saved["data_state"])
         torch.set_rng_state(saved["torch_rng"].cpu())
         loop, last_val = run.LoopState(**saved["loop"]), saved["val"]
-        run.trim_metrics(workdir, loop.step)
+        workdir_lib.trim_metrics(workdir, loop.step)
         say(f"resumed from step {loop.step}")
     forward = torch.compile(model) if compile_model else model
     run.write_run_files(workdir, config, splits)
