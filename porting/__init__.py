@@ -1,7 +1,7 @@
 """Darknet-53 weights between PyTorch (torch_ref, the seed, timm), Flax and Darknet, strictly checked.
 
-See docs/porting.md. `load_flax_variables(path)` reads any supported file; `convert(direction, src, dst)`
-is what the `port-weights` command runs.
+See docs/porting.md. `load_flax_variables(path)` reads any weights location (a run, a step, an orbax or Hub-layout
+directory, any file) with its preprocessing record; `convert(src, dst)` is what the `port-weights` command runs.
 """
 
 from porting.api import Loaded, PortResult, fresh_head, load_canonical, load_flax_variables
@@ -18,6 +18,9 @@ from porting.darknet import (
 )
 from porting.errors import PortingError
 from porting.files import format_of, read_flax_file, read_torch_file, write_flax_file, write_torch_file
+from porting.locations import ACCEPTED, Location, locate
+from porting.preprocessing import Preprocessing
+from porting.pretrained import FlaxPretrained, TorchPretrained, flax_from_pretrained, torch_from_pretrained
 from porting.torch_flax import (
     canonical_from_flax,
     canonical_from_torch,
@@ -31,13 +34,18 @@ from porting.torch_flax import (
 )
 
 __all__ = [
+    "ACCEPTED",
     "DEFAULT_HEADER",
     "DIRECTIONS",
     "DarknetHeader",
     "DarknetWeights",
+    "FlaxPretrained",
     "Loaded",
+    "Location",
     "PortResult",
     "PortingError",
+    "Preprocessing",
+    "TorchPretrained",
     "canonical_from_flax",
     "canonical_from_torch",
     "canonical_to_flax",
@@ -49,16 +57,19 @@ __all__ = [
     "darknet_float_count",
     "detect_source",
     "direction_of",
+    "flax_from_pretrained",
     "flax_to_torch_state_dict",
     "format_of",
     "fresh_head",
     "load_canonical",
     "load_flax_variables",
+    "locate",
     "parse_header",
     "read_darknet_weights",
     "read_flax_file",
     "read_torch_file",
     "timm_to_torch_state_dict",
+    "torch_from_pretrained",
     "torch_state_dict_to_flax",
     "torch_to_timm_state_dict",
     "write_darknet_weights",

@@ -1,17 +1,22 @@
-"""Read any supported weights file into the canonical form, with the head and slope the caller asks for."""
+"""Read the weights any location names (porting.locations) into the canonical form, with their preprocessing record
+and the head, slope and class names the caller asks for.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from darknet_arch import DARKNET53, DARKNET_LEAKY_SLOPE, SEED_LEAKY_SLOPE, DarknetConfig
-from porting import files, keymap
+from darknet_arch import ARCHS, DARKNET_LEAKY_SLOPE, SEED_LEAKY_SLOPE, DarknetConfig
+from porting import files, keymap, layouts
 from porting.darknet import read_darknet_weights
 from porting.errors import PortingError
+from porting.locations import Location, hub_weights, locate
+from porting.preprocessing import DARKNET, Preprocessing, combine, contradictions
 from porting.state import CanonicalStateDict, check_leaky_slope, check_num_classes
 from porting.torch_flax import (
     canonical_from_flax,
@@ -22,55 +27,129 @@ from porting.torch_flax import (
     strip_wrapper_prefixes,
 )
 
-# Slopes a format implies when the file records none: Darknet's 0.1; timm's darknet53 and the seed use 0.01.
-IMPLIED_SLOPES = {"darknet": DARKNET_LEAKY_SLOPE, "timm": SEED_LEAKY_SLOPE, "seed": SEED_LEAKY_SLOPE}
+# What a format implies when its file records nothing: Darknet's [0, 1] input and slope 0.1; timm's darknet53 and
+# the seed use nn.LeakyReLU's 0.01.
+IMPLIED: dict[str, Preprocessing] = {
+    "darknet": DARKNET,
+    "timm": Preprocessing(leaky_slope=SEED_LEAKY_SLOPE),
+    "seed": Preprocessing(leaky_slope=SEED_LEAKY_SLOPE),
+}
+TRAIN_FLAX = "train_flax"  # source_format of a train.flax checkpoint step
 
 
 @dataclasses.dataclass(frozen=True)
 class Loaded:
-    """A weights file in canonical form, with what the file says about itself."""
+    """Weights in canonical form, with what their location says about them."""
 
     state: CanonicalStateDict
     num_classes: int | None  # of the head; None when there is none
-    leaky_slope: float | None  # requested, recorded in metadata or implied by the format
-    source_format: str  # torch_ref, seed, timm, flax_msgpack, orbax or darknet
+    preprocessing: Preprocessing  # recorded, implied by the format, or given; its fields are None where unknown
+    source_format: str  # torch_ref, seed, timm, flax_msgpack, orbax, train_flax or darknet
     notes: tuple[str, ...] = ()
+    config: DarknetConfig = ARCHS["darknet53"]  # the architecture, with the record's slope when it has one
+    location: Location | None = None
+    run_config: dict[str, Any] | None = None  # the training run's TrainConfig (JSON) when the weights are a run's
+
+    @property
+    def leaky_slope(self) -> float | None:
+        return self.preprocessing.leaky_slope
 
 
 @dataclasses.dataclass(frozen=True)
 class PortResult:
-    """Flax variables read from a weights file, plus what the user must know about them."""
+    """Flax variables read from any weights location, plus what the user must know about them."""
 
     variables: dict[str, Any]
     num_classes: int | None
-    leaky_slope: float | None
+    preprocessing: Preprocessing
     source_format: str
     notes: tuple[str, ...]
+    config: DarknetConfig = ARCHS["darknet53"]
+    location: Location | None = None
+    run_config: dict[str, Any] | None = None
+
+    @property
+    def leaky_slope(self) -> float | None:
+        return self.preprocessing.leaky_slope
 
 
-def _read(where: str, config: DarknetConfig, source: str) -> Loaded:
-    """The file as it is: its tensors, head, recorded or implied slope, and format."""
-    fmt = files.format_of(where)
-    if check_source(source) != "auto" and fmt not in ("torch", "safetensors"):
-        raise PortingError(f"source={source!r} names a PyTorch naming; {where!r} is a {fmt} file")
+def arch_name(config: DarknetConfig) -> str:
+    """The ARCHS name of `config`'s architecture (its slope aside), or 'a custom architecture'."""
+    plain = config.with_slope(DARKNET_LEAKY_SLOPE)
+    return next((n for n, c in ARCHS.items() if c.with_slope(DARKNET_LEAKY_SLOPE) == plain), "a custom architecture")
+
+
+def _candidates(config: DarknetConfig | None, meta: Mapping[str, Any], where: str) -> list[DarknetConfig]:
+    """The architectures to try: the one the weights record, else the caller's, else every known one."""
+    if meta.get("model_config") is None:
+        return [config] if config is not None else list(ARCHS.values())
+    recorded = layouts.config_from_json(meta["model_config"])
+    if config is not None and config.with_slope(DARKNET_LEAKY_SLOPE) != recorded.with_slope(DARKNET_LEAKY_SLOPE):
+        raise PortingError(
+            f"{where} records a {arch_name(recorded)} network ({recorded}), not the {arch_name(config)} asked for "
+            "(config= / --arch); drop --arch to use the recorded one"
+        )
+    return [recorded]
+
+
+def _first_fit(candidates: list[DarknetConfig], convert: Callable[[DarknetConfig], Any]) -> tuple[DarknetConfig, Any]:
+    """(config, convert(config)) for the first candidate whose shapes fit; the first one's error if none does."""
+    errors = []
+    for config in candidates:
+        try:
+            return config, convert(config)
+        except PortingError as exc:
+            errors.append(exc)
+    if len(candidates) == 1:
+        raise errors[0]
+    raise PortingError(f"{errors[0]}\n  (the error for {arch_name(candidates[0])}; the weights fit none of "
+                       f"{', '.join(ARCHS)}: pass config= / --arch for another architecture)")  # fmt: skip
+
+
+def _read(location: Location, config: DarknetConfig | None, source: str) -> Loaded:
+    """The weights as they are: tensors, head, architecture, the record they carry or their format implies."""
+    where, fmt = location.path, location.format
+    if check_source(source) != "auto" and location.side != "torch":
+        raise PortingError(f"source={source!r} names a PyTorch naming; {location.given!r} is a {fmt} location")
+    notes: list[str] = list(location.notes)
     if fmt == "darknet":
-        weights = read_darknet_weights(where, config=config)
-        return Loaded(weights.state, weights.num_classes, DARKNET_LEAKY_SLOPE, "darknet")
-    if fmt in ("msgpack", "orbax"):
-        variables, meta, notes = files.read_flax_file(where)
-        state = canonical_from_flax(variables, config=config)
-        kind = "flax_msgpack" if fmt == "msgpack" else "orbax"
-        return Loaded(state, keymap.head_width(state, config), meta.get("leaky_slope"), kind, tuple(notes))
-    raw, meta = files.read_torch_file(where)
-    unwrapped, stripped = strip_wrapper_prefixes(raw)
-    notes = tuple(f"stripped the {p!r} prefix from every key" for p in stripped)
-    kind = source
-    if source == "auto":
-        naming = detect_source(unwrapped, config)
-        kind = "seed" if meta.get("source_format") == "seed" and naming == "torch_ref" else naming
-    state = canonical_from_torch(unwrapped, config=config, source="timm" if kind == "timm" else "torch_ref")
-    slope = meta.get("leaky_slope", IMPLIED_SLOPES.get(kind))
-    return Loaded(state, keymap.head_width(state, config), slope, kind, notes)
+        cfg, weights = _first_fit(_candidates(config, {}, where), lambda c: read_darknet_weights(where, config=c))
+        return Loaded(weights.state, weights.num_classes, DARKNET, "darknet", tuple(notes), cfg, location)
+    if location.kind == "train_step" or fmt in ("msgpack", "orbax"):
+        if location.kind == "train_step":
+            variables, meta = layouts.read_train_step(where)
+            kind = TRAIN_FLAX
+        else:
+            variables, meta, more = files.read_flax_file(where)
+            notes += more
+            kind = "flax_msgpack" if fmt == "msgpack" else "orbax"
+        cfg, state = _first_fit(_candidates(config, meta, where), lambda c: canonical_from_flax(variables, config=c))
+    else:
+        raw, meta = files.read_torch_file(hub_weights(where) if location.kind == "hub_dir" else where)
+        if location.kind == "hub_dir":
+            hub = layouts.hub_meta(where)
+            record = combine([(f"{where} weights", _record(meta)), (f"{where} config", _record(hub))], where)
+            meta = {**meta, **hub, "preprocessing": record.to_json()}
+        unwrapped, stripped = strip_wrapper_prefixes(raw)
+        notes += [f"stripped the {p!r} prefix from every key" for p in stripped]
+        kind = source
+        if source == "auto":
+            naming = _first_fit(_candidates(config, meta, where), lambda c: detect_source(unwrapped, c))[1]
+            kind = "seed" if meta.get("source_format") == "seed" and naming == "torch_ref" else naming
+        naming = "timm" if kind == "timm" else "torch_ref"
+        cfg, state = _first_fit(_candidates(config, meta, where),
+                                lambda c: canonical_from_torch(unwrapped, config=c, source=naming))  # fmt: skip
+    head = keymap.head_width(state, cfg)
+    if meta.get("num_classes") is not None and meta["num_classes"] != head:
+        raise PortingError(f"{where} records {meta['num_classes']} classes, but its head has {head}")
+    implied = IMPLIED.get(kind, Preprocessing())
+    record = combine([(f"{where} records", _record(meta)), (f"the {kind} format implies", implied)], where)
+    run = meta.get("run_config")
+    return Loaded(state, head, record, kind, tuple(notes), cfg, location, dict(run) if run else None)
+
+
+def _record(meta: Mapping[str, Any]) -> Preprocessing:
+    return Preprocessing.from_json(meta.get("preprocessing"), "metadata", strict=False)[0]
 
 
 def fresh_head(config: DarknetConfig, num_classes: int, seed: int) -> CanonicalStateDict:
@@ -84,68 +163,106 @@ def fresh_head(config: DarknetConfig, num_classes: int, seed: int) -> CanonicalS
             for r in keymap.DENSE_RULES}  # fmt: skip
 
 
+def given_preprocessing(
+    preprocessing: Preprocessing | Mapping[str, Any] | None = None,
+    leaky_slope: float | None = None,
+    class_names: Sequence[str] | None = None,
+) -> list[tuple[str, Preprocessing]]:
+    """The caller's own statements about the weights, each named as its option, for `combine`."""
+    if isinstance(preprocessing, Mapping):
+        preprocessing = Preprocessing.from_json(preprocessing, "preprocessing (--preprocessing)")[0]
+    given = [("preprocessing (--preprocessing)", preprocessing or Preprocessing()),
+             ("leaky_slope (--leaky-slope)", Preprocessing(leaky_slope=leaky_slope))]  # fmt: skip
+    if class_names is not None:
+        if isinstance(class_names, str) or not isinstance(class_names, Sequence):
+            raise PortingError(f"class_names (--class-names) must be a list of names, got {class_names!r}")
+        names = Preprocessing(class_names=tuple(class_names))  # validates them
+        given.append(("class_names (--class-names)", names))
+    return given
+
+
 def load_canonical(
-    path: str | os.PathLike,
+    path: str | os.PathLike | Location,
     *,
-    config: DarknetConfig = DARKNET53,
+    config: DarknetConfig | None = None,
     source: str = "auto",
     num_classes: int | None = None,
     leaky_slope: float | None = None,
+    class_names: Sequence[str] | None = None,
+    preprocessing: Preprocessing | Mapping[str, Any] | None = None,
     seed: int = 0,
     reset_mismatched_head: bool = True,
 ) -> Loaded:
-    """Any supported file (format chosen by path) as a canonical state dict with the requested head and slope.
+    """The weights any location names (porting.locations.ACCEPTED) as a canonical state dict, with their record.
 
-    num_classes None keeps the file's head (or none); a head-less file gets a fresh head (see fresh_head), and a
-    head of another width is replaced by one (with a note) unless reset_mismatched_head=False.
-    leaky_slope None keeps what the file records or implies.
+    config None: the architecture the location records, else the known one (darknet_arch.ARCHS) the tensors fit.
+    num_classes None keeps the file's head (or none); a head-less file gets a fresh head (see fresh_head), and a head
+    of another width is replaced by one (its class names dropped, with a note) unless reset_mismatched_head=False.
+    leaky_slope, class_names and preprocessing (record fields) add to what the weights record or their format
+    implies; one that contradicts it is a PortingError, as are class names whose count differs from the head.
     """
     num_classes = check_num_classes(num_classes, "num_classes (--num-classes)")
     leaky_slope = check_leaky_slope(leaky_slope, "leaky_slope (--leaky-slope)")
-    where = os.fspath(path)
-    loaded = _read(where, config, source)
-    label = os.path.basename(os.path.normpath(where))
-    state, classes, notes, head = dict(loaded.state), loaded.num_classes, list(loaded.notes), config.head_name()
+    given = given_preprocessing(preprocessing, leaky_slope, class_names)
+    location = path if isinstance(path, Location) else locate(path)
+    loaded = _read(location, config, source)
+    label, cfg = location.given, loaded.config
+    state, classes, notes, head = dict(loaded.state), loaded.num_classes, list(loaded.notes), cfg.head_name()
+    record = loaded.preprocessing
     if num_classes is not None and num_classes != classes:
         if classes is not None and not reset_mismatched_head:
             raise PortingError(
                 f"size mismatch for {head}.weight: {label}'s head has {classes} classes, {num_classes} were requested "
-                f"(expected shape ({num_classes}, {config.width}), got ({classes}, {config.width})); pass "
+                f"(expected shape ({num_classes}, {cfg.width}), got ({classes}, {cfg.width})); pass "
                 f"--reset-head (reset_mismatched_head=True) to replace it with a freshly initialised head"
             )
-        state.update(fresh_head(config, num_classes, seed))
+        state.update(fresh_head(cfg, num_classes, seed))
         if classes is None:
             notes.append(f"{label} has no classifier head; {head} freshly initialised ({num_classes} classes, "
                          f"seed {seed})")  # fmt: skip
         else:
             notes.append(f"{label}'s {classes}-class head was replaced by a freshly initialised {num_classes}-class "
                          f"{head} (seed {seed})")  # fmt: skip
+        if record.class_names is not None:
+            notes.append(f"{label}'s {len(record.class_names)} class names belonged to the replaced head: dropped")
+            record = record.without("class_names")
         classes = num_classes
     if classes is None:
         notes.append(
             f"{label} has no classifier head: build the model with num_classes=None, or pass num_classes to "
             "initialise one"
         )
-    slope = loaded.leaky_slope
-    if leaky_slope is not None:
-        if slope is not None and leaky_slope != slope:
-            notes.append(f"leaky_slope {leaky_slope} requested although the file records/implies {slope}")
-        slope = leaky_slope
-    return Loaded(state, classes, slope, loaded.source_format, tuple(notes))
+    problems = contradictions([(f"{label} records or implies", record), *given])
+    if problems:
+        raise PortingError(
+            f"{label}: the preprocessing given contradicts what the weights record or their format implies (they "
+            "were trained that way; drop the option):\n  " + "\n  ".join(problems)
+        )
+    record = combine([(label, record), *given], label)
+    record.check_against(classes, cfg.in_channels, label)
+    if record.leaky_slope is None:
+        notes.append(f"{label} records no leaky slope and its format implies none: pass the one it was trained with "
+                     "(leaky_slope / --leaky-slope) to have it recorded")  # fmt: skip
+    return Loaded(state, classes, record, loaded.source_format, tuple(notes), cfg.with_slope(record.leaky_slope),
+                  location, loaded.run_config)  # fmt: skip
 
 
 def load_flax_variables(
-    path: str | os.PathLike,
+    path: str | os.PathLike | Location,
     *,
     num_classes: int | None = None,
     leaky_slope: float | None = None,
+    class_names: Sequence[str] | None = None,
+    preprocessing: Preprocessing | Mapping[str, Any] | None = None,
     source: str = "auto",
     seed: int = 0,
-    config: DarknetConfig = DARKNET53,
+    config: DarknetConfig | None = None,
     reset_mismatched_head: bool = True,
 ) -> PortResult:
-    """Flax variables from ANY supported file (torch, safetensors, msgpack, orbax, Darknet); see load_canonical."""
+    """Flax variables from ANY weights location (a run, a step, orbax, a Hub directory, a file); see load_canonical."""
     loaded = load_canonical(path, config=config, source=source, num_classes=num_classes, leaky_slope=leaky_slope,
-                            seed=seed, reset_mismatched_head=reset_mismatched_head)  # fmt: skip
-    variables = canonical_to_flax(loaded.state, config)
-    return PortResult(variables, loaded.num_classes, loaded.leaky_slope, loaded.source_format, loaded.notes)
+                            class_names=class_names, preprocessing=preprocessing, seed=seed,
+                            reset_mismatched_head=reset_mismatched_head)  # fmt: skip
+    variables = canonical_to_flax(loaded.state, loaded.config)
+    return PortResult(variables, loaded.num_classes, loaded.preprocessing, loaded.source_format, loaded.notes,
+                      loaded.config, loaded.location, loaded.run_config)  # fmt: skip

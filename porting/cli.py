@@ -10,9 +10,11 @@ import threading
 from collections.abc import Iterator
 
 from darknet_arch import ARCHS
+from porting.api import arch_name
 from porting.convert import DIRECTIONS, check_conversion, convert
 from porting.errors import PortingError, Stopped, pending_stop, raise_if_stopped
 from porting.files import SIDE_HELP
+from porting.preprocessing import FIELDS, parse_preprocessing, read_class_names
 from porting.torch_flax import SOURCES
 
 EXIT_ERROR = 2
@@ -48,7 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
     for direction, (src_side, dst_side) in DIRECTIONS.items():
         p = sub.add_parser(direction, help=f"{src_side} ({SIDE_HELP[src_side]}) -> {dst_side} ({SIDE_HELP[dst_side]})")
-        p.add_argument("src", metavar="SRC", help=f"input: {SIDE_HELP[src_side]}")
+        p.add_argument("src", metavar="SRC", help=f"input: {SIDE_HELP[src_side]}" + (
+            ", or a training run folder, its checkpoints/ or a step folder, <run>/best, <run>/latest"
+            if src_side == "flax" else ", or a train.torch run folder, or a Hub-layout directory (config.json + "
+            "model.safetensors)" if src_side == "torch" else ""))
         p.add_argument("dst", metavar="DST", help=f"output: {SIDE_HELP[dst_side]}")
         p.add_argument(
             "--num-classes",
@@ -79,28 +84,52 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="run torch_ref and Flax on one random batch and print the max difference of each output",
         )
+        p.add_argument(
+            "--class-names",
+            metavar="FILE",
+            default=None,
+            help="text file of class names, one per line in label order, to record in DST (their count must be the "
+            "head's; SRC's own names must agree)",
+        )
+        p.add_argument(
+            "--preprocessing",
+            metavar="JSON",
+            default=None,
+            help="record fields to add, as a JSON object or a .json file, e.g. "
+            '\'{"image_size": 256, "interpolation": "bilinear"}\' (fields: ' + ", ".join(FIELDS) + "); a field SRC "
+            "records or its format implies must not be contradicted",
+        )
         p.add_argument("--force", action="store_true", help="overwrite an existing DST")
-        p.add_argument("--arch", choices=ARCHS, default="darknet53", help="architecture of SRC and DST")
+        p.add_argument(
+            "--arch",
+            choices=ARCHS,
+            default=None,
+            help="architecture of SRC and DST (default: the one SRC records, else the one its tensors fit)",
+        )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `port-weights` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
-    config = ARCHS[args.arch]
+    config = None if args.arch is None else ARCHS[args.arch]
     try:
         with signals_raise():
+            class_names = None if args.class_names is None else read_class_names(args.class_names)
+            preprocessing = None if args.preprocessing is None else parse_preprocessing(args.preprocessing)
             result = convert(args.src, args.dst, direction=args.direction, num_classes=args.num_classes,
-                             leaky_slope=args.leaky_slope, source=args.source, seed=args.seed, force=args.force,
-                             reset_head=args.reset_head, config=config)  # fmt: skip
+                             leaky_slope=args.leaky_slope, class_names=class_names, preprocessing=preprocessing,
+                             source=args.source, seed=args.seed, force=args.force, reset_head=args.reset_head,
+                             config=config)  # fmt: skip
             head = "none" if result.num_classes is None else f"{result.num_classes} classes"
-            print(f"wrote {args.dst} ({args.direction}, from {result.source_format}, head: {head}, "
-                  f"leaky_slope: {result.leaky_slope})")  # fmt: skip
+            print(f"wrote {args.dst} ({args.direction}, from {result.source_format}, {arch_name(result.config)}, "
+                  f"head: {head}, leaky_slope: {result.leaky_slope})")  # fmt: skip
+            print(f"preprocessing: {result.preprocessing.describe()}")
             for note in result.notes:
                 print(f"note: {note}")
             if args.check:
                 diffs = check_conversion(args.src, args.dst, leaky_slope=result.leaky_slope, source=args.source,
-                                         config=config)  # fmt: skip
+                                         config=result.config)  # fmt: skip
                 for name, (diff, scale) in diffs.items():
                     print(f"check {name}: max |torch - flax| = {diff:.3e} (max |torch| = {scale:.3e})")
             raise_if_stopped()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -14,6 +15,8 @@ from porting import atomic, files, keymap
 from porting.api import Loaded, load_canonical
 from porting.darknet import write_darknet_weights
 from porting.errors import PortingError
+from porting.locations import Location, locate
+from porting.preprocessing import DARKNET, DARKNET_HELD, Preprocessing, contradictions
 from porting.state import CanonicalStateDict
 from porting.torch_flax import canonical_to_flax, canonical_to_torch
 
@@ -23,18 +26,42 @@ DIRECTIONS: dict[str, tuple[str, str]] = {
 CHECK_BATCH = 2
 
 
-def direction_of(src: str | os.PathLike, dst: str | os.PathLike, expected: str | None = None) -> str:
-    """The direction ('torch2flax') the paths' suffixes give; PortingError if it is none or not `expected`."""
+def direction_of(src: str | os.PathLike | Location, dst: str | os.PathLike, expected: str | None = None) -> str:
+    """The direction ('torch2flax') SRC's location and DST's suffix give; PortingError if none or not `expected`."""
+    src_side = (src if isinstance(src, Location) else locate(src)).side
     if expected is None:
-        sides = [files.FORMAT_SIDES[files.format_of(p)] for p in (src, dst)]
-        if sides[0] == sides[1]:
-            raise PortingError(f"SRC and DST are both {sides[0]} files; port-weights converts between frameworks")
-        return "2".join(sides)
+        dst_side = files.FORMAT_SIDES[files.format_of(dst)]
+        if src_side == dst_side:
+            raise PortingError(f"SRC and DST are both {src_side} files; port-weights converts between frameworks")
+        return f"{src_side}2{dst_side}"
     if expected not in DIRECTIONS:
         raise PortingError(f"unknown direction {expected!r}; expected one of {', '.join(DIRECTIONS)}")
-    for role, path, side in zip(("SRC", "DST"), (src, dst), DIRECTIONS[expected], strict=True):
-        files.check_side(path, side, f"{expected}: {role}")
+    want_src, want_dst = DIRECTIONS[expected]
+    if src_side != want_src:
+        given = src.given if isinstance(src, Location) else os.fspath(src)
+        raise PortingError(f"{expected}: SRC {given!r} is a {src_side} location; expected {files.SIDE_HELP[want_src]}")
+    files.check_side(dst, want_dst, f"{expected}: DST")
     return expected
+
+
+def check_darknet_record(record: Preprocessing, dst: str) -> str:
+    """Refuse weights trained on other input or with another slope than a Darknet file implies; else the note that
+    names what the file cannot hold."""
+    held = record.only(*DARKNET_HELD)
+    problems = contradictions([("the weights record", held), ("a Darknet file implies", DARKNET)])
+    if problems:
+        raise PortingError(
+            f"cannot write {dst!r}: a Darknet .weights file records no preprocessing, and reading it back implies RGB "
+            f"in [0, 1] and slope {DARKNET_LEAKY_SLOPE}; these weights were trained otherwise, so the file would "
+            "silently compute another function:\n  " + "\n  ".join(problems) + "\nwrite a .pt, .safetensors or "
+            ".msgpack instead (they record it); nothing was written"
+        )
+    implied = f"RGB in [0, 1] and slope {DARKNET_LEAKY_SLOPE} are implied"
+    lost = [k for k in record.known() if k not in DARKNET_HELD]
+    if not lost:
+        return f"Darknet files record no metadata: the head follows from the size; {implied}"
+    return (f"{dst} cannot hold {', '.join(lost)} (a Darknet file records only tensors; {implied}): give them again "
+            "(--class-names, --preprocessing) when converting it back")  # fmt: skip
 
 
 def convert(
@@ -44,32 +71,41 @@ def convert(
     direction: str | None = None,
     num_classes: int | None = None,
     leaky_slope: float | None = None,
+    class_names: Sequence[str] | None = None,
+    preprocessing: Preprocessing | Mapping[str, Any] | None = None,
     source: str = "auto",
     seed: int = 0,
     force: bool = False,
     reset_head: bool = False,
-    config: DarknetConfig = DARKNET53,
+    config: DarknetConfig | None = None,
 ) -> Loaded:
-    """Convert SRC to DST, the formats taken from their suffixes (and checked against `direction` if given).
+    """Convert the weights SRC names (any location: porting.locations.ACCEPTED) to the file or directory DST.
 
-    DST is written atomically, never half. A head-less SRC with num_classes gets a fresh head; a head of another
-    width is an error unless reset_head. Returns what was written.
+    DST's format comes from its suffix (checked against `direction` if given); it is written atomically, never half,
+    with the preprocessing record: SRC's, plus leaky_slope / class_names / preprocessing, which must not contradict
+    it. A head-less SRC with num_classes gets a fresh head; a head of another width is an error unless reset_head.
+    A Darknet DST is refused for weights trained on other input or with another slope than Darknet's. config None:
+    SRC's recorded or inferred architecture. Returns what was written.
     """
-    src, dst = os.fspath(src), os.fspath(dst)
-    dst_side = DIRECTIONS[direction_of(src, dst, direction)][1]
+    dst = os.fspath(dst)
+    location = locate(src)
+    dst_side = DIRECTIONS[direction_of(location, dst, direction)][1]
     atomic.check_destination(dst, force)
-    if os.path.abspath(src) == os.path.abspath(dst):
-        raise PortingError(f"SRC and DST are the same path {src!r}")
-    loaded = load_canonical(src, config=config, source=source, num_classes=num_classes, leaky_slope=leaky_slope,
-                            seed=seed, reset_mismatched_head=reset_head)  # fmt: skip
-    meta = {"num_classes": loaded.num_classes, "leaky_slope": loaded.leaky_slope, "source_format": loaded.source_format}
+    if os.path.abspath(location.path) == os.path.abspath(dst):
+        raise PortingError(f"SRC and DST are the same path {dst!r}")
+    loaded = load_canonical(location, config=config, source=source, num_classes=num_classes, leaky_slope=leaky_slope,
+                            class_names=class_names, preprocessing=preprocessing, seed=seed,
+                            reset_mismatched_head=reset_head)  # fmt: skip
+    cfg = loaded.config
+    meta = {"num_classes": loaded.num_classes, "source_format": loaded.source_format,
+            "preprocessing": loaded.preprocessing.to_json()}  # fmt: skip
     if dst_side == "torch":
-        files.write_torch_file(dst, canonical_to_torch(loaded.state, config), meta, force)
+        files.write_torch_file(dst, canonical_to_torch(loaded.state, cfg), meta, force)
     elif dst_side == "flax":
-        files.write_flax_file(dst, canonical_to_flax(loaded.state, config), meta, force)
+        files.write_flax_file(dst, canonical_to_flax(loaded.state, cfg), meta, force)
     else:
-        write_darknet_weights(dst, loaded.state, config=config, force=force)
-        note = f"Darknet files record no metadata: the head follows from the size, the slope is {DARKNET_LEAKY_SLOPE}"
+        note = check_darknet_record(loaded.preprocessing, dst)
+        write_darknet_weights(dst, loaded.state, config=cfg, force=force)
         loaded = dataclasses.replace(loaded, notes=(*loaded.notes, note))
     return loaded
 
@@ -123,13 +159,14 @@ def check_conversion(
     *,
     leaky_slope: float | None = None,
     source: str = "auto",
-    config: DarknetConfig = DARKNET53,
+    config: DarknetConfig | None = None,
     seed: int = 0,
 ) -> dict[str, tuple[float, float]]:
     """After a conversion: torch_ref runs the torch-side file, Flax the Flax-side one (Darknet: whichever is left)."""
     src_side, dst_side = DIRECTIONS[direction_of(src, dst)]
-    src_state = load_canonical(src, config=config, source=source).state
-    dst_state = load_canonical(dst, config=config).state
+    src_loaded = load_canonical(src, config=config, source=source)
+    config = src_loaded.config
+    src_state, dst_state = src_loaded.state, load_canonical(dst, config=config).state
     torch_from_src = src_side == "torch" or dst_side == "flax"
     torch_state, flax_state = (src_state, dst_state) if torch_from_src else (dst_state, src_state)
     if (keymap.head_width(torch_state, config) is None) != (keymap.head_width(flax_state, config) is None):

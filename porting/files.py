@@ -2,9 +2,12 @@
 
 Formats: PyTorch `.pt`/`.pth` (torch.load with weights_only=True only) and `.safetensors`; Flax `.msgpack`
 (flax.serialization bytes of {"params", "batch_stats", "meta"}) and orbax checkpoint directories; Darknet
-`.weights` / `.conv.NN`. Metadata {"num_classes", "leaky_slope", "source_format"} goes into the safetensors
-header, the msgpack `meta` entry, `porting_meta.json` inside an orbax directory, and a `<file>.meta.json`
-sidecar next to a .pt/.pth (whose payload stays a plain state_dict that `load_state_dict` takes).
+`.weights` / `.conv.NN`. Metadata {"num_classes", "source_format", "preprocessing"} (the record of
+porting.preprocessing) goes into the safetensors header, the msgpack `meta` entry, `porting_meta.json` inside an
+orbax directory, and a `<file>.meta.json` sidecar next to a .pt/.pth (whose payload stays a plain state_dict that
+`load_state_dict` takes). A train.torch checkpoint's own fields are read as metadata too (porting.layouts).
+
+Over 300 lines: the readers and writers of the five formats are kept side by side so that each pair stays symmetric.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from typing import Any
 
 from porting.atomic import atomic_write, remove_temporaries, write_bytes, write_file
 from porting.errors import PortingError, failing_as
+from porting.layouts import trainer_meta
+from porting.preprocessing import Preprocessing, combine
 from porting.state import check_leaky_slope, check_num_classes
 
 TORCH_SUFFIXES = (".pt", ".pth")
@@ -33,7 +38,11 @@ PT_SIDECAR_SUFFIX = ".meta.json"
 ORBAX_META_FILE = "porting_meta.json"
 ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt")
 META_KEY = "meta"
-META_FIELDS = ("num_classes", "leaky_slope", "source_format")
+# What port-weights writes; files written before the preprocessing record held a top-level "leaky_slope" instead.
+META_FIELDS = ("num_classes", "source_format", "preprocessing")
+LEGACY_SLOPE = "leaky_slope"
+# What a training checkpoint's metadata adds (porting.layouts.trainer_meta); read, never written.
+TRAINER_FIELDS = ("model_config", "run_config")
 # The side (framework) each format belongs to; a direction such as torch2flax names two sides.
 FORMAT_SIDES = {"torch": "torch", "safetensors": "torch", "msgpack": "flax", "orbax": "flax", "darknet": "darknet"}
 SIDE_HELP = {
@@ -72,19 +81,28 @@ def check_side(path: str | os.PathLike, side: str, what: str) -> str:
 
 
 def clean_meta(raw: Any, where: str) -> Meta:
-    """Validate a metadata mapping: known fields with the right types, unknown ones dropped."""
+    """Validate a metadata mapping: known fields with the right types, unknown ones dropped.
+
+    "preprocessing" is always present (the record's JSON form, {} when nothing is known); an old file's top-level
+    "leaky_slope" is folded into it, and refused if the record says otherwise.
+    """
     if raw is None:
-        return {}
+        raw = {}
     if not isinstance(raw, Mapping):
         raise PortingError(f"{where}: metadata must be a mapping, got {type(raw).__name__}")
     meta: Meta = {}
-    classes, slope, source = raw.get("num_classes"), raw.get("leaky_slope"), raw.get("source_format")
+    classes, source = raw.get("num_classes"), raw.get("source_format")
     if classes is not None:
         meta["num_classes"] = check_num_classes(classes, f"{where}: metadata num_classes")
-    if slope is not None:
-        meta["leaky_slope"] = check_leaky_slope(slope, f"{where}: metadata leaky_slope")
     if source is not None:
         meta["source_format"] = str(source)
+    record, _ = Preprocessing.from_json(raw.get("preprocessing"), f"{where}: preprocessing", strict=False)
+    legacy = Preprocessing(leaky_slope=check_leaky_slope(raw.get(LEGACY_SLOPE), f"{where}: metadata leaky_slope"))
+    record = combine([(f"{where} preprocessing", record), (f"{where} {LEGACY_SLOPE}", legacy)], where)
+    meta["preprocessing"] = record.to_json()
+    for key in TRAINER_FIELDS:
+        if isinstance(raw.get(key), Mapping):
+            meta[key] = dict(raw[key])
     return meta
 
 
@@ -104,13 +122,19 @@ def require_file(path: str | os.PathLike) -> str:
     return where
 
 
+def _written(meta: Meta, where: str) -> Meta:
+    """The fields port-weights writes, validated."""
+    meta = clean_meta(meta, where)
+    return {k: meta[k] for k in META_FIELDS if k in meta}
+
+
 def _meta_to_strings(meta: Meta) -> dict[str, str]:
     return {k: json.dumps(meta[k]) for k in META_FIELDS if meta.get(k) is not None}
 
 
 def _strings_to_meta(raw: Mapping[str, str] | None, where: str) -> Meta:
     parsed = {}
-    for k in META_FIELDS:
+    for k in (*META_FIELDS, LEGACY_SLOPE):
         if raw and k in raw:
             try:
                 parsed[k] = json.loads(raw[k])
@@ -163,13 +187,16 @@ def _orbax_failing_quietly(tmp: str) -> Iterator[None]:
 # ------------------------------------------------------------------------------------------------ PyTorch
 
 
-def _unwrap_checkpoint(obj: Any, where: str) -> tuple[Mapping[str, Any], Meta]:
+def _unwrap_checkpoint(obj: Any, where: str) -> tuple[Mapping[str, Any], Meta | None]:
+    """(state_dict, metadata or None) of a state_dict, a {"state_dict"/"model": ...} dict, or a train.torch payload."""
     if not isinstance(obj, Mapping):
         raise PortingError(f"{where}: expected a state_dict or a checkpoint dict, got {type(obj).__name__}")
     for key in ("state_dict", "model"):
         if isinstance(obj.get(key), Mapping):
-            return obj[key], clean_meta(obj.get(META_KEY), where)
-    return obj, {}
+            if key == "model" and any(k in obj for k in ("preprocessing", "class_names", "config")):
+                return obj[key], clean_meta(trainer_meta(obj, where), where)  # what train.torch saves
+            return obj[key], None if obj.get(META_KEY) is None else clean_meta(obj.get(META_KEY), where)
+    return obj, None
 
 
 def read_torch_file(path: str | os.PathLike) -> tuple[Mapping[str, Any], Meta]:
@@ -188,14 +215,14 @@ def read_torch_file(path: str | os.PathLike) -> tuple[Mapping[str, Any], Meta]:
         obj = torch.load(where, map_location="cpu", weights_only=True)
     state, meta = _unwrap_checkpoint(obj, where)
     sidecar = where + PT_SIDECAR_SUFFIX
-    if not meta and os.path.isfile(sidecar):
-        meta = _read_json_meta(sidecar)
+    if meta is None:
+        meta = _read_json_meta(sidecar) if os.path.isfile(sidecar) else clean_meta(None, where)
     return state, meta
 
 
 def write_torch_file(dst: str | os.PathLike, state_dict: Mapping[str, Any], meta: Meta, force: bool = False) -> None:
     """Write a torch state_dict as .pt/.pth (plain state_dict + sidecar) or .safetensors (metadata in header)."""
-    dst, meta = os.fspath(dst), clean_meta(meta, os.fspath(dst))
+    dst, meta = os.fspath(dst), _written(meta, os.fspath(dst))
     if check_side(dst, "torch", "PyTorch output") == "safetensors":
         from safetensors.torch import save
 
@@ -213,6 +240,12 @@ def write_torch_file(dst: str | os.PathLike, state_dict: Mapping[str, Any], meta
 
 def _is_checkpoint(path: Path) -> bool:
     return any((path / m).exists() for m in ORBAX_MARKERS)
+
+
+def is_orbax_dir(path: str | os.PathLike) -> bool:
+    """Whether `path` is an orbax checkpoint, a manager directory of steps, or holds one checkpoint item."""
+    path = Path(path)
+    return path.is_dir() and _is_checkpoint(_orbax_item_dir(path)[0])
 
 
 def _orbax_item_dir(path: Path) -> tuple[Path, list[str]]:
@@ -270,13 +303,13 @@ def read_flax_file(path: str | os.PathLike) -> tuple[dict[str, Any], Meta, list[
         tree = checkpointer.restore(item)
     variables, more = _pick_variables(tree, where)
     found = [p for p in (item / ORBAX_META_FILE, directory / ORBAX_META_FILE) if p.is_file()]
-    return variables, _read_json_meta(found[0]) if found else {}, notes + more
+    return variables, _read_json_meta(found[0]) if found else clean_meta(None, where), notes + more
 
 
 def write_flax_file(dst: str | os.PathLike, variables: Mapping[str, Any], meta: Meta, force: bool = False) -> None:
     """Write Flax variables as .msgpack (with a `meta` entry) or, for any other name, an orbax directory."""
     dst = os.fspath(dst)
-    meta = clean_meta(meta, dst)
+    meta = _written(meta, dst)
     if check_side(dst, "flax", "Flax output") == "msgpack":
         from flax import serialization
 

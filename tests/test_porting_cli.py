@@ -33,8 +33,10 @@ def test_torch2flax_check_prints_small_differences_and_records_metadata(tmp_path
     assert set(diffs) == {"logits", "stride8", "stride16", "stride32"}
     for name, (diff, scale) in diffs.items():
         assert diff <= 1e-5 * scale, name
-    assert main(["flax2darknet", str(dst), str(tmp_path / "d53.weights")]) == 0
-    assert os.path.getsize(tmp_path / "d53.weights") == 20 + 4 * (40_620_640 + 18 * 1025)
+    # A Darknet file would be read back with slope 0.1: weights trained with 0.01 are refused, nothing written.
+    assert main(["flax2darknet", str(dst), str(tmp_path / "d53.weights")]) == 2
+    assert "leaky_slope: 0.01 (the weights record) vs 0.1 (a Darknet file implies)" in capsys.readouterr().err
+    assert not (tmp_path / "d53.weights").exists()
 
 
 def test_existing_dst_is_refused_unless_forced(tmp_path, full_pt, capsys):

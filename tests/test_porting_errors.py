@@ -114,14 +114,18 @@ def test_checkpoint_dicts_and_wrapper_prefixes_are_accepted(tmp_path, state):
         torch.save({key: state, "epoch": 3}, tmp_path / f"{key}.pt")
         assert load_flax_variables(tmp_path / f"{key}.pt", config=TINY).num_classes == CLASSES
     torch.save({f"module.{k}": v for k, v in state.items()}, tmp_path / "ddp.pt")
-    result = load_flax_variables(tmp_path / "ddp.pt", config=TINY)
+    result = load_flax_variables(tmp_path / "ddp.pt", config=TINY, leaky_slope=0.1)
     assert result.notes == ("stripped the 'module.' prefix from every key",)
 
 
 def test_unknown_extensions_and_missing_files_are_refused(tmp_path):
-    with pytest.raises(PortingError, match="cannot tell the format"):
+    (tmp_path / "weights.h5").write_bytes(b"")
+    with pytest.raises(PortingError, match="has a name whose format porting cannot tell; expected a training run"):
         load_flax_variables(tmp_path / "weights.h5")
-    with pytest.raises(PortingError, match="does not exist"):
+    with pytest.raises(PortingError, match="absent.pt' does not exist; expected a training run"):
         load_flax_variables(tmp_path / "absent.pt")
-    with pytest.raises(PortingError, match="not an orbax checkpoint directory"):
+    with pytest.raises(PortingError, match="absent_dir' does not exist; expected a training run"):
         load_flax_variables(tmp_path / "absent_dir")
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(PortingError, match="holds no checkpoint or weights file porting can read; expected"):
+        load_flax_variables(tmp_path / "empty_dir")

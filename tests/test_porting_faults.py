@@ -184,11 +184,11 @@ def test_a_pt_and_its_sidecar_appear_together_or_not_at_all(work, monkeypatch, c
     # Nothing is left to make a rerun say "already exists"; it writes both, and the slope survives.
     assert main(["flax2torch", src, str(dst), *ARCH]) == 0
     assert set(tree(work)) - set(before) == {"dst/out.pt", "dst/out.pt.meta.json"}
-    assert json.loads((work / "dst" / "out.pt.meta.json").read_text())["leaky_slope"] == 0.1
+    assert json.loads((work / "dst" / "out.pt.meta.json").read_text())["preprocessing"]["leaky_slope"] == 0.1
     # --force over the pair, failing: the old pair stays as it was.
     written = tree(work)
     monkeypatch.setattr(builtins, "open", inject(work / "dst", errno.ENOSPC, name_has=".meta.json"))
-    rc, err = run(["flax2torch", src, str(dst), "--force", "--leaky-slope", "0.2"], capsys)
+    rc, err = run(["flax2torch", src, str(dst), "--force", "--num-classes", "3", "--reset-head"], capsys)
     assert_refused(rc, err, "No space left on device")
     assert tree(work) == written
 

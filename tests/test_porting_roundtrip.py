@@ -73,8 +73,8 @@ def test_file_round_trip_is_bit_exact_and_records_metadata(tmp_path, torch_model
     state, meta = read_torch_file(torch_path)
     # safetensors stores keys sorted; .pt keeps torch_ref's order.
     _assert_state_dicts_bit_equal(torch_model.state_dict(), dict(state), ordered=torch_name.endswith(".pt"))
-    assert meta == {"num_classes": CLASSES, "leaky_slope": 0.01, "source_format": "flax_msgpack"
-                    if flax_name.endswith(".msgpack") else "orbax"}  # fmt: skip
+    source = "flax_msgpack" if flax_name.endswith(".msgpack") else "orbax"
+    assert meta == {"num_classes": CLASSES, "source_format": source, "preprocessing": {"leaky_slope": 0.01}}
     result = load_flax_variables(flax_path, config=TINY)
     assert (result.num_classes, result.leaky_slope, result.notes) == (CLASSES, 0.01, ())
 
@@ -100,7 +100,8 @@ def test_an_orbax_training_checkpoint_gives_its_params_and_batch_stats(tmp_path,
     checkpointer.save(tmp_path / "train_state", {**variables, "step": np.int32(7), "opt_state": {"mu": np.ones(3)}})
     checkpointer.wait_until_finished()
     result = load_flax_variables(tmp_path / "train_state", config=TINY)
-    assert result.notes == ("ignored checkpoint entries: opt_state, step",)
+    assert result.notes[0] == "ignored checkpoint entries: opt_state, step"
+    assert len(result.notes) == 2 and "records no leaky slope" in result.notes[1]
     assert (result.num_classes, result.leaky_slope, result.source_format) == (CLASSES, None, "orbax")
     for got, want in zip(jax.tree.leaves(result.variables), jax.tree.leaves(variables), strict=True):
         np.testing.assert_array_equal(got, want)

@@ -12,6 +12,7 @@ import dataclasses
 import io
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from darknet_arch import DarknetConfig, StageSpec
-from train.checkpointing import CHECKPOINT_DIR, STATE, CheckpointError, checkpoint_steps, read_meta, restore_variables
+from train.checkpointing import CheckpointError
 from train.data import NO_LABEL, DataError, Records, load_eval_folder, make_eval_iter
 from train.data.scan import is_image_name
 from train.logging_utils import atomic_write_text
@@ -29,21 +30,18 @@ EXIT_BAD_INPUT = 2
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, int]:
-    """A workdir or its checkpoints/ folder (the best step), or a step folder -> (checkpoint folder, step)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"--checkpoint {path} is not a folder")
-    if (path / CHECKPOINT_DIR).is_dir():
-        path = path / CHECKPOINT_DIR
-    if path.name.isdigit() and (path / STATE).is_dir():
-        return path.parent, int(path.name)
-    latest, best = checkpoint_steps(path)
-    if latest is None:
-        raise CheckpointError(
-            f"--checkpoint {path}: no checkpoint found (expected a training workdir, its {CHECKPOINT_DIR}/ folder, "
-            "or a step folder)"
-        )
-    return path, best
+    """A train.flax run location porting.locate accepts (a workdir: its best step; its checkpoints/ folder; a step
+    folder; <run>/best, <run>/latest) -> (checkpoint folder, step)."""
+    import porting
+
+    try:
+        location = porting.locate(path)
+    except porting.PortingError as e:
+        raise CheckpointError(f"--checkpoint {e}") from e
+    if location.kind != "train_step":
+        raise CheckpointError(f"--checkpoint {path}: no checkpoint of a train.flax run (it names a {location.format} "
+                              "location; Predictor.from_checkpoint reads those)")  # fmt: skip
+    return Path(location.path).parent, int(location.step)
 
 
 def model_config_from_json(d: dict[str, Any]) -> DarknetConfig:
@@ -69,21 +67,41 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, batch_size: int | None = None) -> Predictor:
-        directory, step = resolve_checkpoint(path)
-        _, meta = read_meta(directory, step)
+        """Any weights location porting reads (a run folder or step, a Hub-layout directory, any weights file), with
+        the class names, image size and slope its preprocessing record gives; refused if the record lacks one, or
+        asks for other input than train.steps.normalize makes."""
+        import porting
+        from porting.preprocessing import TRAINER_DEFAULTS, contradictions  # what normalize and make_eval_iter do
+        from train.options import TrainConfig
+
         try:
-            fields = {
-                "model_config": model_config_from_json(meta["model_config"]),
-                "class_names": [str(c) for c in meta["class_names"]],
-                "image_size": int(meta["config"]["image_size"]),
-                "precision": str(meta["config"]["precision"]),
-                "batch_size": batch_size or int(meta["config"]["batch_size"]),
-            }
-        except (KeyError, TypeError, ValueError) as e:
+            result = porting.load_flax_variables(path)
+            pre, where = result.preprocessing, result.location.describe()
+            needed = ("class_names", "image_size", "leaky_slope", "scale", "mean", "std")
+            pre.require(needed, f"predicting with {where}")
+        except porting.PortingError as e:
             raise CheckpointError(
-                f"checkpoint step {step} in {directory}: its meta is not a training run's ({type(e).__name__}: {e})"
+                f"--checkpoint {e} (port-weights --class-names, --leaky-slope, --preprocessing record what is missing)"
             ) from e
-        return cls(variables=restore_variables(directory, step), source=f"{directory} step {step}", **fields)
+        resizing = ("interpolation", "crop_pct", "crop_mode")
+        problems = contradictions([(where, pre), ("train.predict gives", TRAINER_DEFAULTS.without(*resizing))])
+        if problems:
+            raise CheckpointError(f"--checkpoint {where}: the weights expect other input than train.predict gives "
+                                  "(uint8 RGB / 255, ImageNet mean/std):\n  " + "\n  ".join(problems))  # fmt: skip
+        resize = contradictions([(where, pre), ("train.predict resizes", TRAINER_DEFAULTS.only(*resizing))])
+        if resize:
+            warnings.warn(f"{where} was trained with another resize than train.predict's: {'; '.join(resize)}",
+                          stacklevel=2)  # fmt: skip
+        run, defaults = result.run_config or {}, TrainConfig()
+        return cls(
+            variables=result.variables,
+            model_config=result.config,
+            class_names=list(pre.class_names),
+            image_size=pre.image_size,
+            precision=str(run.get("precision", defaults.precision)),
+            batch_size=batch_size or int(run.get("batch_size", defaults.batch_size)),
+            source=where,
+        )
 
     def probabilities(self, records: Records) -> np.ndarray:
         """(len(records), num_classes) softmax probabilities, in record order."""

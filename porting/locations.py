@@ -1,0 +1,156 @@
+"""One path -> the weights it names: a run folder, its checkpoints/ folder, a step, an orbax or Hub-layout directory,
+or a file. Every reader (port-weights, --init-from, train.predict, load_flax_variables, from_pretrained) starts here,
+so all accept the same set and refuse the rest with the same message (`nothing_matches`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+from porting import files
+from porting.errors import PortingError
+
+# train.flax's run layout (train.checkpointing) and train.torch's (train.torch), mirrored so that finding weights
+# needs neither trainer's dependencies; tests/test_porting_locations.py checks them against the trainers' own.
+RUN_CHECKPOINTS = "checkpoints"
+TORCH_RUN_CHECKPOINTS = "torch_checkpoints"
+STATE_ITEM, META_ITEM = "state", "meta"
+TORCH_LATEST, TORCH_BEST = "latest.pt", "best.pt"
+RUN_CONFIG = "config.json"  # a run's TrainConfig; a Hub directory's config.json has "architecture" instead
+# A Hugging Face Hub model repository as timm writes it (timm.models.save_for_hf): config.json beside the weights.
+HUB_CONFIG = "config.json"
+HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+HUB_CONFIG_KEYS = ("architecture", "pretrained_cfg")
+# `<run>/best` and `<run>/latest` name a run's best (by validation macro F1) and newest checkpoint.
+SELECTORS = ("best", "latest")
+
+ACCEPTED = (
+    "a training run folder (train.flax: its best step; train.torch: torch_checkpoints/best.pt), its checkpoints/ "
+    "folder, a step folder checkpoints/<step>, <run>/best or <run>/latest, an orbax checkpoint directory, a Hugging "
+    "Face Hub-layout directory (config.json with model.safetensors or pytorch_model.bin), or a .pt/.pth/"
+    ".safetensors, .msgpack or .weights/.conv.NN file"
+)
+KINDS = ("file", "orbax", "train_step", "hub_dir")
+
+
+@dataclasses.dataclass(frozen=True)
+class Location:
+    """What one path names: the file or folder to read, its kind and format, and how it was found."""
+
+    given: str  # the path as the user wrote it
+    path: str  # what is read: a file, an orbax directory, a train.flax step folder, or a Hub-layout directory
+    kind: str  # one of KINDS
+    format: str  # torch, safetensors, msgpack, orbax or darknet (a Hub directory: its weights file's)
+    step: int | None = None  # a training run's step
+    notes: tuple[str, ...] = ()  # how `given` led to `path`
+
+    @property
+    def side(self) -> str:
+        """'torch', 'flax' or 'darknet': the framework whose files these are."""
+        return files.FORMAT_SIDES[self.format]
+
+    def describe(self) -> str:
+        """'runs/x -> runs/x/checkpoints/33 (step 33)' for messages: what was given and what was read."""
+        read = "" if os.path.abspath(self.path) == os.path.abspath(self.given) else f" -> {self.path}"
+        return f"{self.given}{read}" + ("" if self.step is None else f" (step {self.step})")
+
+
+def nothing_matches(given: str, why: str) -> PortingError:
+    """The one error for a path that names no weights, whoever asked."""
+    return PortingError(f"{given!r} {why}; expected {ACCEPTED}")
+
+
+def locate(path: str | os.PathLike) -> Location:
+    """The weights `path` names (see ACCEPTED); PortingError (`nothing_matches`) when it names none."""
+    given = os.fspath(path)
+    p = Path(given)
+    if p.is_file():
+        try:
+            return Location(given, given, "file", files.format_of(given))
+        except PortingError:
+            raise nothing_matches(given, "has a name whose format porting cannot tell") from None
+    if p.is_dir():
+        return _locate_dir(given, p, None)
+    if p.name in SELECTORS and p.parent.is_dir():
+        return _locate_dir(given, p.parent, p.name)
+    raise nothing_matches(given, "does not exist")
+
+
+def hub_weights(directory: str | os.PathLike) -> Path | None:
+    """The weights file of a Hub-layout directory (model.safetensors first), None if it has none."""
+    return next((Path(directory) / n for n in HUB_WEIGHTS if (Path(directory) / n).is_file()), None)
+
+
+def _is_hub_dir(d: Path) -> bool:
+    config = d / HUB_CONFIG
+    if not config.is_file():
+        return False
+    try:
+        raw = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return hub_weights(d) is not None  # an unreadable config.json beside Hub weights: refused when read
+    return isinstance(raw, dict) and any(k in raw for k in HUB_CONFIG_KEYS)
+
+
+def _is_train_step(d: Path) -> bool:
+    return d.name.isdigit() and (d / STATE_ITEM).is_dir() and (d / META_ITEM).is_dir()
+
+
+def _train_steps(d: Path) -> list[Path]:
+    return [p for p in d.iterdir() if p.is_dir() and _is_train_step(p)]
+
+
+def _locate_dir(given: str, d: Path, selector: str | None) -> Location:
+    if _is_hub_dir(d) and selector is None:
+        weights = hub_weights(d)
+        if weights is None:
+            raise PortingError(
+                f"{given!r} has a Hub-layout {HUB_CONFIG} but no weights: expected {' or '.join(HUB_WEIGHTS)} beside it"
+            )
+        return Location(given, str(d), "hub_dir", files.format_of(weights))
+    flax_run, torch_run = (d / RUN_CHECKPOINTS).is_dir(), (d / TORCH_RUN_CHECKPOINTS).is_dir()
+    if flax_run and torch_run:
+        raise PortingError(
+            f"{given!r} holds both {RUN_CHECKPOINTS}/ (train.flax) and {TORCH_RUN_CHECKPOINTS}/ (train.torch); name "
+            "one of them"
+        )
+    if flax_run:
+        return _locate_step(given, d / RUN_CHECKPOINTS, selector)
+    if torch_run or d.name == TORCH_RUN_CHECKPOINTS:
+        return _locate_torch_run(given, d / TORCH_RUN_CHECKPOINTS if torch_run else d, selector)
+    if _is_train_step(d) and selector is None:
+        return Location(given, str(d), "train_step", "orbax", int(d.name))
+    if _train_steps(d):
+        return _locate_step(given, d, selector)
+    if selector is not None:
+        raise nothing_matches(given, f"names a {selector} checkpoint, but {str(d)!r} is not a training run")
+    if (d / RUN_CONFIG).is_file():
+        raise nothing_matches(given, "is a training run folder without checkpoints (none was saved yet)")
+    if files.is_orbax_dir(d):
+        return Location(given, str(d), "orbax", "orbax")
+    raise nothing_matches(given, "is a folder that holds no checkpoint or weights file porting can read")
+
+
+def _locate_step(given: str, checkpoints: Path, selector: str | None) -> Location:
+    """The best (default) or latest step of a train.flax checkpoints/ folder, as train.checkpointing ranks them."""
+    from porting.layouts import checkpoint_steps  # needs the train extra; only run folders get here
+
+    latest, best = checkpoint_steps(checkpoints)
+    if latest is None:
+        raise nothing_matches(given, f"is a training run whose {checkpoints} holds no finished checkpoint")
+    step = latest if selector == "latest" else best
+    which = "newest" if selector == "latest" else "best (by validation macro F1)"
+    path = checkpoints / str(step)
+    return Location(given, str(path), "train_step", "orbax", step, (f"{given}: read step {step}, the {which}",))
+
+
+def _locate_torch_run(given: str, checkpoints: Path, selector: str | None) -> Location:
+    names = (TORCH_LATEST,) if selector == "latest" else (TORCH_BEST, TORCH_LATEST)
+    for name in names:
+        if (checkpoints / name).is_file():
+            note = f"{given}: read {checkpoints / name}"
+            return Location(given, str(checkpoints / name), "file", "torch", None, (note,))
+    raise nothing_matches(given, f"is a train.torch run whose {checkpoints} holds no {' or '.join(names)}")
