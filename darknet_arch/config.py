@@ -172,6 +172,10 @@ TINY = DarknetConfig(
     stem_channels=8,
     stages=(StageSpec(16, 1), StageSpec(32, 1), StageSpec(32, 1), StageSpec(64, 1), StageSpec(64, 1)),
 )
+# Rematerialisation (activation checkpointing) granularity of the Flax models: "none" keeps every activation for
+# the backward pass; "block" keeps only each residual block's input and recomputes the block; "stage" keeps only
+# each stage's input and recomputes its blocks. Parameter names are the same in every mode.
+REMAT_MODES = ("none", "block", "stage")
 # Named architectures (train.flax/train.torch --arch).
 ARCHS: dict[str, DarknetConfig] = {"darknet53": DARKNET53, "tiny": TINY}
 

@@ -8,13 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from darknet_arch import DarknetConfig, InputShapeError, check_input_shape
-
-# Rematerialisation (activation checkpointing) granularity: "none" keeps every activation for the backward
-# pass; "block" keeps only each residual block's input and recomputes the block; "stage" keeps only each
-# stage's input and recomputes its blocks. Parameter names are the same in every mode.
-REMAT_MODES = ("none", "block", "stage")
-
+from darknet_arch import REMAT_MODES, DarknetConfig, InputShapeError, check_input_shape
 
 # XLA:CPU's `cse_barrier_expander` pass replaces the optimization barriers jax.checkpoint puts around the
 # recomputation by plain values; CSE then merges the recomputation back into the forward pass (and even without

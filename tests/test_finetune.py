@@ -108,3 +108,13 @@ def test_the_cli_refuses_a_freeze_spec_that_names_no_unit(tmp_path, capsys):
     assert train_flax.main(tiny_cli_args(tmp_path / "w", "--freeze", "layer7")) == 2
     assert "--freeze must be one of" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
+
+
+def test_the_remat_flag_reaches_the_model_and_may_change_on_resume():
+    from train.options import build_parser, config_from_args, mutable_on_resume
+
+    config = config_from_args(build_parser("x").parse_args(["--data", "demo", "--arch", "tiny", "--remat", "stage"]))
+    assert create_model(config.model_config, 18, "fp32", config.remat).remat == "stage"
+    assert mutable_on_resume("remat")  # memory, not numerics: a resumed run may switch it
+    with pytest.raises(ConfigError, match="--remat must be one of 'none', 'block', 'stage'"):
+        validate(TrainConfig(data="demo", workdir="unused", remat="layer"))

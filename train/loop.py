@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from darknet_arch import DarknetConfig
+from flax_darknet import remat_compiler_options
 from train import checkpointing as ckpt
 from train import distributed, run
 from train import metrics as metrics_lib
@@ -207,7 +208,7 @@ def _train(start: RunStart, topology: Topology, verbose: bool, t_entry: float) -
     steps_per_epoch = train_iter.steps_per_epoch
     total_steps = config.total_steps(steps_per_epoch)
 
-    model = create_model(model_config, num_classes, config.precision)
+    model = create_model(model_config, num_classes, config.precision, config.remat)
     tx = make_optimizer(config, make_schedule(config, steps_per_epoch, total_steps))
     init_variables = start.init_variables
     if init_variables is not None:
@@ -253,7 +254,7 @@ def _train(start: RunStart, topology: Topology, verbose: bool, t_entry: float) -
         frozen=frozen_modules(model_config, config.freeze),
         ema_decay=config.ema_decay,
     )
-    train_fn = jax.jit(step, donate_argnums=0)
+    train_fn = jax.jit(step, donate_argnums=0, compiler_options=remat_compiler_options(config.remat))
     eval_fn = jax.jit(eval_step)
     logger = RunLogger(workdir, enabled=is_main)
     tracker = run.StepTracker(loop, config, steps_per_epoch, total_steps, logger, verbose=verbose)

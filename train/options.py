@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from darknet_arch import ARCHS, DarknetConfig
+from darknet_arch import ARCHS, REMAT_MODES, DarknetConfig
 
 # Full-size training input on real data and on accelerators; `--data demo` on a CPU uses train.data.DEMO_IMAGE_SIZE.
 DEFAULT_IMAGE_SIZE = 256
@@ -114,6 +114,13 @@ class TrainConfig:
         None, "square input side (default: 256; --data demo on a CPU: the demo's 32)", type=int
     )
     precision: str = _field("auto", "compute precision; auto: bf16 on GPU/TPU, fp32 on CPU", choices=PRECISIONS)
+    remat: str = _field(
+        "none",
+        "rematerialise activations in the backward pass: none, per residual block, or per stage (less memory, "
+        "more compute; the same parameters and gradients)",
+        choices=REMAT_MODES,
+        mutable=True,
+    )
     augment: bool = _field(True, "random crop / flip / colour augmentation of training images")
     zero_init_residual: bool = _field(True, "start each residual block as the identity (zeroed last BN scale)")
     seed: int = _field(0, "seed of the split, the initialisation and the data order")

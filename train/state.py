@@ -31,10 +31,16 @@ def compute_dtype(precision: str, platform: str | None = None) -> Any:
     return {"bf16": jnp.bfloat16, "fp32": jnp.float32}[precision]
 
 
-def create_model(model_config: DarknetConfig, num_classes: int, precision: str = "fp32") -> Darknet53:
-    """The Flax Darknet with float32 parameters and the compute dtype `precision` asks for."""
+def create_model(
+    model_config: DarknetConfig, num_classes: int, precision: str = "fp32", remat: str = "none"
+) -> Darknet53:
+    """The Flax Darknet with float32 parameters, the compute dtype `precision` asks for, and `remat`."""
     return Darknet53(
-        num_classes=num_classes, config=model_config, dtype=compute_dtype(precision), param_dtype=jnp.float32
+        num_classes=num_classes,
+        config=model_config,
+        dtype=compute_dtype(precision),
+        param_dtype=jnp.float32,
+        remat=remat,
     )
 
 
