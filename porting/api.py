@@ -86,8 +86,8 @@ def _candidates(config: DarknetConfig | None, meta: Mapping[str, Any], where: st
     recorded = layouts.config_from_json(meta["model_config"])
     if config is not None and config.with_slope(DARKNET_LEAKY_SLOPE) != recorded.with_slope(DARKNET_LEAKY_SLOPE):
         raise PortingError(
-            f"{where} records a {arch_name(recorded)} network ({recorded}), not the {arch_name(config)} asked for "
-            "(config= / --arch); drop --arch to use the recorded one"
+            f"{where} records a {arch_name(recorded)} network, not the {arch_name(config)} asked for (config= / "
+            "--arch): ask for the recorded architecture, or leave it out where the tool takes it from the weights"
         )
     return [recorded]
 
@@ -232,6 +232,8 @@ def load_canonical(
             f"{label} has no classifier head: build the model with num_classes=None, or pass num_classes to "
             "initialise one"
         )
+    for name, statement in given:  # a wrong count is the clearer message for names that also differ
+        statement.check_against(classes, cfg.in_channels, name)
     problems = contradictions([(f"{label} records or implies", record), *given])
     if problems:
         raise PortingError(

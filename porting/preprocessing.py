@@ -6,6 +6,8 @@ at, the class names in label order and the LeakyReLU slope. A field that is None
 into every checkpoint (train.run.preprocessing), port-weights into every format it writes, and formats that define
 one imply it (Darknet: RGB in [0, 1], slope 0.1; timm: its pretrained_cfg). Records from several places about the
 same weights are combined with `combine`, which refuses any field on which two of them disagree.
+
+Over 300 lines: the schema, its validation, the combination rule and the resize the record names are one contract.
 """
 
 from __future__ import annotations

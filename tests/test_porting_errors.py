@@ -122,7 +122,7 @@ def test_unknown_extensions_and_missing_files_are_refused(tmp_path):
     (tmp_path / "weights.h5").write_bytes(b"")
     with pytest.raises(PortingError, match="has a name whose format porting cannot tell; expected a training run"):
         load_flax_variables(tmp_path / "weights.h5")
-    with pytest.raises(PortingError, match="absent.pt' does not exist; expected a training run"):
+    with pytest.raises(PortingError, match=r"absent\.pt' does not exist; expected a training run"):
         load_flax_variables(tmp_path / "absent.pt")
     with pytest.raises(PortingError, match="absent_dir' does not exist; expected a training run"):
         load_flax_variables(tmp_path / "absent_dir")

@@ -76,13 +76,15 @@ class Predictor:
 
         try:
             result = porting.load_flax_variables(path)
-            pre, where = result.preprocessing, result.location.describe()
-            needed = ("class_names", "image_size", "leaky_slope", "scale", "mean", "std")
+        except porting.PortingError as e:
+            raise CheckpointError(f"--checkpoint {e}") from e
+        pre, where = result.preprocessing, result.location.describe()
+        needed = ("class_names", "image_size", "leaky_slope", "scale", "mean", "std")
+        try:
             pre.require(needed, f"predicting with {where}")
         except porting.PortingError as e:
-            raise CheckpointError(
-                f"--checkpoint {e} (port-weights --class-names, --leaky-slope, --preprocessing record what is missing)"
-            ) from e
+            raise CheckpointError(f"--checkpoint {e}: record it with port-weights (--class-names, --leaky-slope, "
+                                  "--preprocessing)") from e  # fmt: skip
         resizing = ("interpolation", "crop_pct", "crop_mode")
         problems = contradictions([(where, pre), ("train.predict gives", TRAINER_DEFAULTS.without(*resizing))])
         if problems:
