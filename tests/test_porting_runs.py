@@ -100,7 +100,7 @@ def test_every_spelling_of_a_run_is_read_the_same_way_by_every_reader(run, tmp_p
         assert port_weights(["flax2torch", str(where), str(tmp_path / f"{i}.safetensors")]) == 0, where
         assert Predictor.from_checkpoint(where).class_names == list(MASK_CLASS_NAMES)
         config = TrainConfig(data="demo", workdir="unused", arch="tiny", init_from=str(where))
-        variables, slope, _ = load_init_variables(config, TINY, CLASSES)
+        variables, slope, _, _ = load_init_variables(config, TINY, CLASSES)
         assert slope == 0.1 and variables["params"]["fc"]["kernel"].shape == (TINY.width, CLASSES)
 
 

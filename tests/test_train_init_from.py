@@ -41,7 +41,7 @@ def _config(path, **kw) -> TrainConfig:
 
 def test_init_from_torch_file_gives_the_torch_models_eval_logits(torch_file):
     path, torch_model = torch_file
-    variables, slope, _ = load_init_variables(_config(path), TINY, 18)
+    variables, slope, _, _ = load_init_variables(_config(path), TINY, 18)
     config = _config(path)
     model = create_model(TINY.with_slope(slope), 18, "fp32")
     state = create_train_state(
@@ -59,7 +59,7 @@ def test_init_from_torch_file_gives_the_torch_models_eval_logits(torch_file):
 
 def test_init_from_with_another_class_count_reinitialises_the_head(torch_file):
     path, torch_model = torch_file
-    variables, _, notes = load_init_variables(_config(path), TINY, 5)
+    variables, _, notes, _ = load_init_variables(_config(path), TINY, 5)
     assert variables["params"]["fc"]["kernel"].shape == (TINY.width, 5)
     assert any("head" in n for n in notes), notes
     stem = torch_model.state_dict()["conv1.0.weight"].numpy().transpose(2, 3, 1, 0)
@@ -71,3 +71,21 @@ def test_init_from_a_different_network_is_a_clear_error(torch_file):
     other = dataclasses.replace(TINY, stages=(*TINY.stages[:-1], StageSpec(128, 2)))
     with pytest.raises(ConfigError, match="--init-from"):
         load_init_variables(_config(path), other, 18)
+
+
+def test_init_from_darknet_weights_trains_on_their_unit_input_unless_forced(tmp_path):
+    from tests.porting_helpers import darknet_layers, write_weights_file
+    from train.loop import input_norm_for
+
+    path = tmp_path / "tiny.weights"
+    write_weights_file(path, darknet_layers(TINY, 18, seed=3))
+    config = _config(path)
+    _, slope, _, record = load_init_variables(config, TINY, 18)
+    resolved, note = input_norm_for(config, record)
+    assert (slope, resolved.input_norm) == (0.1, "unit") and "from the weights' record" in note
+    # The step then feeds x / 255 unchanged: Darknet's [0, 1] input.
+    images = np.arange(0, 256, dtype=np.uint8).reshape(1, 8, 8, 4)[..., :3]
+    mean, std = resolved.mean_std
+    np.testing.assert_allclose(np.asarray(normalize(images, mean=mean, std=std)), images / 255.0, rtol=1e-6)
+    forced, note = input_norm_for(_config(path, input_norm="imagenet"), record)
+    assert forced.input_norm == "imagenet" and "forced by --input-norm; the weights expect unit" in note

@@ -93,7 +93,8 @@ class Checkpointer:
 
     def save(self, step: int, state: TrainState, meta: dict, metrics: dict | None = None) -> None:
         """Save `step`; `metrics` (with BEST_METRIC) make it a candidate for the best checkpoint."""
-        need = sum(x.nbytes for x in jax.tree_util.tree_leaves(state_tree(state)))
+        # (a TrainState fresh from TrainState.create has a plain int step: 8 bytes)
+        need = sum(getattr(x, "nbytes", 8) for x in jax.tree_util.tree_leaves(state_tree(state)))
         free = shutil.disk_usage(self.directory).free
         if free < need:  # refuse up front: orbax failing mid-write leaves its writer threads printing tracebacks
             raise CheckpointError(

@@ -26,7 +26,16 @@ from train import workdir as workdir_lib
 from train.data import DataSplits
 from train.finetune import frozen_modules
 from train.logging_utils import RunLogger
-from train.options import COMPILE_CACHE_DEFAULT, COMPILE_CACHE_OFF, ConfigError, TrainConfig, config_differences, dumps
+from train.options import (
+    COMPILE_CACHE_DEFAULT,
+    COMPILE_CACHE_OFF,
+    DEFAULT_INPUT_NORM,
+    INPUT_NORMS,
+    ConfigError,
+    TrainConfig,
+    config_differences,
+    dumps,
+)
 from train.sharding import Topology, check_batch_size, make_topology, place_batch, replicate, to_host
 from train.state import TrainState, create_model, create_train_state, make_optimizer, make_schedule, variable_shapes
 from train.steps import eval_step, train_step
@@ -61,8 +70,9 @@ def check_same_tree(expected: Any, got: Any, what: str) -> None:
 
 def load_init_variables(
     config: TrainConfig, model_config: DarknetConfig, num_classes: int
-) -> tuple[Any, float | None, list[str]]:
-    """--init-from: (variables, the file's or --leaky-slope's slope, notes); a head of another width is replaced."""
+) -> tuple[Any, float | None, list[str], Any]:
+    """--init-from: (variables, the file's or --leaky-slope's slope, notes, its preprocessing record); a head of
+    another width is replaced."""
     import porting  # only needed here; keeps the plain training path free of the porting package
 
     try:
@@ -75,7 +85,28 @@ def load_init_variables(
         )
     except porting.PortingError as e:
         raise ConfigError(f"--init-from {config.init_from}: {e}") from e
-    return jax.tree_util.tree_map(np.asarray, result.variables), result.leaky_slope, list(result.notes)
+    variables = jax.tree_util.tree_map(np.asarray, result.variables)
+    return variables, result.leaky_slope, list(result.notes), result.preprocessing
+
+
+def input_norm_for(config: TrainConfig, record: Any) -> tuple[TrainConfig, str]:
+    """(config with input_norm resolved, a note): the --init-from weights' normalisation unless a flag forced one."""
+    expected = next(
+        (name for name, (mean, std) in INPUT_NORMS.items()
+         if record.mean is not None and record.std is not None
+         and np.allclose(record.mean, mean) and np.allclose(record.std, std)),
+        None,
+    )  # fmt: skip
+    if config.input_norm is None:
+        chosen = expected or DEFAULT_INPUT_NORM
+        why = "the weights' record" if expected else f"the default (the weights record no known one: {record.mean})"
+        return dataclasses.replace(config, input_norm=chosen), f"input normalisation {chosen}, from {why}"
+    if expected is not None and expected != config.input_norm:
+        return (
+            config,
+            f"input normalisation {config.input_norm} (forced by --input-norm; the weights expect {expected})",
+        )
+    return config, f"input normalisation {config.input_norm} (--input-norm)"
 
 
 def check_resume(config: TrainConfig, workdir: Path, splits: DataSplits) -> tuple[list[tuple[int, dict]], TrainConfig]:
@@ -158,10 +189,12 @@ def plan_run(config: TrainConfig, base_config: DarknetConfig, splits: DataSplits
         return RunStart(config, base_config.with_slope(config.leaky_slope), splits, tuple(candidates))
     if not config.init_from:
         return RunStart(config, base_config.with_slope(config.leaky_slope), splits)
-    variables, slope, notes = load_init_variables(config, base_config, len(class_names))
+    variables, slope, notes, record = load_init_variables(config, base_config, len(class_names))
     if config.leaky_slope is None and slope is not None:
         # Keep the slope the weights were trained with, and record it so --resume rebuilds the same net.
         config = dataclasses.replace(config, leaky_slope=float(slope))
+    config, note = input_norm_for(config, record)
+    notes = [*notes, note]
     model_config = base_config.with_slope(config.leaky_slope)
     model = create_model(model_config, len(class_names), config.precision)
     check_same_tree(variable_shapes(model, config.image_size), variables, f"--init-from {config.init_from}")
@@ -250,12 +283,13 @@ def _train(start: RunStart, topology: Topology, verbose: bool, t_entry: float) -
 
     step = functools.partial(
         train_step,
+        mean_std=config.mean_std,
         label_smoothing=config.label_smoothing,
         frozen=frozen_modules(model_config, config.freeze),
         ema_decay=config.ema_decay,
     )
     train_fn = jax.jit(step, donate_argnums=0, compiler_options=remat_compiler_options(config.remat))
-    eval_fn = jax.jit(eval_step)
+    eval_fn = jax.jit(functools.partial(eval_step, mean_std=config.mean_std))
     logger = RunLogger(workdir, enabled=is_main)
     tracker = run.StepTracker(loop, config, steps_per_epoch, total_steps, logger, verbose=verbose)
     preprocessing, fingerprint = run.preprocessing(config, class_names), run.data_fingerprint(splits)

@@ -19,7 +19,6 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from darknet_arch import ARCHS, REMAT_MODES, DarknetConfig
@@ -35,6 +34,12 @@ PRECISIONS = ("auto", "fp32", "bf16")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PIXEL_SCALE = 255.0
+# How the network's input is made from x / 255: minus mean, over std. "unit" is plain [0, 1] (Darknet's weights).
+INPUT_NORMS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    "unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+}
+DEFAULT_INPUT_NORM = "imagenet"
 
 
 class ConfigError(ValueError):
@@ -114,6 +119,13 @@ class TrainConfig:
         None, "square input side (default: 256; --data demo on a CPU: the demo's 32)", type=int
     )
     precision: str = _field("auto", "compute precision; auto: bf16 on GPU/TPU, fp32 on CPU", choices=PRECISIONS)
+    input_norm: str | None = _field(
+        None,
+        "input normalisation after / 255: imagenet (mean/std) or unit ([0, 1], Darknet's) (default: the --init-from "
+        "weights' record, else imagenet)",
+        type=str,
+        choices=tuple(INPUT_NORMS),
+    )
     remat: str = _field(
         "none",
         "rematerialise activations in the backward pass: none, per residual block, or per stage (less memory, "
@@ -142,6 +154,11 @@ class TrainConfig:
         mutable=True,
         per_host=True,
     )
+
+    @property
+    def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The (mean, std) the network's input is normalised with after / 255."""
+        return INPUT_NORMS[self.input_norm or DEFAULT_INPUT_NORM]
 
     @property
     def model_config(self) -> DarknetConfig:
@@ -262,7 +279,12 @@ def validate(config: TrainConfig) -> None:
     for f in dataclasses.fields(TrainConfig):
         if f.metadata["choices"] is not None:
             choices = f.metadata["choices"]
-            check(f.name, getattr(config, f.name) in choices, "one of " + ", ".join(repr(c) for c in choices))
+            value = getattr(config, f.name)
+            check(
+                f.name,
+                value in choices or (value is None and f.default is None),
+                "one of " + ", ".join(map(repr, choices)),
+            )
     from train.finetune import frozen_units  # the unit names come from the architecture
 
     try:
@@ -276,8 +298,6 @@ def validate(config: TrainConfig) -> None:
         )
     if config.resume and config.overwrite:
         raise ConfigError("--resume and --overwrite contradict each other; pass one")
-    if config.init_from and not Path(config.init_from).exists():
-        raise ConfigError(f"--init-from {config.init_from!r} does not exist")
 
 
 def _add_flag(parser: argparse.ArgumentParser, f: dataclasses.Field) -> None:

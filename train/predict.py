@@ -24,6 +24,7 @@ from train.checkpointing import CheckpointError
 from train.data import NO_LABEL, DataError, Records, load_eval_folder, make_eval_iter
 from train.data.scan import is_image_name
 from train.logging_utils import atomic_write_text
+from train.options import DEFAULT_INPUT_NORM, INPUT_NORMS
 
 EVAL_CSV = "info.csv"
 EXIT_BAD_INPUT = 2
@@ -63,6 +64,7 @@ class Predictor:
     precision: str
     batch_size: int
     source: str = ""  # the checkpoint folder and step it was restored from
+    mean_std: tuple[tuple[float, ...], tuple[float, ...]] = INPUT_NORMS[DEFAULT_INPUT_NORM]
     _fn: Any = dataclasses.field(default=None, repr=False)
 
     @classmethod
@@ -86,10 +88,12 @@ class Predictor:
             raise CheckpointError(f"--checkpoint {e}: record it with port-weights (--class-names, --leaky-slope, "
                                   "--preprocessing)") from e  # fmt: skip
         resizing = ("interpolation", "crop_pct", "crop_mode")
-        problems = contradictions([(where, pre), ("train.predict gives", TRAINER_DEFAULTS.without(*resizing))])
+        # Mean and std follow the record (normalize takes them); the scale and resize are train.predict's own.
+        given = TRAINER_DEFAULTS.without(*resizing, "mean", "std")
+        problems = contradictions([(where, pre), ("train.predict gives", given)])
         if problems:
             raise CheckpointError(f"--checkpoint {where}: the weights expect other input than train.predict gives "
-                                  "(uint8 RGB / 255, ImageNet mean/std):\n  " + "\n  ".join(problems))  # fmt: skip
+                                  "(uint8 RGB / 255):\n  " + "\n  ".join(problems))  # fmt: skip
         resize = contradictions([(where, pre), ("train.predict resizes", TRAINER_DEFAULTS.only(*resizing))])
         if resize:
             warnings.warn(f"{where} was trained with another resize than train.predict's: {'; '.join(resize)}",
@@ -103,6 +107,7 @@ class Predictor:
             precision=str(run.get("precision", defaults.precision)),
             batch_size=batch_size or int(run.get("batch_size", defaults.batch_size)),
             source=where,
+            mean_std=(tuple(pre.mean), tuple(pre.std)),
         )
 
     def probabilities(self, records: Records) -> np.ndarray:
@@ -123,7 +128,10 @@ class Predictor:
             from train.steps import normalize
 
             model = create_model(self.model_config, len(self.class_names), self.precision)
-            self._fn = jax.jit(lambda v, images: jax.nn.softmax(model.apply(v, normalize(images)), axis=-1))
+            mean, std = self.mean_std
+            self._fn = jax.jit(
+                lambda v, images: jax.nn.softmax(model.apply(v, normalize(images, mean=mean, std=std)), axis=-1)
+            )
         return self._fn
 
 

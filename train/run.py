@@ -15,7 +15,7 @@ from typing import Any
 from train.data import DataSplits, load_splits, make_eval_iter, make_train_iter
 from train.data.pipeline import records_fingerprint
 from train.logging_utils import Progress, RunLogger, atomic_write_text, epoch_of
-from train.options import IMAGENET_MEAN, IMAGENET_STD, PIXEL_SCALE, TrainConfig, dumps
+from train.options import PIXEL_SCALE, TrainConfig, dumps
 from train.workdir import CONFIG_FILE, WorkdirError
 
 DATA_SUMMARY_FILE = "data_summary.json"
@@ -41,10 +41,12 @@ def preprocessing(config: TrainConfig, class_names: list[str]) -> dict[str, Any]
     return {
         "input": "uint8 RGB",
         "scale": 1.0 / PIXEL_SCALE,
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
+        "mean": list(config.mean_std[0]),
+        "std": list(config.mean_std[1]),
         "image_size": config.image_size,
         "interpolation": RESIZE_INTERPOLATION,
+        "crop_pct": 1.0,  # the whole image, resized to the square (timm's "squash")
+        "crop_mode": "squash",
         "class_names": list(class_names),
         "leaky_slope": config.model_config.leaky_slope,
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -12,10 +13,15 @@ from train.options import IMAGENET_MEAN, IMAGENET_STD, PIXEL_SCALE
 from train.state import TrainState, learning_rate
 
 
-def normalize(images: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+def normalize(
+    images: jax.Array,
+    dtype: Any = jnp.float32,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> jax.Array:
     """uint8 (or float 0..255) RGB NHWC -> (x / 255 - mean) / std in `dtype`; the same as train.torch and predict."""
     x = images.astype(jnp.float32) / PIXEL_SCALE
-    x = (x - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(IMAGENET_STD, jnp.float32)
+    x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
     return x.astype(dtype)
 
 
@@ -30,13 +36,14 @@ def train_step(
     label_smoothing: float = 0.0,
     frozen: frozenset[str] = frozenset(),
     ema_decay: float | None = None,
+    mean_std: tuple[Sequence[float], Sequence[float]] = (IMAGENET_MEAN, IMAGENET_STD),
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One SGD/AdamW step; a non-finite loss or gradient returns `state` unchanged with metrics["finite"]=False.
 
     `frozen` names top-level modules whose BatchNorm statistics stay as they are (their parameters are frozen by
     the optimizer); `ema_decay` updates state.ema (optax.incremental_update, Polyak averaging).
     """
-    images = normalize(batch["image"])
+    images = normalize(batch["image"], mean=mean_std[0], std=mean_std[1])
     labels = batch["label"]
     num_classes = None
 
@@ -72,13 +79,17 @@ def train_step(
     return state, metrics
 
 
-def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+def eval_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    mean_std: tuple[Sequence[float], Sequence[float]] = (IMAGENET_MEAN, IMAGENET_STD),
+) -> dict[str, jax.Array]:
     """The batch's confusion matrix (unmasked rows) and summed loss, on the device (running BN statistics).
 
     With an EMA of the weights (--ema-decay) the EMA is what is evaluated.
     """
     variables = state.ema if state.ema is not None else {"params": state.params, "batch_stats": state.batch_stats}
-    logits = state.apply_fn(variables, normalize(batch["image"]))
+    logits = state.apply_fn(variables, normalize(batch["image"], mean=mean_std[0], std=mean_std[1]))
     num_classes = logits.shape[-1]
     mask = batch["mask"].astype(jnp.int32)
     labels, preds = batch["label"], jnp.argmax(logits, -1)

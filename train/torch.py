@@ -73,16 +73,23 @@ def zero_init_residual(model: nn.Module) -> None:
             nn.init.zeros_(module[1].weight)
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
+def normalize(
+    images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> torch.Tensor:
     """uint8 (or float 0..255) RGB NCHW -> (x / 255 - mean) / std in float32 (train.steps.normalize's numbers)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, -1, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, -1, 1, 1)
-    return (images.float() / PIXEL_SCALE - mean) / std
+    mean_t = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    return (images.float() / PIXEL_SCALE - mean_t) / std_t
 
 
-def to_tensor(images: np.ndarray, device: torch.device, channels_last: bool) -> torch.Tensor:
+def to_tensor(
+    images: np.ndarray,
+    device: torch.device,
+    channels_last: bool,
+    mean_std: tuple[Sequence[float], Sequence[float]] = (IMAGENET_MEAN, IMAGENET_STD),
+) -> torch.Tensor:
     """uint8 NHWC numpy -> normalised float NCHW tensor."""
-    x = normalize(torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2))
+    x = normalize(torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2), *mean_std)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
@@ -93,15 +100,16 @@ class Device:
     device: torch.device
     amp: bool
     channels_last: bool
+    mean_std: tuple[Sequence[float], Sequence[float]] = (IMAGENET_MEAN, IMAGENET_STD)
 
     @classmethod
-    def pick(cls, precision: str) -> Device:
+    def pick(cls, config: TrainConfig) -> Device:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        amp = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-        return cls(device, amp, channels_last=device.type == "cuda")
+        amp = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+        return cls(device, amp, channels_last=device.type == "cuda", mean_std=config.mean_std)
 
     def inputs(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        x = to_tensor(batch["image"], self.device, self.channels_last)
+        x = to_tensor(batch["image"], self.device, self.channels_last, self.mean_std)
         return x, torch.from_numpy(batch["label"].astype(np.int64)).to(self.device)
 
     def autocast(self) -> Any:
@@ -173,7 +181,7 @@ def _train_torch(config: TrainConfig, splits: Any, compile_model: bool, verbose:
     workdir = Path(config.workdir)
     ckpt_dir = workdir / CHECKPOINT_DIR
     torch.manual_seed(config.seed)
-    dev = Device.pick(config.precision)
+    dev = Device.pick(config)
     train_iter, eval_iter = run.make_run_iterators(config, splits, batch_size=config.batch_size)
     spe = train_iter.steps_per_epoch
     total = config.total_steps(spe)
