@@ -1,0 +1,467 @@
+"""Export Darknet-53 weights for serving: a serialised JAX program (jax.export) and ONNX (through torch_ref).
+
+Over 300 lines: the one weights lookup, both exporters, their checks and the sidecar are one all-or-nothing
+transaction (nothing is written unless every artefact reproduced its reference), easier to follow in one file.
+
+Each artefact takes uint8 RGB NHWC images at the model's size with any batch size and returns float32
+(logits, probabilities); the preprocessing the weights were trained with is inside it. Beside each, ARTEFACT.json
+(porting.serve_predict's contract): input spec, class names in label order, preprocessing, the versions that
+wrote it, the weights' checksum and the check the export ran. See docs/export.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from darknet_arch import ARCHS, DarknetConfig
+from porting import keymap
+from porting.api import load_flax_variables
+from porting.atomic import check_destination, write_bytes
+from porting.errors import PortingError
+from porting.serve_predict import (
+    INPUT_NAME,
+    OUTPUT_NAMES,
+    SERVING_FORMAT,
+    SERVING_FORMAT_VERSION,
+    SIDECAR_SUFFIX,
+    check_batch,
+    input_spec,
+    list_images,
+    load_image,
+    output_specs,
+)
+
+# Target -> (artefact file name, runtime, compute precision).
+TARGETS = {
+    "jax": ("darknet53.jax", "jax", "fp32"),
+    "jax-bf16": ("darknet53-bf16.jax", "jax", "bf16"),
+    "onnx": ("darknet53.onnx", "onnxruntime", "fp32"),
+}
+DEFAULT_TARGETS = ("jax", "onnx")
+PLATFORMS = ("cpu", "cuda")  # jax.export lowers for each; the check runs on the one this process has
+DEFAULT_PLATFORMS = PLATFORMS
+# An fp32 artefact must reproduce its reference (Flax for JAX, torch_ref for ONNX) to this fraction of the
+# reference's largest |logit|. The check images (seeded noise, or the first of --check-images) go in one
+# batch of 1, then batches of CHECK_BATCH: two sizes, so the batch dimension really is symbolic.
+GATE_REL = 1e-5
+CHECK_BATCH, CHECK_NOISE_IMAGES, CHECK_MAX_IMAGES = 3, 4, 64
+CHECK_SEED = 0
+ONNX_OPSET = 17  # run by onnxruntime >= 1.14
+BATCH_DIM = "batch"
+# What a sidecar's written_by lists (those installed): the JAX side, plus the ONNX side for an ONNX artefact.
+JAX_DISTRIBUTIONS = ("darknet53-jax", "numpy", "jax", "jaxlib", "flax")
+ONNX_DISTRIBUTIONS = (*JAX_DISTRIBUTIONS, "torch", "onnx", "onnxruntime")
+# What a run folder records for itself; the options of a weights file that would contradict it.
+FILE_ONLY_OPTIONS = ("arch", "leaky_slope", "image_size", "mean", "std", "class_names")
+
+
+class ExportError(PortingError):
+    """Weights, options or a destination the export cannot use, or an artefact that failed its check."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceWeights:
+    """Flax variables with the architecture and, for a training run, the preprocessing and class names."""
+
+    variables: dict[str, Any]
+    config: DarknetConfig
+    num_classes: int | None
+    preprocessing: dict[str, Any] | None  # a run's meta["preprocessing"]; None for a weights file
+    source: dict[str, Any]  # path, format, step
+    notes: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+    """What export() wrote: artefact paths by target, each sidecar's content, and notes for the user."""
+
+    artefacts: dict[str, Path]
+    sidecars: dict[str, dict[str, Any]]
+    notes: tuple[str, ...]
+
+
+def is_run_location(path: Path) -> bool:
+    """A training workdir, its checkpoints/ folder, or one step folder (not an orbax weights directory)."""
+    if not path.is_dir():
+        return False
+    from train.checkpointing import CHECKPOINT_DIR, STATE  # loads orbax: only for a directory
+
+    steps = (p for p in path.iterdir() if p.name.isdigit())
+    return (path / CHECKPOINT_DIR).is_dir() or (path / STATE).is_dir() or any((p / STATE).is_dir() for p in steps)
+
+
+def read_weights(src: str | os.PathLike, *, arch: str = "darknet53", leaky_slope: float | None = None) -> SourceWeights:
+    """THE weights lookup of the export: a run folder (its best checkpoint) or any file port-weights reads.
+
+    Kept in this one function so that porting's coming shared reader for every weights location can replace it.
+    """
+    path = Path(src)
+    if not is_run_location(path):
+        if arch not in ARCHS:
+            raise ExportError(f"unknown --arch {arch!r}; choose one of {sorted(ARCHS)}")
+        result = load_flax_variables(path, config=ARCHS[arch], leaky_slope=leaky_slope)
+        config = ARCHS[arch].with_slope(result.leaky_slope)
+        notes = result.notes
+        if result.leaky_slope is None:
+            notes += (f"{path.name} records no leaky slope: using {arch}'s {config.leaky_slope} (pass --leaky-slope)",)
+        source = {"path": os.fspath(src), "format": result.source_format, "step": None}
+        return SourceWeights(result.variables, config, result.num_classes, None, source, notes)
+    from flax import traverse_util
+
+    from train.checkpointing import CheckpointError, read_meta, restore_variables
+    from train.predict import model_config_from_json, resolve_checkpoint
+
+    try:
+        directory, step = resolve_checkpoint(path)
+        _, meta = read_meta(directory, step)
+        variables = restore_variables(directory, step)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from e
+    if not isinstance(meta.get("preprocessing"), dict) or "model_config" not in meta:
+        raise ExportError(f"checkpoint step {step} in {directory} records no preprocessing or model_config (a run "
+                          "written before they were recorded); train or resume with the current trainer")  # fmt: skip
+    config = model_config_from_json(meta["model_config"])
+    classes = keymap.head_width(traverse_util.flatten_dict(variables, sep="/"), config, flax=True)
+    source = {"path": os.fspath(src), "format": "training checkpoint", "step": step}
+    return SourceWeights(variables, config, classes, dict(meta["preprocessing"]), source)
+
+
+def serving_preprocessing(
+    weights: SourceWeights,
+    *,
+    image_size: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    class_names: Sequence[str] | None = None,
+) -> tuple[dict[str, Any], list[str]]:
+    """(preprocessing without class names, class names): a run's as recorded; a file's from the options.
+
+    A file gets the trainer's preprocessing (train.run.preprocessing: x/255, ImageNet mean and std, bilinear)
+    at `image_size` (default 256), with `mean`/`std` replacing those of weights trained otherwise.
+    """
+    n, c = weights.num_classes, weights.config.in_channels
+    if n is None:
+        raise ExportError(f"{weights.source['path']} has no classifier head: an exported model returns logits and "
+                          "probabilities, so it needs trained head weights (port-weights --num-classes would add a "
+                          "random head); export a run or a file with its head")  # fmt: skip
+    if weights.preprocessing is not None:
+        pre = dict(weights.preprocessing)
+        names = [str(x) for x in pre.pop("class_names", range(n))]
+    else:
+        from train.options import DEFAULT_IMAGE_SIZE, TrainConfig
+        from train.run import preprocessing
+
+        size = DEFAULT_IMAGE_SIZE if image_size is None else image_size
+        names = [str(i) for i in range(n)] if class_names is None else [str(x) for x in class_names]
+        pre = preprocessing(TrainConfig(image_size=size), names)
+        pre.pop("class_names")
+        pre["leaky_slope"] = weights.config.leaky_slope
+        for key, value in (("mean", mean), ("std", std)):
+            if value is not None:
+                if len(value) != c or not all(np.isfinite(value)):
+                    raise ExportError(f"--{key} needs {c} finite numbers (one per channel), got {list(value)}")
+                pre[key] = [float(v) for v in value]
+    if len(names) != n:
+        raise ExportError(f"{len(names)} class names for a {n}-class head; give one name per class, in label order")
+    if len(set(names)) != n:
+        raise ExportError(f"class names repeat: {names}; give each class its own name")
+    size, stride = pre["image_size"], weights.config.total_stride
+    if not isinstance(size, int) or size < stride or size % stride:
+        raise ExportError(f"--image-size must be a positive multiple of {stride} (the network's stride), got {size}")
+    if min(pre["std"]) <= 0:
+        raise ExportError(f"--std must be positive, got {pre['std']}")
+    return pre, names
+
+
+def weights_sha256(variables: dict[str, Any]) -> str:
+    """SHA-256 over every array in path order: path, dtype, shape and little-endian C-order bytes of each."""
+    from flax import traverse_util
+
+    digest = hashlib.sha256()
+    for key, value in sorted(traverse_util.flatten_dict(variables, sep="/").items()):
+        a = np.ascontiguousarray(value)
+        a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+        digest.update(f"{key}|{a.dtype.str}|{a.shape}\n".encode())
+        digest.update(a.tobytes())
+    return digest.hexdigest()
+
+
+def versions(distributions: Sequence[str]) -> dict[str, str]:
+    """Python's and each installed distribution's version."""
+    found = {"python": platform.python_version()}
+    for name in distributions:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            found[name] = importlib.metadata.version(name)
+    return found
+
+
+def check_images(pre: dict[str, Any], channels: int, folder: str | os.PathLike | None) -> np.ndarray:
+    """The check images: the first CHECK_MAX_IMAGES of `folder` (as serve-predict decodes them), else noise."""
+    size = pre["image_size"]
+    if folder is None:
+        shape = (CHECK_NOISE_IMAGES, size, size, channels)
+        return np.random.default_rng(CHECK_SEED).integers(0, 256, shape, dtype=np.uint8)
+    paths = list_images(folder)[:CHECK_MAX_IMAGES]
+    if len(paths) < 2:
+        raise ExportError(f"--check-images {os.fspath(folder)!r} holds {len(paths)} image; the check needs at least "
+                          "2 (two batch sizes)")  # fmt: skip
+    return np.stack([load_image(p, size, pre["interpolation"]) for p in paths])
+
+
+def compare(got: Callable[[np.ndarray], np.ndarray], want: Callable[[np.ndarray], np.ndarray],
+            images: np.ndarray, reference: str) -> dict[str, Any]:  # fmt: skip
+    """Logits of `got` against `want` on every image (batch sizes 1, then CHECK_BATCH): differences, agreement."""
+    diff, scale, agree, total, sizes = 0.0, 0.0, 0, 0, []
+    for batch in [images[:1]] + [images[i : i + CHECK_BATCH] for i in range(1, len(images), CHECK_BATCH)]:
+        a, r = np.asarray(got(batch), np.float64), np.asarray(want(batch), np.float64)
+        if a.shape != r.shape or not np.all(np.isfinite(a)):
+            return {"reference": reference, "ok": False, "reason": f"logits of shape {a.shape}, finite: "
+                    f"{bool(np.all(np.isfinite(a)))}; the reference's are {r.shape}"}  # fmt: skip
+        diff, scale = max(diff, float(np.max(np.abs(a - r)))), max(scale, float(np.max(np.abs(r))))
+        agree, total = agree + int(np.sum(a.argmax(-1) == r.argmax(-1))), total + len(batch)
+        sizes.append(len(batch))
+    relative = diff / scale if scale else diff
+    return {"reference": reference, "batch_sizes": sizes, "max_abs_diff": diff, "max_abs_reference": scale,
+            "relative_diff": relative, "top1_agreement": agree / total, "ok": True}  # fmt: skip
+
+
+def flax_logits(weights: SourceWeights, pre: dict[str, Any], precision: str = "fp32") -> Callable:
+    """images -> the Flax model's logits, preprocessing as recorded (jitted; the whole batch at once)."""
+    import jax
+    import jax.numpy as jnp
+
+    from flax_darknet import Darknet53
+
+    dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[precision]
+    model = Darknet53(num_classes=weights.num_classes, config=weights.config, dtype=dtype, param_dtype=jnp.float32)
+    scale, mean, std = (np.asarray(pre[k], np.float32) for k in ("scale", "mean", "std"))
+
+    def serve(variables: Any, images: jax.Array) -> jax.Array:
+        return model.apply(variables, (images.astype(jnp.float32) * scale - mean) / std)
+
+    fn = jax.jit(serve)
+    return lambda images: np.asarray(fn(weights.variables, images))
+
+
+def jax_program(weights: SourceWeights, pre: dict[str, Any], precision: str, platforms: Sequence[str]) -> Any:
+    """jax.export.Exported of uint8 (batch, S, S, C) -> (logits, probabilities), the weights as constants."""
+    import jax
+    import jax.numpy as jnp
+
+    from flax_darknet import Darknet53
+
+    dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[precision]
+    model = Darknet53(num_classes=weights.num_classes, config=weights.config, dtype=dtype, param_dtype=jnp.float32)
+    scale, mean, std = (np.asarray(pre[k], np.float32) for k in ("scale", "mean", "std"))
+    variables = weights.variables
+
+    def one(image: jax.Array) -> jax.Array:
+        # The model checks its input's shape with Python ints, which a symbolic batch size is not: it sees one
+        # image of concrete shape and vmap carries the batch (the same convolutions over the whole batch).
+        x = (image.astype(jnp.float32) * scale - mean) / std
+        return model.apply(variables, x[None])[0]
+
+    def serve(images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        logits = jax.vmap(one)(images)
+        return logits, jax.nn.softmax(logits, axis=-1)
+
+    (batch,) = jax.export.symbolic_shape(BATCH_DIM)
+    size, c = pre["image_size"], weights.config.in_channels
+    return jax.export.export(jax.jit(serve), platforms=tuple(platforms))(
+        jax.ShapeDtypeStruct((batch, size, size, c), jnp.uint8)
+    )
+
+
+def export_jax(
+    weights: SourceWeights, pre: dict[str, Any], precision: str, platforms: Sequence[str], images: np.ndarray
+) -> tuple[bytes, dict[str, Any]]:
+    """(serialised program, check): the deserialised program against the fp32 Flax model, gated when fp32."""
+    import jax
+
+    exported = jax_program(weights, pre, precision, platforms)
+    data = bytes(exported.serialize())
+    backend = jax.export.default_export_platform()  # 'cuda', not jax's 'gpu'
+    if backend not in exported.platforms:
+        return data, {"ok": True, "skipped": f"lowered for {list(platforms)}; this process runs jax on {backend}"}
+    program = jax.export.deserialize(bytearray(data))
+    check = compare(lambda x: program.call(x)[0], flax_logits(weights, pre), images, "Flax model, fp32")
+    check["platform"] = backend
+    if precision == "fp32" and check["ok"] and check["relative_diff"] > GATE_REL:
+        check.update(ok=False, reason=f"differs from the Flax model by {check['relative_diff']:.2e} of its max")
+    return data, check
+
+
+def torch_serving_module(weights: SourceWeights, pre: dict[str, Any]) -> Any:
+    """torch_ref wrapped to take uint8 NHWC images and return (logits, probabilities), preprocessing inside."""
+    import torch
+
+    from porting.torch_flax import flax_to_torch_state_dict
+    from torch_ref import Darknet53
+
+    net = Darknet53(num_classes=weights.num_classes, config=weights.config)
+    net.load_state_dict(flax_to_torch_state_dict(weights.variables, config=weights.config), strict=True)
+
+    class Serving(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+            self.register_buffer("scale", torch.tensor(pre["scale"], dtype=torch.float32))
+            self.register_buffer("mean", torch.tensor(pre["mean"], dtype=torch.float32).view(1, -1, 1, 1))
+            self.register_buffer("std", torch.tensor(pre["std"], dtype=torch.float32).view(1, -1, 1, 1))
+
+        def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            x = (images.permute(0, 3, 1, 2).to(torch.float32) * self.scale - self.mean) / self.std
+            logits = self.net(x)
+            return logits, torch.softmax(logits, dim=-1)
+
+    return Serving().eval()
+
+
+def onnx_bytes(module: Any, images: np.ndarray) -> bytes:
+    """The module as ONNX with a dynamic batch dimension (the TorchScript-based exporter: see docs/export.md).
+
+    torch.export (dynamo=True) specialises the batch size to the example's: torch_ref's input check reads the
+    shape as Python ints. Tracing records that check as constants, and dynamic_axes keeps the batch symbolic.
+    """
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    dynamic = {name: {0: BATCH_DIM} for name in (INPUT_NAME, *OUTPUT_NAMES)}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the shape check's int() calls, as above
+        warnings.simplefilter("ignore", DeprecationWarning)  # "legacy TorchScript-based exporter"
+        torch.onnx.export(module, (torch.from_numpy(images[:1]),), buffer, dynamo=False, opset_version=ONNX_OPSET,
+                          input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES), dynamic_axes=dynamic)  # fmt: skip
+    return buffer.getvalue()
+
+
+def export_onnx(weights: SourceWeights, pre: dict[str, Any], images: np.ndarray) -> tuple[bytes, dict[str, Any]]:
+    """(ONNX bytes, check): onnxruntime on the model against torch_ref's logits, gated."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    module = torch_serving_module(weights, pre)
+    data = onnx_bytes(module, images)
+    onnx.checker.check_model(onnx.load_from_string(data))
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+
+    def torch_logits(batch: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return module(torch.from_numpy(batch))[0].numpy()
+
+    check = compare(lambda x: onnx_run(session, x)[0], torch_logits, images, "torch_ref, fp32")
+    check["platform"] = "cpu"
+    if check["ok"] and check["relative_diff"] > GATE_REL:
+        check.update(ok=False, reason=f"differs from torch_ref by {check['relative_diff']:.2e} of its max")
+    return data, check
+
+
+def onnx_run(session: Any, images: np.ndarray) -> list[np.ndarray]:
+    """onnxruntime's (logits, probabilities) for a uint8 batch."""
+    return session.run(list(OUTPUT_NAMES), {INPUT_NAME: images})
+
+
+def sidecar(target: str, weights: SourceWeights, pre: dict[str, Any], names: list[str], platforms: Sequence[str],
+            check: dict[str, Any], artefact: bytes) -> dict[str, Any]:  # fmt: skip
+    """The JSON written beside an artefact (porting.serve_predict reads it)."""
+    file_name, runtime, precision = TARGETS[target]
+    spec = input_spec(pre["image_size"], weights.config.in_channels)
+    meta = {"format": SERVING_FORMAT, "format_version": SERVING_FORMAT_VERSION, "target": target,
+            "artefact": file_name, "runtime": runtime, "precision": precision, "input": spec,
+            "outputs": output_specs(len(names)), "class_names": names, "preprocessing": pre,
+            "model": {"num_classes": weights.num_classes, "config": dataclasses.asdict(weights.config)},
+            "source": weights.source, "weights_sha256": weights_sha256(weights.variables),
+            "artefact_sha256": hashlib.sha256(artefact).hexdigest(), "check": check}  # fmt: skip
+    if runtime == "jax":
+        meta.update(platforms=list(platforms), written_by=versions(JAX_DISTRIBUTIONS))
+    else:
+        meta.update(opset=ONNX_OPSET, written_by=versions(ONNX_DISTRIBUTIONS))
+    return meta
+
+
+def check_choices(targets: Sequence[str], platforms: Sequence[str]) -> None:
+    """Refuse an empty, repeated or unknown target or platform, naming the choices."""
+    for what, given, choices in (("target", targets, tuple(TARGETS)), ("platform", platforms, PLATFORMS)):
+        unknown = [x for x in given if x not in choices]
+        if unknown or not given or len(set(given)) != len(given):
+            raise ExportError(f"unknown, repeated or no {what}s {list(given)}; choose from {list(choices)}")
+
+
+def export(
+    src: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    targets: Sequence[str] = DEFAULT_TARGETS,
+    platforms: Sequence[str] = DEFAULT_PLATFORMS,
+    force: bool = False,
+    check_folder: str | os.PathLike | None = None,
+    **file_options: Any,
+) -> ExportResult:
+    """Export `src` (a run folder or weights file) to `out_dir`: every artefact checked, then all written at once.
+
+    file_options (arch, leaky_slope, image_size, mean, std, class_names) describe a weights file; a run records
+    its own and refuses them. Nothing is written when any check fails or any output exists without `force`.
+    """
+    check_choices(targets, platforms)
+    unknown = sorted(set(file_options) - set(FILE_ONLY_OPTIONS))
+    if unknown:
+        raise TypeError(f"export() got unknown options {unknown}")
+    given = {k: v for k, v in file_options.items() if v is not None}
+    out = Path(out_dir)
+    paths = {t: out / TARGETS[t][0] for t in targets}
+    destinations = [p for t in targets for p in (paths[t], Path(f"{paths[t]}{SIDECAR_SUFFIX}"))]
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"OUT {os.fspath(out)!r} is a file; give a folder")
+    for dst in destinations if out.is_dir() else ():
+        check_destination(dst, force)  # before any work: an existing output without --force, a read-only folder
+    if not out.parent.is_dir():
+        raise ExportError(f"cannot write {os.fspath(out)!r}: folder {os.fspath(out.parent)!r} does not exist")
+    if is_run_location(Path(src)) and given:
+        raise ExportError(f"{os.fspath(src)} is a training run, which records its architecture and preprocessing; "
+                          f"drop {', '.join('--' + k.replace('_', '-') for k in given)}")  # fmt: skip
+    weights = read_weights(src, arch=given.get("arch", "darknet53"), leaky_slope=given.get("leaky_slope"))
+    pre, names = serving_preprocessing(weights, **{k: given.get(k) for k in ("image_size", "mean", "std",
+                                                                              "class_names")})  # fmt: skip
+    images = check_images(pre, weights.config.in_channels, check_folder)
+    check_batch(images, input_spec(pre["image_size"], weights.config.in_channels))
+    outputs, sidecars = {}, {}
+    for target in targets:
+        _, runtime, precision = TARGETS[target]
+        if runtime == "jax":
+            data, check = export_jax(weights, pre, precision, platforms, images)
+        else:
+            data, check = export_onnx(weights, pre, images)
+        if not check["ok"]:
+            raise ExportError(f"{target}: the exported model failed its check ({check['reason']}); nothing was "
+                              "written")  # fmt: skip
+        sidecars[target] = sidecar(target, weights, pre, names, platforms, check, data)
+        outputs[paths[target]] = data
+        outputs[Path(f"{paths[target]}{SIDECAR_SUFFIX}")] = (json.dumps(sidecars[target], indent=2) + "\n").encode()
+    created = not out.exists()
+    out.mkdir(exist_ok=True)
+    try:
+        write_bytes(outputs, force=force)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only if nothing else appeared in it meanwhile
+        raise
+    notes = list(weights.notes)
+    notes += [f"{t}: not checked ({c['skipped']})" for t, c in ((t, sidecars[t]["check"]) for t in targets)
+              if "skipped" in c]  # fmt: skip
+    return ExportResult(paths, sidecars, tuple(notes))

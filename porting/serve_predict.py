@@ -1,0 +1,255 @@
+"""`darknet53-serve-predict ARTEFACT IMAGES`: class predictions from an exported model (darknet53-export).
+
+The artefact's JSON sidecar (ARTEFACT.json) is the serving contract: the input spec, the class names in label
+order, and the preprocessing the artefact already does inside. This module needs only numpy and pillow, plus
+jax for a .jax artefact or onnxruntime for a .onnx one (tests/test_export_serve.py checks what it imports);
+porting.export imports its contract constants and checks, so both sides read one definition.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from porting.atomic import write_bytes
+from porting.errors import PortingError
+
+# The contract every artefact's sidecar follows (written by porting.export).
+SIDECAR_SUFFIX = ".json"
+SERVING_FORMAT, SERVING_FORMAT_VERSION = "darknet53-serving", 1
+INPUT_NAME, OUTPUT_NAMES = "images", ("logits", "probabilities")
+INPUT_DTYPE, INPUT_LAYOUT, INPUT_COLOR, OUTPUT_DTYPE = "uint8", "NHWC", "RGB", "float32"
+RUNTIMES = ("jax", "onnxruntime")
+SIDECAR_FIELDS = ("format", "format_version", "runtime", "input", "outputs", "class_names", "preprocessing")
+DEFAULT_BATCH_SIZE = 8
+EXIT_BAD_INPUT = 2
+
+# The evaluation decode of train.data.decode (decode_image without augmentation), restated here because
+# train.data imports grain on import; tests/test_export_serve.py checks that both give the same pixels.
+INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR}
+BACKGROUND_RGB = (255, 255, 255)  # transparent pixels composited onto white
+UINT16_TO_UINT8 = 257.0  # 65535 -> 255, exact at both ends
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class ServingError(PortingError):
+    """An artefact, sidecar, batch or image folder the runner cannot use; the message names what and why."""
+
+
+def input_spec(image_size: int, channels: int) -> dict[str, Any]:
+    """The input every artefact takes: uint8 RGB NHWC at the model's size, any batch size (None)."""
+    return {"name": INPUT_NAME, "dtype": INPUT_DTYPE, "layout": INPUT_LAYOUT, "color": INPUT_COLOR,
+            "shape": [None, image_size, image_size, channels]}  # fmt: skip
+
+
+def output_specs(num_classes: int) -> list[dict[str, Any]]:
+    """(logits, probabilities): float32 (N, num_classes) each."""
+    return [{"name": name, "dtype": OUTPUT_DTYPE, "shape": [None, num_classes]} for name in OUTPUT_NAMES]
+
+
+def describe_spec(spec: dict[str, Any]) -> str:
+    """'uint8 NHWC RGB (N, 64, 64, 3)', the form every error message names the expected input in."""
+    dims = ", ".join("N" if d is None else str(d) for d in spec["shape"])
+    return f"{spec['dtype']} {spec['layout']} {spec['color']} ({dims})"
+
+
+def check_batch(batch: Any, spec: dict[str, Any]) -> None:
+    """Raise ServingError naming the expected spec unless `batch` is a numpy array the artefact takes."""
+    expected = f"expected a batch of {describe_spec(spec)}"
+    if not isinstance(batch, np.ndarray):
+        raise ServingError(f"{expected}, got a {type(batch).__name__}; pass a numpy array")
+    shape, want = tuple(batch.shape), tuple(spec["shape"])
+    if batch.ndim != len(want):
+        raise ServingError(f"{expected}, got shape {shape} (rank {batch.ndim}); stack single images with x[None]")
+    if shape[1:] != want[1:]:
+        hint = ""
+        if sorted(shape[1:]) == sorted(want[1:]) and shape[1] == want[3]:
+            hint = "; it looks NCHW: transpose it with x.transpose(0, 2, 3, 1)"
+        elif shape[3] == want[3]:
+            hint = f"; resize the images to {want[1]}x{want[2]} first (serve-predict does)"
+        raise ServingError(f"{expected}, got shape {shape}{hint}")
+    if shape[0] < 1:
+        raise ServingError(f"{expected}, got an empty batch")
+    if batch.dtype != np.dtype(spec["dtype"]):
+        hint = "; pass the raw 0..255 pixels: the artefact scales and normalises them itself"
+        raise ServingError(f"{expected}, got dtype {batch.dtype}{hint}")
+
+
+def sidecar_path(artefact: str | os.PathLike) -> Path:
+    """ARTEFACT.json, beside the artefact."""
+    return Path(f"{os.fspath(artefact)}{SIDECAR_SUFFIX}")
+
+
+def read_sidecar(artefact: str | os.PathLike) -> dict[str, Any]:
+    """The artefact's sidecar, checked to be a serving sidecar of a version this runner reads."""
+    path = sidecar_path(artefact)
+    if not Path(artefact).is_file():
+        raise ServingError(f"artefact {os.fspath(artefact)!r} is not a file (a .jax or .onnx from darknet53-export)")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise ServingError(f"{os.fspath(artefact)!r} has no sidecar {str(path)!r}; export with darknet53-export") from e
+    except (OSError, ValueError) as e:
+        raise ServingError(f"cannot read the sidecar {str(path)!r}: {e}") from e
+    if not isinstance(meta, dict) or meta.get("format") != SERVING_FORMAT:
+        raise ServingError(f"{str(path)!r} is not a {SERVING_FORMAT} sidecar")
+    if meta.get("format_version") != SERVING_FORMAT_VERSION:
+        raise ServingError(f"{str(path)!r} has format_version {meta.get('format_version')!r}; this runner reads "
+                           f"{SERVING_FORMAT_VERSION}")  # fmt: skip
+    missing = [f for f in SIDECAR_FIELDS if f not in meta]
+    if missing or meta["runtime"] not in RUNTIMES:
+        raise ServingError(f"{str(path)!r} lacks {missing} or names an unknown runtime {meta.get('runtime')!r}")
+    return meta
+
+
+class Artefact:
+    """An exported model loaded into its runtime; `__call__(batch)` gives (logits, probabilities) as numpy."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.fspath(path)
+        self.meta = read_sidecar(path)
+        self.spec = self.meta["input"]
+        self.class_names = [str(c) for c in self.meta["class_names"]]
+        self._run = self._load_jax() if self.meta["runtime"] == "jax" else self._load_onnx()
+
+    def _load_jax(self) -> Any:
+        import jax
+
+        try:
+            exported = jax.export.deserialize(bytearray(Path(self.path).read_bytes()))
+        except Exception as e:  # jax raises flatbuffer and version errors of several types
+            raise ServingError(f"{self.path!r} is not a serialised jax.export program: {type(e).__name__}: {e}") from e
+        backend = jax.export.default_export_platform()  # 'cuda', not jax's 'gpu'
+        if backend not in exported.platforms:
+            raise ServingError(
+                f"{self.path!r} was lowered for {list(exported.platforms)}, this jax runs on {backend!r}: export "
+                f"again with --platforms {backend}, or set JAX_PLATFORMS=cpu"
+            )
+        return lambda batch: tuple(np.asarray(out) for out in exported.call(batch))
+
+    def _load_onnx(self) -> Any:
+        import onnxruntime as ort
+
+        try:
+            session = ort.InferenceSession(self.path, providers=ort.get_available_providers())
+        except Exception as e:  # onnxruntime's errors are its own pybind types
+            raise ServingError(f"{self.path!r} is not an ONNX model onnxruntime can load: {e}") from e
+        return lambda batch: tuple(session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch}))
+
+    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(logits, probabilities) of a batch checked against the sidecar's spec first."""
+        check_batch(batch, self.spec)
+        logits, probabilities = self._run(batch)
+        return logits, probabilities
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB as training saw it: alpha on white, 16-bit scaled (not clipped) to 8."""
+    if img.mode == "RGB" and "transparency" not in img.info:
+        return img
+    if img.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(img).astype(np.float64) / UINT16_TO_UINT8
+        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "F":  # float images: taken as already on the 0..255 scale
+        return Image.fromarray(np.clip(np.rint(np.asarray(img)), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode in ("LA", "La", "PA", "RGBa") or "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode == "RGBA":
+        background = Image.new("RGB", img.size, BACKGROUND_RGB)
+        background.paste(img.convert("RGB"), mask=img.getchannel("A"))
+        return background
+    return img.convert("RGB")
+
+
+def load_image(path: str | os.PathLike, image_size: int, interpolation: str) -> np.ndarray:
+    """uint8 (image_size, image_size, 3): upright (EXIF), RGB, the whole image resized, as evaluation decodes."""
+    if interpolation not in INTERPOLATIONS:
+        raise ServingError(f"interpolation {interpolation!r} is not one of {sorted(INTERPOLATIONS)}")
+    try:
+        with Image.open(path) as img:
+            if img.format == "JPEG":  # reduced-size DCT decode that still covers image_size, as training's
+                scale = image_size / min(img.size)
+                if scale < 1:
+                    img.draft(None, (math.ceil(img.width * scale), math.ceil(img.height * scale)))
+            img = to_rgb(ImageOps.exif_transpose(img))
+            out = img.resize((image_size, image_size), INTERPOLATIONS[interpolation], box=(0, 0, *img.size))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ServingError(f"{os.fspath(path)}: cannot decode image: {e}") from e
+    return np.asarray(out, dtype=np.uint8)
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Every image file under `folder`, recursive and sorted."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise ServingError(f"IMAGES {os.fspath(folder)!r} is not a folder")
+    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise ServingError(f"IMAGES {os.fspath(folder)!r} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return paths
+
+
+def predict_folder(
+    artefact: str | os.PathLike, folder: str | os.PathLike, batch_size: int = DEFAULT_BATCH_SIZE
+) -> tuple[list[Path], np.ndarray, np.ndarray, list[str]]:
+    """(image paths, logits, probabilities, class names) for every image under `folder`."""
+    if batch_size < 1:
+        raise ServingError(f"--batch-size must be at least 1, got {batch_size}")
+    model = Artefact(artefact)
+    pre, size = model.meta["preprocessing"], model.spec["shape"][1]
+    paths = list_images(folder)
+    logits, probs = [], []
+    for start in range(0, len(paths), batch_size):
+        batch = np.stack([load_image(p, size, pre["interpolation"]) for p in paths[start : start + batch_size]])
+        out = model(batch)
+        logits.append(out[0])
+        probs.append(out[1])
+    return paths, np.concatenate(logits), np.concatenate(probs), model.class_names
+
+
+def predictions_csv(folder: Path, paths: Sequence[Path], probs: np.ndarray, class_names: Sequence[str]) -> str:
+    """`path,class,probability` rows (paths relative to `folder`), as darknet53-predict writes for a folder."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["path", "class", "probability"])
+    for path, p in zip(paths, probs, strict=True):
+        k = int(np.argmax(p))
+        writer.writerow([os.path.relpath(path, folder), class_names[k], f"{p[k]:.6f}"])
+    return buf.getvalue()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `darknet53-serve-predict`; returns the exit status."""
+    p = argparse.ArgumentParser(prog="darknet53-serve-predict", description=__doc__.splitlines()[0])
+    p.add_argument("artefact", metavar="ARTEFACT", help="a .jax or .onnx file written by darknet53-export")
+    p.add_argument("images", metavar="IMAGES", help="folder of images (searched recursively)")
+    p.add_argument("--out", default="predictions.csv", help="output CSV: path,class,probability")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per call of the artefact")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    args = p.parse_args(argv)
+    try:
+        if os.path.lexists(args.out) and not args.force:
+            raise ServingError(f"--out {args.out!r} already exists; pass --force to replace it")
+        paths, _, probs, names = predict_folder(args.artefact, args.images, args.batch_size)
+        write_bytes({args.out: predictions_csv(Path(args.images), paths, probs, names).encode()}, force=args.force)
+    except PortingError as e:
+        print(f"darknet53-serve-predict: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"wrote {len(paths)} predictions to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

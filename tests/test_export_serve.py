@@ -1,0 +1,121 @@
+"""darknet53-serve-predict: predictions on a folder equal the Flax model's on training's own decode, it imports
+no framework but the artefact's runtime, and its decode gives the pixels train.data's evaluation decode gives."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_export import CLASS_NAMES, FRAMEWORKS, OUR_PACKAGES, SIZE, export_tiny, flax_reference
+
+from porting.export import TARGETS
+from porting.serve_predict import load_image, predict_folder
+from train.data import decode_image
+
+ORIENTATION_TAG = 0x0112
+# What the runner may load of ours: the porting package (its __init__ loads darknet_arch and numpy-only code).
+SERVING_OURS = {"porting", "darknet_arch"}
+# Neither may a serving process need these (the trainers' and the porting's other dependencies).
+NOT_FOR_SERVING = {"grain", "safetensors", "tensorboardX", "matplotlib", "huggingface_hub", "timm"}
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> dict:
+    return export_tiny(tmp_path_factory.mktemp("export"))
+
+
+def write_images(folder: Path) -> list[Path]:
+    """Every kind of file evaluation decodes differently: JPEG (draft, EXIF turn), alpha, 16-bit, palette, tiny."""
+    rng = np.random.default_rng(7)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "nested").mkdir(exist_ok=True)
+    smooth = np.clip(np.cumsum(rng.normal(0, 6, (300, 220, 3)), axis=0) + 128, 0, 255).astype(np.uint8)
+    Image.fromarray(smooth).save(folder / "large.jpg", quality=90)  # 220 px wide: decoded at reduced size
+    exif = Image.Exif()
+    exif[ORIENTATION_TAG] = 6  # stored sideways
+    Image.fromarray(smooth[:200]).save(folder / "nested" / "turned.jpg", quality=90, exif=exif.tobytes())
+    rgba = rng.integers(0, 256, (40, 50, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(folder / "alpha.png")
+    Image.fromarray(rng.integers(0, 256, (45, 45, 2), dtype=np.uint8)[..., 0], "L").convert("LA").save(
+        folder / "gray_alpha.png"
+    )
+    Image.fromarray(rng.integers(0, 65536, (30, 40), dtype=np.uint16)).save(folder / "sixteen.png")
+    palette = Image.fromarray(rng.integers(0, 256, (36, 36, 3), dtype=np.uint8)).quantize(16)
+    palette.info["transparency"] = 3
+    palette.save(folder / "palette.png", transparency=3)
+    Image.fromarray(rng.integers(0, 256, (9, 13, 3), dtype=np.uint8)).save(folder / "nested" / "tiny.bmp")
+    (folder / "notes.txt").write_text("not an image")
+    return sorted(p for p in folder.rglob("*") if p.suffix != ".txt" and p.is_file())
+
+
+def test_the_runner_decodes_every_image_as_training_evaluates_it(tmp_path) -> None:
+    for path in write_images(tmp_path):
+        for size in (SIZE, 64):
+            np.testing.assert_array_equal(load_image(path, size, "bilinear"), decode_image(str(path), size), path.name)
+
+
+@pytest.mark.parametrize("target", ["jax", "onnx"])
+def test_serve_predict_on_a_folder_gives_the_flax_model_predictions_and_imports_only_its_runtime(
+    source,
+    target,
+    tmp_path,
+) -> None:
+    images = tmp_path / "images"
+    paths = write_images(images)
+    artefact, out = source["out"] / TARGETS[target][0], tmp_path / "predictions.csv"
+    forbidden = OUR_PACKAGES - SERVING_OURS | FRAMEWORKS | NOT_FOR_SERVING
+    forbidden |= {"jax", "jaxlib"} if target == "onnx" else {"onnxruntime"}
+    code = (
+        "import sys\nfrom porting.serve_predict import main\nrc = main(sys.argv[1:])\n"
+        f"bad = {{m.split('.')[0] for m in sys.modules}} & set({sorted(forbidden)!r})\n"
+        "print('imported', sorted(bad))\nsys.exit(rc or (3 if bad else 0))\n"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    argv = [str(artefact), str(images), "--out", str(out), "--batch-size", "3"]  # 8 images: a batch of 2 at the end
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "imported []" in proc.stdout and f"wrote {len(paths)} predictions to {out}" in proc.stdout
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["path"] for r in rows] == [os.path.relpath(p, images) for p in paths]
+    batch = np.stack([decode_image(str(p), SIZE) for p in paths])
+    logits = flax_reference(source["variables"], batch)
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    probs = e / e.sum(-1, keepdims=True)
+    assert [r["class"] for r in rows] == [CLASS_NAMES[k] for k in probs.argmax(-1)]
+    np.testing.assert_allclose([float(r["probability"]) for r in rows], probs.max(-1), atol=2e-6)
+    _, got_logits, got_probs, _ = predict_folder(artefact, images, batch_size=8)  # one batch of all 8
+    assert float(np.max(np.abs(got_logits - logits))) <= 1e-5 * float(np.max(np.abs(logits)))
+    np.testing.assert_allclose(got_probs, probs, atol=2e-6)
+
+
+def test_serve_predict_refuses_what_it_cannot_use_with_exit_2(source, tmp_path, capsys) -> None:
+    from porting.serve_predict import main
+
+    images = tmp_path / "images"
+    write_images(images)
+    artefact = source["out"] / "darknet53.jax"
+    (tmp_path / "exists.csv").write_text("keep")
+    lonely = tmp_path / "lonely.jax"
+    lonely.write_bytes(artefact.read_bytes())
+    cases = {
+        "already exists; pass --force": [str(artefact), str(images), "--out", str(tmp_path / "exists.csv")],
+        "is not a folder": [str(artefact), str(tmp_path / "nope"), "--out", str(tmp_path / "a.csv")],
+        "holds no image files": [str(artefact), str(images / "nested" / "x"), "--out", str(tmp_path / "b.csv")],
+        "has no sidecar": [str(lonely), str(images), "--out", str(tmp_path / "c.csv")],
+        "is not a file": [str(tmp_path / "missing.jax"), str(images), "--out", str(tmp_path / "d.csv")],
+        "--batch-size must be at least 1": [str(artefact), str(images), "--out", "e.csv", "--batch-size", "0"],
+    }
+    (tmp_path / "images" / "nested" / "x").mkdir()
+    for message, argv in cases.items():
+        assert main(argv) == 2, message
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (message, err)
+    assert (tmp_path / "exists.csv").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.glob("*.csv")) == ["exists.csv"]
