@@ -48,9 +48,10 @@ def build_runtimes(arch: str, image_size: int, skip: Sequence[str], workdir: Pat
     pt = workdir / "weights.pt"
     write_torch_file(pt, Darknet53(num_classes=NUM_CLASSES, config=config).state_dict(),
                      {"num_classes": NUM_CLASSES, "leaky_slope": config.leaky_slope})  # fmt: skip
-    result = export(pt, workdir / "out", targets=("jax", "onnx"), platforms=("cpu",), arch=arch, image_size=image_size)
-    weights = read_weights(pt, arch=arch)
-    pre, _ = serving_preprocessing(weights, image_size=image_size)
+    record = {"image_size": image_size}
+    result = export(pt, workdir / "out", targets=("jax", "onnx"), platforms=("cpu",), arch=arch, preprocessing=record)
+    weights = read_weights(pt, arch=arch, preprocessing=record)
+    pre, _, _ = serving_preprocessing(weights)
     runtimes: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
     program = jax.export.deserialize(bytearray(result.artefacts["jax"].read_bytes()))
     runtimes["jax_export"] = lambda x: np.asarray(program.call(x)[0])

@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 
 from darknet_arch import ARCHS, DarknetConfig
-from porting import keymap
 from porting.api import load_flax_variables
 from porting.atomic import check_destination, write_bytes
 from porting.errors import PortingError
+from porting.preprocessing import Preprocessing
 from porting.serve_predict import (
     INPUT_NAME,
     OUTPUT_NAMES,
@@ -63,8 +63,6 @@ BATCH_DIM = "batch"
 # What a sidecar's written_by lists (those installed): the JAX side, plus the ONNX side for an ONNX artefact.
 JAX_DISTRIBUTIONS = ("darknet53-jax", "numpy", "jax", "jaxlib", "flax")
 ONNX_DISTRIBUTIONS = (*JAX_DISTRIBUTIONS, "torch", "onnx", "onnxruntime")
-# What a run folder records for itself; the options of a weights file that would contradict it.
-FILE_ONLY_OPTIONS = ("arch", "leaky_slope", "image_size", "mean", "std", "class_names")
 
 
 class ExportError(PortingError):
@@ -73,12 +71,12 @@ class ExportError(PortingError):
 
 @dataclasses.dataclass(frozen=True)
 class SourceWeights:
-    """Flax variables with the architecture and, for a training run, the preprocessing and class names."""
+    """Flax variables with their architecture and preprocessing record (porting.preprocessing)."""
 
     variables: dict[str, Any]
     config: DarknetConfig
     num_classes: int | None
-    preprocessing: dict[str, Any] | None  # a run's meta["preprocessing"]; None for a weights file
+    preprocessing: Preprocessing  # recorded with the weights, implied by their format, or given; None: unknown
     source: dict[str, Any]  # path, format, step
     notes: tuple[str, ...] = ()
 
@@ -92,97 +90,63 @@ class ExportResult:
     notes: tuple[str, ...]
 
 
-def is_run_location(path: Path) -> bool:
-    """A training workdir, its checkpoints/ folder, or one step folder (not an orbax weights directory)."""
-    if not path.is_dir():
-        return False
-    from train.checkpointing import CHECKPOINT_DIR, STATE  # loads orbax: only for a directory
-
-    steps = (p for p in path.iterdir() if p.name.isdigit())
-    return (path / CHECKPOINT_DIR).is_dir() or (path / STATE).is_dir() or any((p / STATE).is_dir() for p in steps)
-
-
-def read_weights(src: str | os.PathLike, *, arch: str = "darknet53", leaky_slope: float | None = None) -> SourceWeights:
-    """THE weights lookup of the export: a run folder (its best checkpoint) or any file port-weights reads.
-
-    Kept in this one function so that porting's coming shared reader for every weights location can replace it.
-    """
-    path = Path(src)
-    if not is_run_location(path):
-        if arch not in ARCHS:
-            raise ExportError(f"unknown --arch {arch!r}; choose one of {sorted(ARCHS)}")
-        result = load_flax_variables(path, config=ARCHS[arch], leaky_slope=leaky_slope)
-        config = ARCHS[arch].with_slope(result.leaky_slope)
-        notes = result.notes
-        if result.leaky_slope is None:
-            notes += (f"{path.name} records no leaky slope: using {arch}'s {config.leaky_slope} (pass --leaky-slope)",)
-        source = {"path": os.fspath(src), "format": result.source_format, "step": None}
-        return SourceWeights(result.variables, config, result.num_classes, None, source, notes)
-    from flax import traverse_util
-
-    from train.checkpointing import CheckpointError, read_meta, restore_variables
-    from train.predict import model_config_from_json, resolve_checkpoint
-
-    try:
-        directory, step = resolve_checkpoint(path)
-        _, meta = read_meta(directory, step)
-        variables = restore_variables(directory, step)
-    except CheckpointError as e:
-        raise ExportError(str(e)) from e
-    if not isinstance(meta.get("preprocessing"), dict) or "model_config" not in meta:
-        raise ExportError(f"checkpoint step {step} in {directory} records no preprocessing or model_config (a run "
-                          "written before they were recorded); train or resume with the current trainer")  # fmt: skip
-    config = model_config_from_json(meta["model_config"])
-    classes = keymap.head_width(traverse_util.flatten_dict(variables, sep="/"), config, flax=True)
-    source = {"path": os.fspath(src), "format": "training checkpoint", "step": step}
-    return SourceWeights(variables, config, classes, dict(meta["preprocessing"]), source)
-
-
-def serving_preprocessing(
-    weights: SourceWeights,
+def read_weights(
+    src: str | os.PathLike,
     *,
-    image_size: int | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
+    arch: str | None = None,
+    leaky_slope: float | None = None,
     class_names: Sequence[str] | None = None,
-) -> tuple[dict[str, Any], list[str]]:
-    """(preprocessing without class names, class names): a run's as recorded; a file's from the options.
+    preprocessing: Preprocessing | dict[str, Any] | None = None,
+) -> SourceWeights:
+    """THE weights lookup of the export: porting's shared reader (porting.locations.ACCEPTED: a run folder, its
+    checkpoints/, a step, <run>/best|latest, an orbax or Hub-layout directory, any weights file), in this one
+    function so the export reads exactly what port-weights reads.
 
-    A file gets the trainer's preprocessing (train.run.preprocessing: x/255, ImageNet mean and std, bilinear)
-    at `image_size` (default 256), with `mean`/`std` replacing those of weights trained otherwise.
+    arch None: the architecture the location records or the tensors fit. leaky_slope, class_names and
+    preprocessing add to the weights' own record; one that contradicts it is refused.
     """
-    n, c = weights.num_classes, weights.config.in_channels
+    if arch is not None and arch not in ARCHS:
+        raise ExportError(f"unknown --arch {arch!r}; choose one of {sorted(ARCHS)}")
+    result = load_flax_variables(src, config=None if arch is None else ARCHS[arch], leaky_slope=leaky_slope,
+                                 class_names=class_names, preprocessing=preprocessing)  # fmt: skip
+    step = None if result.location is None else result.location.step
+    source = {"path": os.fspath(src), "format": result.source_format, "step": step}
+    return SourceWeights(result.variables, result.config, result.num_classes, result.preprocessing, source,
+                         result.notes)  # fmt: skip
+
+
+def serving_preprocessing(weights: SourceWeights) -> tuple[dict[str, Any], list[str], list[str]]:
+    """(preprocessing without class names, class names, notes): the weights' record, its gaps filled.
+
+    What the record does not say is taken from the trainers' preprocessing (porting.preprocessing.TRAINER_DEFAULTS:
+    x/255, ImageNet mean and std, the whole image resized bilinearly; 256 px), class names 0, 1, ..., each with a
+    note; the record's leaky slope is the model's.
+    """
+    from porting.preprocessing import TRAINER_DEFAULTS
+    from train.options import DEFAULT_IMAGE_SIZE
+
+    n, record = weights.num_classes, weights.preprocessing
     if n is None:
         raise ExportError(f"{weights.source['path']} has no classifier head: an exported model returns logits and "
                           "probabilities, so it needs trained head weights (port-weights --num-classes would add a "
                           "random head); export a run or a file with its head")  # fmt: skip
-    if weights.preprocessing is not None:
-        pre = dict(weights.preprocessing)
-        names = [str(x) for x in pre.pop("class_names", range(n))]
-    else:
-        from train.options import DEFAULT_IMAGE_SIZE, TrainConfig
-        from train.run import preprocessing
-
-        size = DEFAULT_IMAGE_SIZE if image_size is None else image_size
-        names = [str(i) for i in range(n)] if class_names is None else [str(x) for x in class_names]
-        pre = preprocessing(TrainConfig(image_size=size), names)
-        pre.pop("class_names")
-        pre["leaky_slope"] = weights.config.leaky_slope
-        for key, value in (("mean", mean), ("std", std)):
-            if value is not None:
-                if len(value) != c or not all(np.isfinite(value)):
-                    raise ExportError(f"--{key} needs {c} finite numbers (one per channel), got {list(value)}")
-                pre[key] = [float(v) for v in value]
-    if len(names) != n:
-        raise ExportError(f"{len(names)} class names for a {n}-class head; give one name per class, in label order")
-    if len(set(names)) != n:
-        raise ExportError(f"class names repeat: {names}; give each class its own name")
+    defaults = TRAINER_DEFAULTS.replace(image_size=DEFAULT_IMAGE_SIZE, leaky_slope=weights.config.leaky_slope,
+                                        class_names=tuple(str(i) for i in range(n)))  # fmt: skip
+    filled = record.filled(defaults)
+    assumed = [k for k in defaults.known() if k not in record.known()]
+    pre = filled.to_json()
+    names = [str(x) for x in pre.pop("class_names")]
+    shown = [f"{k} {pre[k]}" if k != "class_names" else f"class names 0..{n - 1}" for k in assumed]
+    notes = [f"{os.path.basename(os.path.normpath(weights.source['path']))} records no {', '.join(assumed)}: "
+             f"exported with {', '.join(shown)} (--preprocessing, --class-names and --leaky-slope say otherwise)"
+             ] if assumed else []  # fmt: skip
+    if len(set(names)) != len(names):
+        raise ExportError(f"class names repeat: {names}; give each class its own name (--class-names)")
     size, stride = pre["image_size"], weights.config.total_stride
-    if not isinstance(size, int) or size < stride or size % stride:
-        raise ExportError(f"--image-size must be a positive multiple of {stride} (the network's stride), got {size}")
-    if min(pre["std"]) <= 0:
-        raise ExportError(f"--std must be positive, got {pre['std']}")
-    return pre, names
+    if size < stride or size % stride:
+        raise ExportError(f"image size {size} is not a multiple of {stride} (the network's stride); pass "
+                          f"--preprocessing '{{\"image_size\": N}}' with N a multiple of {stride}")  # fmt: skip
+    return pre, names, notes
 
 
 def weights_sha256(variables: dict[str, Any]) -> str:
@@ -217,7 +181,7 @@ def check_images(pre: dict[str, Any], channels: int, folder: str | os.PathLike |
     if len(paths) < 2:
         raise ExportError(f"--check-images {os.fspath(folder)!r} holds {len(paths)} image; the check needs at least "
                           "2 (two batch sizes)")  # fmt: skip
-    return np.stack([load_image(p, size, pre["interpolation"]) for p in paths])
+    return np.stack([load_image(p, pre) for p in paths])
 
 
 def compare(got: Callable[[np.ndarray], np.ndarray], want: Callable[[np.ndarray], np.ndarray],
@@ -410,18 +374,17 @@ def export(
     platforms: Sequence[str] = DEFAULT_PLATFORMS,
     force: bool = False,
     check_folder: str | os.PathLike | None = None,
-    **file_options: Any,
+    arch: str | None = None,
+    leaky_slope: float | None = None,
+    class_names: Sequence[str] | None = None,
+    preprocessing: Preprocessing | dict[str, Any] | None = None,
 ) -> ExportResult:
-    """Export `src` (a run folder or weights file) to `out_dir`: every artefact checked, then all written at once.
+    """Export `src` (any weights location) to `out_dir`: every artefact checked, then all written at once.
 
-    file_options (arch, leaky_slope, image_size, mean, std, class_names) describe a weights file; a run records
-    its own and refuses them. Nothing is written when any check fails or any output exists without `force`.
+    arch, leaky_slope, class_names and preprocessing (record fields) say what the weights' own record does not;
+    one that contradicts it is refused. Nothing is written when any check fails or any output exists without `force`.
     """
     check_choices(targets, platforms)
-    unknown = sorted(set(file_options) - set(FILE_ONLY_OPTIONS))
-    if unknown:
-        raise TypeError(f"export() got unknown options {unknown}")
-    given = {k: v for k, v in file_options.items() if v is not None}
     out = Path(out_dir)
     paths = {t: out / TARGETS[t][0] for t in targets}
     destinations = [p for t in targets for p in (paths[t], Path(f"{paths[t]}{SIDECAR_SUFFIX}"))]
@@ -431,12 +394,9 @@ def export(
         check_destination(dst, force)  # before any work: an existing output without --force, a read-only folder
     if not out.parent.is_dir():
         raise ExportError(f"cannot write {os.fspath(out)!r}: folder {os.fspath(out.parent)!r} does not exist")
-    if is_run_location(Path(src)) and given:
-        raise ExportError(f"{os.fspath(src)} is a training run, which records its architecture and preprocessing; "
-                          f"drop {', '.join('--' + k.replace('_', '-') for k in given)}")  # fmt: skip
-    weights = read_weights(src, arch=given.get("arch", "darknet53"), leaky_slope=given.get("leaky_slope"))
-    pre, names = serving_preprocessing(weights, **{k: given.get(k) for k in ("image_size", "mean", "std",
-                                                                              "class_names")})  # fmt: skip
+    weights = read_weights(src, arch=arch, leaky_slope=leaky_slope, class_names=class_names,
+                           preprocessing=preprocessing)  # fmt: skip
+    pre, names, notes = serving_preprocessing(weights)
     images = check_images(pre, weights.config.in_channels, check_folder)
     check_batch(images, input_spec(pre["image_size"], weights.config.in_channels))
     outputs, sidecars = {}, {}
@@ -461,7 +421,7 @@ def export(
             with contextlib.suppress(OSError):
                 out.rmdir()  # only if nothing else appeared in it meanwhile
         raise
-    notes = list(weights.notes)
+    notes = [*weights.notes, *notes]
     notes += [f"{t}: not checked ({c['skipped']})" for t, c in ((t, sidecars[t]["check"]) for t in targets)
               if "skipped" in c]  # fmt: skip
     return ExportResult(paths, sidecars, tuple(notes))

@@ -12,13 +12,15 @@ from darknet_arch import ARCHS
 from porting.cli import EXIT_ERROR, SIGNAL_EXIT_BASE, signals_raise
 from porting.errors import PortingError, Stopped, raise_if_stopped
 from porting.export import DEFAULT_PLATFORMS, DEFAULT_TARGETS, GATE_REL, PLATFORMS, TARGETS, export
+from porting.locations import ACCEPTED
+from porting.preprocessing import FIELDS, TRAINER_DEFAULTS, parse_preprocessing, read_class_names
+from train.options import DEFAULT_IMAGE_SIZE
 
 
 def build_parser() -> argparse.ArgumentParser:
     """SRC OUT, the targets and platforms, and the options that describe a weights file."""
     parser = argparse.ArgumentParser(prog="darknet53-export", description=__doc__.splitlines()[0])
-    parser.add_argument("src", metavar="SRC", help="a training run folder (its best checkpoint), its checkpoints/ "
-                        "folder or a step folder; or any weights file port-weights reads")  # fmt: skip
+    parser.add_argument("src", metavar="SRC", help=f"the weights: {ACCEPTED}")
     parser.add_argument("out", metavar="OUT", help="output folder (created if missing; its parent must exist)")
     parser.add_argument("--targets", nargs="+", choices=tuple(TARGETS), default=list(DEFAULT_TARGETS),
                         help=f"artefacts to write (default: {' '.join(DEFAULT_TARGETS)}); jax-bf16 computes in "
@@ -29,29 +31,30 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"check each artefact (fp32: to {GATE_REL:g} of the max logit) on the first images "
                         "of DIR instead of seeded noise")  # fmt: skip
     parser.add_argument("--force", action="store_true", help="overwrite existing artefacts in OUT")
-    file_opts = parser.add_argument_group("a weights file (a run records these itself)")
-    file_opts.add_argument("--arch", choices=tuple(ARCHS), default=None, help="architecture (default: darknet53)")
-    file_opts.add_argument("--leaky-slope", type=float, default=None,
-                           help="LeakyReLU slope (default: what the file records or implies)")  # fmt: skip
-    file_opts.add_argument("--image-size", type=int, default=None, help="input side in pixels (default: 256)")
-    file_opts.add_argument("--mean", type=float, nargs="+", default=None, help="per-channel mean after x/255 "
-                           "(default: ImageNet's; Darknet's own weights: 0 0 0)")  # fmt: skip
-    file_opts.add_argument("--std", type=float, nargs="+", default=None, help="per-channel std after x/255 "
-                           "(default: ImageNet's; Darknet's own weights: 1 1 1)")  # fmt: skip
-    file_opts.add_argument("--class-names", default=None, metavar="A,B,...",
-                           help="comma-separated names in label order (default: 0, 1, ...)")  # fmt: skip
+    record = parser.add_argument_group("what the weights do not record (contradicting their record is refused)")
+    record.add_argument("--arch", choices=tuple(ARCHS), default=None,
+                        help="architecture (default: what SRC records, else the one its tensors fit)")  # fmt: skip
+    record.add_argument("--leaky-slope", type=float, default=None,
+                        help="LeakyReLU slope (default: what SRC records or its format implies)")  # fmt: skip
+    record.add_argument("--class-names", metavar="FILE", default=None,
+                        help="text file of class names, one per line in label order (default: 0, 1, ...)")  # fmt: skip
+    record.add_argument("--preprocessing", metavar="JSON", default=None,
+                        help="record fields as a JSON object or a .json file, e.g. '{\"image_size\": 224}' (fields: "
+                        f"{', '.join(FIELDS)}); what neither SRC nor this gives is the trainers': "
+                        f"{TRAINER_DEFAULTS.replace(image_size=DEFAULT_IMAGE_SIZE).describe()}")  # fmt: skip
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `darknet53-export` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
-    names = None if args.class_names is None else args.class_names.split(",")
     try:
         with signals_raise():
+            names = None if args.class_names is None else read_class_names(args.class_names)
+            record = None if args.preprocessing is None else parse_preprocessing(args.preprocessing)
             result = export(args.src, args.out, targets=args.targets, platforms=args.platforms, force=args.force,
                             check_folder=args.check_images, arch=args.arch, leaky_slope=args.leaky_slope,
-                            image_size=args.image_size, mean=args.mean, std=args.std, class_names=names)  # fmt: skip
+                            class_names=names, preprocessing=record)  # fmt: skip
             for target, path in result.artefacts.items():
                 check = result.sidecars[target]["check"]
                 measured = "" if "skipped" in check else (

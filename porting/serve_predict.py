@@ -24,6 +24,7 @@ from PIL import Image, ImageOps
 
 from porting.atomic import write_bytes
 from porting.errors import PortingError
+from porting.preprocessing import CROP_MODES, INTERPOLATIONS
 
 # The contract every artefact's sidecar follows (written by porting.export).
 SIDECAR_SUFFIX = ".json"
@@ -35,12 +36,13 @@ SIDECAR_FIELDS = ("format", "format_version", "runtime", "input", "outputs", "cl
 DEFAULT_BATCH_SIZE = 8
 EXIT_BAD_INPUT = 2
 
-# The evaluation decode of train.data.decode (decode_image without augmentation), restated here because
-# train.data imports grain on import; tests/test_export_serve.py checks that both give the same pixels.
-INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR}
+# The evaluation decode of train.data.decode (decode_image without augmentation) for the trainers' whole-image
+# resize, restated here because train.data imports grain on import; timm's resize-and-centre-crop otherwise, as
+# porting.preprocessing.Preprocessing.prepare does it. tests/test_export_serve.py checks both against those.
 BACKGROUND_RGB = (255, 255, 255)  # transparent pixels composited onto white
 UINT16_TO_UINT8 = 257.0  # 65535 -> 255, exact at both ends
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+WHOLE_IMAGE = {"crop_mode": "squash", "crop_pct": 1.0}  # what the trainers record
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -173,18 +175,44 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | os.PathLike, image_size: int, interpolation: str) -> np.ndarray:
-    """uint8 (image_size, image_size, 3): upright (EXIF), RGB, the whole image resized, as evaluation decodes."""
-    if interpolation not in INTERPOLATIONS:
-        raise ServingError(f"interpolation {interpolation!r} is not one of {sorted(INTERPOLATIONS)}")
+def resized(img: Image.Image, pre: dict[str, Any]) -> Image.Image:
+    """The RGB image at pre["image_size"] square: the whole image resized (the trainers' evaluation), or timm's
+    evaluation transform (both sides, "squash", or the shorter one, "center", to floor(size / crop_pct), then the
+    central square)."""
+    size, resample = pre["image_size"], Image.Resampling[pre["interpolation"].upper()]
+    if {k: pre[k] for k in WHOLE_IMAGE} == WHOLE_IMAGE:
+        return img.resize((size, size), resample, box=(0, 0, *img.size))
+    scaled = math.floor(size / pre["crop_pct"])
+    w, h = img.size
+    if pre["crop_mode"] == "squash":
+        new_w = new_h = scaled
+    elif w <= h:
+        new_w, new_h = scaled, int(scaled * h / w)
+    else:
+        new_w, new_h = int(scaled * w / h), scaled
+    top, left = round((new_h - size) / 2.0), round((new_w - size) / 2.0)  # torchvision's CenterCrop
+    return img.resize((new_w, new_h), resample).crop((left, top, left + size, top + size))
+
+
+def check_preprocessing(pre: dict[str, Any]) -> None:
+    """Refuse a sidecar's preprocessing whose resize this runner does not do."""
+    if pre.get("interpolation") not in INTERPOLATIONS or pre.get("crop_mode") not in CROP_MODES:
+        raise ServingError(f"preprocessing {pre!r}: interpolation must be one of {INTERPOLATIONS} and crop_mode one "
+                           f"of {CROP_MODES}")  # fmt: skip
+    if not isinstance(pre.get("image_size"), int) or not 0 < pre.get("crop_pct", 0) <= 1:
+        raise ServingError(f"preprocessing {pre!r}: needs an int image_size and a crop_pct in (0, 1]")
+
+
+def load_image(path: str | os.PathLike, pre: dict[str, Any]) -> np.ndarray:
+    """uint8 (image_size, image_size, 3): upright (EXIF), RGB, resized as `pre` (a sidecar's preprocessing) says."""
+    check_preprocessing(pre)
     try:
         with Image.open(path) as img:
-            if img.format == "JPEG":  # reduced-size DCT decode that still covers image_size, as training's
-                scale = image_size / min(img.size)
-                if scale < 1:
+            if img.format == "JPEG" and {k: pre[k] for k in WHOLE_IMAGE} == WHOLE_IMAGE:
+                scale = pre["image_size"] / min(img.size)  # a reduced-size DCT decode that still covers the size,
+                if scale < 1:  # as the trainers' decode does
                     img.draft(None, (math.ceil(img.width * scale), math.ceil(img.height * scale)))
-            img = to_rgb(ImageOps.exif_transpose(img))
-            out = img.resize((image_size, image_size), INTERPOLATIONS[interpolation], box=(0, 0, *img.size))
+            out = resized(to_rgb(ImageOps.exif_transpose(img)), pre)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ServingError(f"{os.fspath(path)}: cannot decode image: {e}") from e
     return np.asarray(out, dtype=np.uint8)
@@ -208,11 +236,12 @@ def predict_folder(
     if batch_size < 1:
         raise ServingError(f"--batch-size must be at least 1, got {batch_size}")
     model = Artefact(artefact)
-    pre, size = model.meta["preprocessing"], model.spec["shape"][1]
+    pre = model.meta["preprocessing"]
+    check_preprocessing(pre)
     paths = list_images(folder)
     logits, probs = [], []
     for start in range(0, len(paths), batch_size):
-        batch = np.stack([load_image(p, size, pre["interpolation"]) for p in paths[start : start + batch_size]])
+        batch = np.stack([load_image(p, pre) for p in paths[start : start + batch_size]])
         out = model(batch)
         logits.append(out[0])
         probs.append(out[1])

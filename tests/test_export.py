@@ -13,7 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flax import traverse_util
-from porting_helpers import randomize_torch_state, torch_key_to_flax
+from porting_helpers import (
+    darknet_forward,
+    darknet_layers,
+    randomize_torch_state,
+    torch_key_to_flax,
+    write_weights_file,
+)
 
 import porting.export as export_mod
 from darknet_arch import TINY
@@ -25,7 +31,8 @@ from torch_ref import Darknet53 as TorchDarknet
 
 SIZE = 32
 NUM_CLASSES = 5
-CLASS_NAMES = ["mask worn", "no mask", "incorrect", "ünïcode", "5"]  # spaces, non-ASCII and digits must survive
+CLASS_NAMES = ["mask, worn", "no mask", "incorrect", "ünïcode", "5"]  # commas, non-ASCII, digits must survive
+AT_SIZE = json.dumps({"image_size": SIZE})  # --preprocessing: the file records no size
 # Ours and the frameworks a serving process must not need (each script adds the other runtime).
 OUR_PACKAGES = {"porting", "train", "flax_darknet", "torch_ref", "darknet_arch", "bench"}
 FRAMEWORKS = {"torch", "flax", "optax", "orbax", "onnx"}
@@ -126,7 +133,9 @@ def export_tiny(root: Path) -> dict:
     pt = root / "tiny.pt"
     write_torch_file(pt, net.state_dict(), {"num_classes": NUM_CLASSES, "leaky_slope": TINY.leaky_slope})
     out = root / "out"
-    argv = [str(pt), str(out), "--arch", "tiny", "--image-size", str(SIZE), "--class-names", ",".join(CLASS_NAMES)]
+    names = root / "classes.txt"
+    names.write_text("\n".join(CLASS_NAMES) + "\n", encoding="utf-8")
+    argv = [str(pt), str(out), "--preprocessing", AT_SIZE, "--class-names", str(names)]  # the architecture: inferred
     assert main([*argv, "--targets", *TARGETS]) == 0
     return {"root": root, "pt": pt, "out": out, "argv": argv, "variables": flax_tree_from_torch(net.state_dict())}
 
@@ -169,7 +178,7 @@ def test_sidecar_round_trips_class_names_spec_and_provenance(source) -> None:
 def test_weights_checksum_is_the_same_from_any_format_and_changes_with_any_weight(source, tmp_path) -> None:
     msgpack = tmp_path / "same.msgpack"
     write_flax_file(msgpack, source["variables"], {"num_classes": NUM_CLASSES, "leaky_slope": TINY.leaky_slope})
-    reread = export_mod.read_weights(msgpack, arch="tiny")
+    reread = export_mod.read_weights(msgpack)
     assert weights_sha256(reread.variables) == weights_sha256(source["variables"])
     flat = traverse_util.flatten_dict(source["variables"])
     for path in [("batch_stats", "conv1", "bn", "var"), ("params", "fc", "bias")]:
@@ -235,16 +244,20 @@ def test_cli_writes_what_it_reports_and_refuses_an_existing_output_without_force
 def test_bad_input_exits_2_with_a_message_and_writes_nothing(source, tmp_path, capsys) -> None:
     headless = TorchDarknet(num_classes=None, config=TINY)
     write_torch_file(tmp_path / "headless.pt", headless.state_dict(), {"leaky_slope": TINY.leaky_slope})
+    (tmp_path / "four.txt").write_text("a\nb\nc\nd\n")
+    (tmp_path / "twice.txt").write_text("a\nb\nc\nd\na\n")
     pt, out = str(source["pt"]), str(tmp_path / "out")
-    tiny = ["--arch", "tiny", "--image-size", str(SIZE)]
+    four, twice = str(tmp_path / "four.txt"), str(tmp_path / "twice.txt")
     cases = {
-        "has no classifier head": [str(tmp_path / "headless.pt"), out, *tiny],
-        "--image-size must be a positive multiple of 32": [pt, out, "--arch", "tiny", "--image-size", "48"],
-        "4 class names for a 5-class head": [pt, out, *tiny, "--class-names", "a,b,c,d"],
-        "class names repeat": [pt, out, *tiny, "--class-names", "a,b,c,d,a"],
-        "--mean needs 3 finite numbers": [pt, out, *tiny, "--mean", "0", "0"],
-        "--std must be positive": [pt, out, *tiny, "--std", "1", "0", "1"],
-        "does not exist": [pt, str(tmp_path / "missing" / "out"), *tiny],
+        "has no classifier head": [str(tmp_path / "headless.pt"), out, "--preprocessing", AT_SIZE],
+        "image size 48 is not a multiple of 32": [pt, out, "--preprocessing", '{"image_size": 48}'],
+        "4 class names for a 5-class head": [pt, out, "--preprocessing", AT_SIZE, "--class-names", four],
+        "class names repeat": [pt, out, "--preprocessing", AT_SIZE, "--class-names", twice],
+        "mean has 2 values for 3 input channels": [pt, out, "--preprocessing", '{"image_size": 32, "mean": [0, 0]}'],
+        "std must be a non-empty list of positive numbers": [pt, out, "--preprocessing", '{"std": [1, 0, 1]}'],
+        "contradicts what the weights record": [pt, out, "--preprocessing", AT_SIZE, "--leaky-slope", "0.2"],
+        "not valid JSON": [pt, out, "--preprocessing", '{"image_size": '],
+        "does not exist": [pt, str(tmp_path / "missing" / "out"), "--preprocessing", AT_SIZE],
     }
     for message, argv in cases.items():
         assert main(argv) == 2, message
@@ -256,7 +269,7 @@ def test_bad_input_exits_2_with_a_message_and_writes_nothing(source, tmp_path, c
         assert info.value.code == 2 and f"invalid choice: '{value}'" in capsys.readouterr().err
     with pytest.raises(export_mod.ExportError, match="unknown, repeated or no targets"):
         export_mod.export(pt, out, targets=("jax", "jax"))
-    assert sorted(os.listdir(tmp_path)) == ["headless.pt", "headless.pt.meta.json"]
+    assert sorted(os.listdir(tmp_path)) == ["four.txt", "headless.pt", "headless.pt.meta.json", "twice.txt"]
 
 
 @pytest.mark.parametrize("target", ["jax", "onnx"])
@@ -271,7 +284,7 @@ def test_an_artefact_disagreeing_with_its_reference_fails_the_export_and_nothing
         monkeypatch.setattr(export_mod, "flax_logits", lambda *a: lambda x: (lambda y: y - 1e-4 * np.abs(y).max())(
             real(*a)(x)))  # fmt: skip
     out = tmp_path / "out"
-    argv = [str(source["pt"]), str(out), "--arch", "tiny", "--image-size", str(SIZE), "--targets", "jax", "onnx"]
+    argv = [str(source["pt"]), str(out), "--preprocessing", AT_SIZE, "--targets", "jax", "onnx"]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert f"{target}: the exported model failed its check" in err and "nothing was written" in err
@@ -282,7 +295,21 @@ def test_an_artefact_disagreeing_with_its_reference_fails_the_export_and_nothing
 def test_a_subprocess_cli_error_is_one_line_without_a_traceback(source, tmp_path) -> None:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-m", "porting.export_cli", str(source["pt"]), str(source["out"]),
-                           "--arch", "tiny", "--image-size", str(SIZE)], capture_output=True, text=True, env=env,
+                           "--preprocessing", AT_SIZE], capture_output=True, text=True, env=env,
                           timeout=300)  # fmt: skip
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().count("\n") == 0 and "already exists; pass force=True (--force)" in proc.stderr
+
+
+def test_a_darknet_file_is_served_on_the_input_its_format_implies_as_darknets_own_float64_forward(tmp_path) -> None:
+    layers = darknet_layers(TINY, NUM_CLASSES, seed=1)
+    write_weights_file(tmp_path / "tiny.weights", layers)
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "tiny.weights"), str(out), "--preprocessing", AT_SIZE, "--targets", "onnx"]) == 0
+    meta = json.loads((out / "darknet53.onnx.json").read_text())
+    assert (meta["preprocessing"]["mean"], meta["preprocessing"]["std"]) == ([0.0] * 3, [1.0] * 3)  # x / 255 alone
+    assert meta["source"]["format"] == "darknet" and meta["model"]["config"]["leaky_slope"] == 0.1
+    images = uint8_images(7, seed=2)
+    got = run_isolated("onnx", out / "darknet53.onnx", images, tmp_path / "run")["logits"]
+    want, _ = darknet_forward(layers, images.transpose(0, 3, 1, 2) / 255.0, ())
+    assert_close(got, want)

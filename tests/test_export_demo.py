@@ -118,7 +118,7 @@ def test_the_demo_sidecars_record_the_run(demo) -> None:
     for name in ("darknet53.jax", "darknet53-bf16.jax", "darknet53.onnx"):
         side = json.loads((demo["cwd"] / "exported" / f"{name}.json").read_text())
         assert side["class_names"] == meta["class_names"] == meta["preprocessing"]["class_names"]
-        assert side["source"] == {"path": "runs/demo", "format": "training checkpoint", "step": meta["step"]}
+        assert side["source"] == {"path": "runs/demo", "format": "train_flax", "step": meta["step"]}
         size = meta["preprocessing"]["image_size"]
         assert side["input"]["shape"] == [None, size, size, config.in_channels]
         assert side["model"]["config"] == meta["model_config"]
@@ -156,11 +156,11 @@ def test_the_docs_python_snippets_run_with_only_their_runtime(demo) -> None:
         assert printed_class in meta["class_names"] and imported == "[]", (runtime, proc.stdout)
 
 
-def test_a_run_refuses_the_options_of_a_weights_file(demo, capsys) -> None:
+def test_an_option_contradicting_the_runs_record_is_refused(demo, capsys) -> None:
     out = demo["cwd"] / "refused"
-    assert main([str(demo["cwd"] / "runs" / "demo"), str(out), "--image-size", "64", "--arch", "tiny"]) == 2
+    assert main([str(demo["cwd"] / "runs" / "demo"), str(out), "--preprocessing", '{"image_size": 64}']) == 2
     err = capsys.readouterr().err
-    assert "is a training run" in err and "drop --arch, --image-size" in err
+    assert "contradicts what the weights record" in err and "image_size: 32" in err and "64" in err
     assert not out.exists()
 
 

@@ -15,7 +15,8 @@ from PIL import Image
 from test_export import CLASS_NAMES, FRAMEWORKS, OUR_PACKAGES, SIZE, export_tiny, flax_reference
 
 from porting.export import TARGETS
-from porting.serve_predict import load_image, predict_folder
+from porting.preprocessing import Preprocessing
+from porting.serve_predict import load_image, predict_folder, to_rgb
 from train.data import decode_image
 
 ORIENTATION_TAG = 0x0112
@@ -57,7 +58,19 @@ def write_images(folder: Path) -> list[Path]:
 def test_the_runner_decodes_every_image_as_training_evaluates_it(tmp_path) -> None:
     for path in write_images(tmp_path):
         for size in (SIZE, 64):
-            np.testing.assert_array_equal(load_image(path, size, "bilinear"), decode_image(str(path), size), path.name)
+            pre = {"image_size": size, "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "squash"}
+            np.testing.assert_array_equal(load_image(path, pre), decode_image(str(path), size), path.name)
+
+
+def test_a_recorded_centre_crop_is_done_as_the_preprocessing_record_prepares_it(tmp_path) -> None:
+    paths = [p for p in write_images(tmp_path) if p.name in ("large.jpg", "alpha.png", "sixteen.png", "tiny.bmp")]
+    for crop_mode, crop_pct, interpolation in (("center", 0.875, "bicubic"), ("squash", 0.9, "bilinear")):
+        pre = {"image_size": SIZE, "interpolation": interpolation, "crop_pct": crop_pct, "crop_mode": crop_mode}
+        record = Preprocessing(scale=1.0, mean=(0.0,) * 3, std=(1.0,) * 3, **pre)  # prepare() then gives pixels
+        for path in paths:
+            with Image.open(path) as img:
+                want = record.prepare(to_rgb(img))
+            np.testing.assert_array_equal(load_image(path, pre).astype(np.float32), want, (path.name, crop_mode))
 
 
 @pytest.mark.parametrize("target", ["jax", "onnx"])
