@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from darknet_arch import REMAT_MODES, DarknetConfig, InputShapeError, check_input_shape
+from darknet_arch import REMAT_MODES, DarknetConfig, FeatureInfo, InputShapeError, check_input_shape
 
 # XLA:CPU's `cse_barrier_expander` pass replaces the optimization barriers jax.checkpoint puts around the
 # recomputation by plain values; CSE then merges the recomputation back into the forward pass (and even without
@@ -57,9 +58,20 @@ def check_input(x: jax.Array, config: DarknetConfig) -> None:
         )
 
 
-def global_pool(x: jax.Array) -> jax.Array:
-    """Spatial mean in float32, so bf16 compute still yields f32 pooled features and logits."""
-    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+def model_output(
+    levels: Sequence[jax.Array],
+    feature_info: Sequence[FeatureInfo],
+    return_features: bool,
+    head: Callable[[jax.Array], jax.Array] | None,
+) -> jax.Array | dict[str, jax.Array]:
+    """From the stem's and every stage's output: the maps of `feature_info` by name, or the pooled features
+    through `head` (None: the pooled features themselves)."""
+    if return_features:
+        # Stages after the last requested level are dead code under jit (their parameters still exist).
+        return {info.name: levels[info.level] for info in feature_info}
+    # Pool in float32 so bf16 compute still yields f32 pooled features and logits.
+    pooled = jnp.mean(levels[-1].astype(jnp.float32), axis=(1, 2))
+    return pooled if head is None else head(pooled)
 
 
 Dtype = Any

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from darknet_arch import DARKNET53, DarknetConfig, FeatureInfo
-from flax_darknet.common import Dtype, batch_norm_kwargs, check_input, check_remat_mode, conv_init, global_pool
+from flax_darknet.common import Dtype, batch_norm_kwargs, check_input, check_remat_mode, conv_init, model_output
 from flax_darknet.conv import darknet_conv
 
 ModuleDef = Any
@@ -157,11 +157,7 @@ class Darknet53(nn.Module):
             blocks = stage_cls(stage.out_channels, stage.num_blocks, cfg, conv, norm, block, name=cfg.blocks_name(i))
             x = blocks(x, train)
             levels.append(x)
-        if return_features:
-            # Stages after the last requested level are dead code under jit (their parameters still exist).
-            return {info.name: levels[info.level] for info in self.feature_info}
-        pooled = global_pool(x)
-        if self.num_classes is None:
-            return pooled
-        head = nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=self.param_dtype, name=cfg.head_name())
-        return head(pooled)
+        head = None
+        if self.num_classes is not None:
+            head = nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=self.param_dtype, name=cfg.head_name())
+        return model_output(levels, self.feature_info, return_features, head)

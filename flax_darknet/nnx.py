@@ -21,7 +21,7 @@ import numpy as np
 from flax import linen, nnx
 
 from darknet_arch import DARKNET53, DarknetConfig, FeatureInfo
-from flax_darknet.common import Dtype, batch_norm_kwargs, check_input, check_remat_mode, conv_init, global_pool
+from flax_darknet.common import Dtype, batch_norm_kwargs, check_input, check_remat_mode, conv_init, model_output
 from flax_darknet.conv import darknet_conv
 
 # The linen variable collections and the NNX Variable type that holds each.
@@ -160,12 +160,8 @@ class Darknet53(nnx.Module):
             stage = getattr(self, cfg.blocks_name(i))
             x = _checkpointed_call(stage, x) if self.remat == "stage" else stage(x)
             levels.append(x)
-        if return_features:
-            return {info.name: levels[info.level] for info in self.feature_info}
-        pooled = global_pool(x)
-        if self.num_classes is None:
-            return pooled
-        return getattr(self, cfg.head_name())(pooled)
+        head = None if self.num_classes is None else getattr(self, cfg.head_name())
+        return model_output(levels, self.feature_info, return_features, head)
 
 
 # ------------------------------------------------------------------------------- linen variables <-> NNX state
