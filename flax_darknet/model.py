@@ -25,14 +25,17 @@ _TRAIN_ARGNUM = 2
 
 
 class ConvBN(nn.Module):
-    """Conv(no bias, symmetric padding k // 2) -> BatchNorm -> LeakyReLU, as submodules `conv` and `bn`."""
+    """Conv(no bias, symmetric padding k // 2) -> BatchNorm -> LeakyReLU, as submodules `conv` and `bn`.
+
+    With `norm=None` (BatchNorm folded into the conv, flax_darknet.fold) the conv's bias replaces `bn`.
+    """
 
     features: int
     kernel_size: int
     strides: int
     leaky_slope: float
     conv: ModuleDef
-    norm: ModuleDef
+    norm: ModuleDef | None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -45,7 +48,8 @@ class ConvBN(nn.Module):
             padding=((pad, pad), (pad, pad)),
             name="conv",
         )(x)
-        x = self.norm(use_running_average=not train, name="bn")(x)
+        if self.norm is not None:
+            x = self.norm(use_running_average=not train, name="bn")(x)
         return nn.leaky_relu(x, negative_slope=self.leaky_slope)
 
 
@@ -106,6 +110,8 @@ class Darknet53(nn.Module):
     # Maps return_features gives, as timm's out_indices: 0 the stem (stride 1), i stage i (stride 2**i).
     feature_levels: Sequence[int] | None = None  # None: the config's (3, 4, 5: strides 8, 16, 32)
     remat: str = "none"  # one of REMAT_MODES ("none", "block", "stage"): less activation memory, more compute
+    # Eval only: BatchNorm folded into the convs (their bias), variables from flax_darknet.fold_batchnorm.
+    bn_folded: bool = False
 
     def __post_init__(self) -> None:
         # Fail at construction, naming the bad level or mode, not inside the first trace.
@@ -129,22 +135,28 @@ class Darknet53(nn.Module):
     ) -> jnp.ndarray | dict[str, jnp.ndarray]:
         cfg = self.resolved_config
         check_input(x, cfg)
+        if self.bn_folded and train:
+            raise ValueError("a bn_folded Darknet53 has no BatchNorm to train: train the unfolded model, then fold")
         if train is None:
-            train = self.is_mutable_collection("batch_stats") and not self.is_initializing()
+            train = self.is_mutable_collection("batch_stats") and not self.is_initializing() and not self.bn_folded
         conv = functools.partial(
             nn.Conv,
-            use_bias=False,
+            use_bias=self.bn_folded,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             kernel_init=conv_init(cfg.leaky_slope),
             conv_general_dilated=darknet_conv,  # tiny maps as a matmul on CPU: see flax_darknet/conv.py
         )
-        norm = functools.partial(
-            nn.BatchNorm,
-            **batch_norm_kwargs(cfg),
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            axis_name=self.bn_axis_name,
+        norm = (
+            None
+            if self.bn_folded
+            else functools.partial(
+                nn.BatchNorm,
+                **batch_norm_kwargs(cfg),
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                axis_name=self.bn_axis_name,
+            )
         )
         # nn.remat on a class keeps the submodule's name, so the parameter paths are the same in every mode.
         block = nn.remat(ResidualBlock, static_argnums=_TRAIN_ARGNUM) if self.remat == "block" else ResidualBlock
