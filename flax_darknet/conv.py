@@ -121,13 +121,12 @@ def _small_map_matmul(
     (kh, kw), (sh, sw), (out_h, out_w) = rhs.shape[:2], strides, out_shape
     n, h, w, c = lhs.shape
     (ph_lo, ph_hi), (pw_lo, pw_hi) = padding
-    taps = [
-        (i, j)
-        for i in range(kh)
-        if _sees_data(i, sh, out_h, ph_lo, h)
-        for j in range(kw)
-        if _sees_data(j, sw, out_w, pw_lo, w)
-    ]
+    rows = [i for i in range(kh) if _sees_data(i, sh, out_h, ph_lo, h)]
+    cols = [j for j in range(kw) if _sees_data(j, sw, out_w, pw_lo, w)]
+    taps = [(i, j) for i in rows for j in cols]
+    if not taps:  # every output position reads only padding (padding wider than stride and kernel allow)
+        dtype = preferred_element_type or jnp.result_type(lhs, rhs)
+        return jnp.zeros((n, out_h, out_w, rhs.shape[-1]), dtype)
     padded = jnp.pad(lhs, ((0, 0), (ph_lo, ph_hi), (pw_lo, pw_hi), (0, 0)))
     # Tap (i, j) of output (y, x) reads padded[:, i + sh * y, j + sw * x]: one strided slice per tap.
     columns = jnp.concatenate(
@@ -137,11 +136,21 @@ def _small_map_matmul(
         ],
         axis=-1,
     )
-    kernel = jnp.concatenate([rhs[i, j] for i, j in taps], axis=0)  # (len(taps) * C_in, C_out), same tap order
     return lax.dot_general(
         columns,
-        kernel,
+        _tap_kernel(rhs, rows, cols),
         (((3,), (0,)), ((), ())),
         precision=precision,
         preferred_element_type=preferred_element_type,
     )
+
+
+def _tap_kernel(rhs: jax.Array, rows: list[int], cols: list[int]) -> jax.Array:
+    """The (len(rows) * len(cols) * C_in, C_out) im2col kernel, taps in (row, col) order as the columns."""
+    if rows == list(range(rows[0], rows[-1] + 1)) and cols == list(range(cols[0], cols[-1] + 1)):
+        # Why not a concatenation of per-tap slices: XLA:CPU then copies the kernel twice per step (slice and
+        # concat), which was 54% of the 32 px inference step (bench/NOTES.md 6). The (i, j, c) order of a
+        # rectangle's reshape is the concatenation's; on 2x2+ maps, where every tap is used, it is a bitcast.
+        return rhs[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].reshape(-1, rhs.shape[-1])
+    # Taps with gaps (an input narrower than the stride) keep the general gather.
+    return jnp.concatenate([rhs[i, j] for i in rows for j in cols], axis=0)

@@ -40,6 +40,8 @@ CASES = [
     (7, 7, 3, 2, (1, 1)),
     (2, 5, 3, 1, (1, 1)),
     (3, 3, 3, 2, (0, 1)),
+    (1, 1, 5, 4, (4, 4)),  # taps with a gap (rows 0 and 4 only): the per-tap gather
+    (1, 1, 3, 10, (5, 5)),  # no tap sees data: zeros
     (8, 8, 3, 1, (1, 1)),
     (9, 9, 3, 2, (1, 1)),
 ]
@@ -106,6 +108,17 @@ def test_taps_that_only_see_padding_are_dropped() -> None:
     text = export.export(fn, platforms=("cpu",))(jnp.ones((2, 1, 1, 4))).mlir_module()
     dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
     assert len(dots) == 1 and "tensor<4x6xf32>" in dots[0], dots
+
+
+@pytest.mark.parametrize("side", [2, 4])
+def test_the_kernel_of_a_full_map_is_one_slice_not_a_copy_per_tap(side: int) -> None:
+    # On maps where every tap sees data the im2col kernel is a reshape of the weights; the only concatenation
+    # left is of the activation columns (a per-tap kernel concat was 54% of the 32 px step, bench/NOTES.md 6).
+    kernel = jnp.ones((3, 3, 4, 6))
+    fn = jax.jit(lambda x, k: darknet_conv(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC))
+    text = export.export(fn, platforms=("cpu",))(jnp.ones((2, side, side, 4)), kernel).mlir_module()
+    concats = [line for line in text.splitlines() if "stablehlo.concatenate" in line]
+    assert len(concats) == 1 and f"tensor<2x{side}x{side}x36xf32>" in concats[0], concats
 
 
 def test_bf16_inputs_give_bf16_outputs() -> None:
