@@ -1,7 +1,8 @@
 """Flax cases: the product's own step (train.steps.train_step on a train.state.TrainState) and inference.
 
 The batch is synthetic uint8 NHWC with int32 labels, already on the device; the step normalises it
-(train.steps.normalize), as in the trainer. The step is jitted as train/loop.py does: state donated.
+(train.steps.normalize), as in the trainer. The step is jitted as train/loop.py does: state donated on accelerators
+(train.steps.state_donation).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import optax
 from bench.common import DATA_SEED, NUM_CLASSES, TRAIN_CONFIG, CaseSpec, measure, time_windows
 from darknet_arch import ARCHS
 from train.state import TrainState, create_model, create_train_state, make_optimizer
-from train.steps import normalize, train_step
+from train.steps import normalize, state_donation, train_step
 
 
 def enable_compilation_cache(cache_dir: str) -> None:
@@ -78,7 +79,7 @@ def run_flax_case(spec: CaseSpec, spawn_time: float | None = None) -> dict[str, 
 
     t0 = time.perf_counter()
     if train:
-        compiled = jax.jit(train_step, donate_argnums=0).lower(holder["state"], batch).compile()
+        compiled = jax.jit(train_step, donate_argnums=state_donation()).lower(holder["state"], batch).compile()
     else:
         compiled = jax.jit(infer_step).lower(holder["state"], batch["image"]).compile()
     compile_s = time.perf_counter() - t0

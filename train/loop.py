@@ -38,7 +38,7 @@ from train.options import (
 )
 from train.sharding import Topology, check_batch_size, make_topology, place_batch, replicate, to_host
 from train.state import TrainState, create_model, create_train_state, make_optimizer, make_schedule, variable_shapes
-from train.steps import eval_step, train_step
+from train.steps import eval_step, state_donation, train_step
 
 DEFAULT_COMPILE_CACHE = Path.home() / ".cache" / "darknet53-jax" / "xla"
 # Entries that compile faster than this are not worth a disk round trip.
@@ -288,7 +288,7 @@ def _train(start: RunStart, topology: Topology, verbose: bool, t_entry: float) -
         frozen=frozen_modules(model_config, config.freeze),
         ema_decay=config.ema_decay,
     )
-    train_fn = jax.jit(step, donate_argnums=0, compiler_options=remat_compiler_options(config.remat))
+    train_fn = jax.jit(step, donate_argnums=state_donation(), compiler_options=remat_compiler_options(config.remat))
     eval_fn = jax.jit(functools.partial(eval_step, mean_std=config.mean_std))
     logger = RunLogger(workdir, enabled=is_main)
     tracker = run.StepTracker(loop, config, steps_per_epoch, total_steps, logger, verbose=verbose)
