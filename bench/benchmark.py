@@ -42,7 +42,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _batch_sizes(text: str) -> tuple[int, ...]:
+def _positive_ints(text: str) -> tuple[int, ...]:
     return tuple(_positive_int(t) for t in text.split(","))
 
 
@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.benchmark", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny network, 32 px, batch 2: the CPU smoke test")
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="output directory (default ./bench-out)")
-    p.add_argument("--batch-sizes", type=_batch_sizes, help="comma-separated, e.g. 128,256; the first is the primary")
+    p.add_argument("--batch-sizes", type=_positive_ints, help="comma-separated, e.g. 128,256; the first is the primary")
     p.add_argument("--image-size", type=_positive_int)
     p.add_argument("--arch", choices=tuple(ARCHS))
     p.add_argument("--warmup", type=int, help="untimed steps after the first one")
@@ -59,6 +59,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=_positive_int, help="timed windows; the figure is their median")
     p.add_argument("--only", action="append", metavar="GLOB", help="run only cases whose name matches")
     p.add_argument("--skip", action="append", metavar="GLOB", help="skip cases whose name matches")
+    p.add_argument(
+        "--torch-threads",
+        type=_positive_ints,
+        default=(),
+        help="comma-separated PyTorch intra-op thread counts, each PyTorch case run once per count (default: "
+        "torch's own); the CPU goals compare Flax with the best of them",
+    )
     p.add_argument("--budget-s", type=float, help="stop starting cases after this many seconds")
     p.add_argument("--case-timeout-s", type=float, default=DEFAULT_CASE_TIMEOUT_S)
     p.add_argument(
@@ -102,10 +109,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --out {args.out}: cannot create it ({e.strerror}); pass a writable folder", file=sys.stderr)
         return 2
     work_dir = tempfile.mkdtemp(prefix="bench-")  # fresh compilation caches (first compiles cold), e2e data
-    settings = PlanSettings(args.batch_sizes, args.image_size, args.arch, args.warmup, args.steps, args.repeats)
+    settings = PlanSettings(
+        args.batch_sizes, args.image_size, args.arch, args.warmup, args.steps, args.repeats, args.torch_threads
+    )
     specs, deselected = build_plan(settings, work_dir, args.only, args.skip, e2e=args.e2e)
     e2e_status = end_to_end_status() if args.e2e else ["end-to-end train.flax loop: skipped: --no-e2e"]
-    settings_keys = ("quick", "isolate", "arch", "image_size", "batch_sizes", "warmup", "steps", "repeats", "budget_s")
+    settings_keys = (
+        "quick", "isolate", "arch", "image_size", "batch_sizes", "warmup", "steps", "repeats", "budget_s",
+        "torch_threads",
+    )  # fmt: skip
     result: dict[str, Any] = {
         "meta": {
             **run_meta("python -m bench.benchmark " + shlex.join(sys.argv[1:] if argv is None else argv), VERSIONED),

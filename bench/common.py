@@ -53,6 +53,7 @@ class CaseSpec:
     repeats: int = 5  # timed windows; the figure is the median window
     cache_dir: str | None = None  # JAX persistent compilation cache (flax and e2e)
     label: str = ""  # distinguishes repeated runs of one spec, e.g. "warm-cache"
+    threads: int | None = None  # PyTorch intra-op threads (torch.set_num_threads); None: torch's default
 
     def __post_init__(self) -> None:
         if self.framework not in VARIANTS:
@@ -65,13 +66,16 @@ class CaseSpec:
             )
         if self.framework == "e2e" and self.mode != "train":
             raise ValueError(f"the real loop is a train loop; mode must be 'train', got {self.mode!r}")
+        if self.threads is not None and (self.framework != "torch" or self.threads < 1):
+            raise ValueError(f"threads is a positive PyTorch thread count, got {self.threads} for {self.framework}")
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {tuple(ARCHS)}, got {self.arch!r}")
 
     @property
     def name(self) -> str:
-        """Stable id: framework/mode/variant/bBATCH[/label]."""
+        """Stable id: framework/mode/variant/bBATCH[/tTHREADS][/label]."""
         base = f"{self.framework}/{self.mode}/{self.variant}/b{self.batch}"
+        base += f"/t{self.threads}" if self.threads is not None else ""
         return f"{base}/{self.label}" if self.label else base
 
 

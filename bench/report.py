@@ -81,6 +81,40 @@ def headline(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def fp32_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The CPU goals' figures: Flax fp32 img/s over PyTorch eager fp32 at its best thread count in this run."""
+    ok = [r for r in records if r["status"] == "ok"]
+    rows = []
+    for mode, what in (("train", "train"), ("infer", "inference")):
+        for b in sorted({r["batch"] for r in ok if r["mode"] == mode}):
+            flax = next((r for r in ok if r["name"] == f"flax/{mode}/fp32/b{b}"), None)
+            torch = [r for r in ok if r["framework"] == "torch" and r["variant"] == "eager_fp32"
+                     and r["mode"] == mode and r["batch"] == b]  # fmt: skip
+            best = max(torch, key=lambda r: r["img_per_s"], default=None)
+            if flax is None or best is None:
+                continue
+            rows.append({
+                "figure": f"{what} img/s, B={b}, fp32",
+                "torch": {r.get("torch_threads"): r["img_per_s"] for r in torch},
+                "best_threads": best.get("torch_threads"),
+                "flax": flax["img_per_s"],
+                "ratio": flax["img_per_s"] / best["img_per_s"],
+            })  # fmt: skip
+    return rows
+
+
+def fp32_table(rows: list[dict[str, Any]]) -> str:
+    """The fp32 rows as markdown."""
+    lines = [
+        "| figure | PyTorch eager fp32 (img/s by threads) | Flax | Flax / best PyTorch |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        torch = ", ".join(f"{_fmt(v)} ({t} thr)" for t, v in r["torch"].items())
+        lines.append(f"| {r['figure']} | {torch} | {_fmt(r['flax'])} | {_fmt(r['ratio'], '.2f')} |")
+    return "\n".join(lines)
+
+
 def headline_table(rows: list[dict[str, Any]]) -> str:
     """The headline rows as markdown."""
     lines = [
@@ -112,6 +146,10 @@ def markdown(result: dict[str, Any]) -> str:
         "## Headline figures (the goals are in bench/RESULTS.md)",
         "",
         headline_table(result["headline"]),
+        "",
+        "## fp32 against PyTorch eager at its best thread count (the CPU goals)",
+        "",
+        fp32_table(fp32_rows(result["cases"])),
         "",
         "## Counts (from the shapes; see bench/counting.py)",
         "",

@@ -40,6 +40,7 @@ class PlanSettings:
     warmup: int
     steps: int
     repeats: int
+    torch_threads: tuple[int, ...] = ()  # each PyTorch CPU case once per thread count; () = torch's default
 
 
 def build_plan(
@@ -58,7 +59,7 @@ def build_plan(
     """
     first, *rest = settings.batch_sizes
     timing = dataclasses.asdict(settings)
-    del timing["batch_sizes"]
+    del timing["batch_sizes"], timing["torch_threads"]
 
     def case(framework: str, mode: str, variant: str, batch: int = first, **kw: Any) -> CaseSpec:
         return CaseSpec(framework, mode, variant, batch, **{**timing, **kw})
@@ -78,6 +79,12 @@ def build_plan(
         combos = [(f, m, v) for f in ("flax", "torch") for m in MODES for v in VARIANTS[f]]
         specs += [s for s in (case(*c, b) for c in combos) if s.name not in names]
 
+    if settings.torch_threads:  # "PyTorch at its best thread setting" needs each setting in the same run
+        specs = [
+            dataclasses.replace(s, threads=t) if s.framework == "torch" else s
+            for s in specs
+            for t in (settings.torch_threads if s.framework == "torch" else (None,))
+        ]
     kept, skipped = [], []
     for spec in specs:
         if only and not any(fnmatch.fnmatch(spec.name, p) for p in only):

@@ -36,6 +36,8 @@ def run_torch_case(spec: CaseSpec, spawn_time: float | None = None) -> dict[str,
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
     torch.backends.cudnn.benchmark = True
+    if spec.threads is not None:
+        torch.set_num_threads(spec.threads)
     torch.manual_seed(DATA_SEED)
     amp = spec.variant != "eager_fp32"
     fmt = torch.channels_last if amp else torch.contiguous_format
@@ -93,5 +95,6 @@ def run_torch_case(spec: CaseSpec, spawn_time: float | None = None) -> dict[str,
         peak_mem_bytes=torch.cuda.max_memory_allocated(device) if cuda else None,
         peak_reserved_bytes=torch.cuda.max_memory_reserved(device) if cuda else None,
         tf32=tf32_state(),
+        torch_threads=torch.get_num_threads(),
     )
     return record
