@@ -5,9 +5,11 @@ Why: XLA:CPU's convolution is pathologically slow when the output map is only a 
 for its gradients, against 1.7 ms / 5.0 ms as a matmul over the 9 gathered taps; a stride-2 3x3 conv
 512->1024 from 2x2 to 1x1 took 181 ms / 222 ms against 3.1 ms / 9.8 ms. Darknet-53 at 32-64 px (the demo and
 test sizes) ends in such maps, and they made up about two thirds of its CPU training step. From 8x8 maps up,
-XLA's own conv is as fast or faster, so only maps up to SMALL_MAP_MAX_SIDE use the matmul; at 256 px the
-smallest Darknet-53 map is 8x8 and nothing changes. The result is the same convolution (summed in another
-order); a tap that only ever sees padding is dropped, so a 3x3 conv on a 1x1 map is one dense layer.
+XLA's own conv is as fast or faster, so only maps up to SMALL_MAP_MAX_SIDE use the matmul for 3x3 kernels; at
+256 px the smallest Darknet-53 map is 8x8. A 1x1 conv (stride 1, no padding) is a matmul at every map size:
+that measured 9% faster at 256 px batch 8 inference, 10% at 32 px batch 32 inference, 4% on the 32 px train
+step and the same on the 256 px train step (bench/NOTES.md 6.2). The result is the same convolution (summed in
+another order); a tap that only ever sees padding is dropped, so a 3x3 conv on a 1x1 map is one dense layer.
 
 Only XLA:CPU was measured, so the matmul is chosen per lowering platform (`lax.platform_dependent`):
 on CPU it replaces the conv, on every other backend (cuDNN, TPU) XLA's own convolution runs unchanged.
@@ -60,7 +62,7 @@ def darknet_conv(
     preferred_element_type: Any = None,
     out_sharding: Any = None,
 ) -> jax.Array:
-    """`lax.conv_general_dilated`; on SMALL_MAP_PLATFORMS, NHWC convs with outputs up to 4x4 run as a matmul."""
+    """`lax.conv_general_dilated`; on SMALL_MAP_PLATFORMS, NHWC 1x1 convs and outputs up to 4x4 run as a matmul."""
     # nnx.Conv passes out_sharding (None unless the user shards explicitly); older jax has no such argument.
     sharding = {} if out_sharding is None else {"out_sharding": out_sharding}
 
@@ -88,7 +90,6 @@ def darknet_conv(
         or not (_unit(lhs_dilation) and _unit(rhs_dilation))
         or feature_group_count != 1
         or batch_group_count != 1
-        or rhs.shape[0] * rhs.shape[1] == 1
         or any(p < 0 for pair in padding for p in pair)
     )
     if not general:
@@ -97,7 +98,8 @@ def darknet_conv(
         (ph_lo, ph_hi), (pw_lo, pw_hi) = padding
         out_h = (h + ph_lo + ph_hi - kh) // sh + 1
         out_w = (w + pw_lo + pw_hi - kw) // sw + 1
-        general = max(out_h, out_w) > SMALL_MAP_MAX_SIDE or min(out_h, out_w) < 1
+        pointwise = (kh, kw) == (1, 1) and (sh, sw) == (1, 1) and not any(p for pair in padding for p in pair)
+        general = not pointwise and (max(out_h, out_w) > SMALL_MAP_MAX_SIDE or min(out_h, out_w) < 1)
     if general:
         return xla_conv(lhs, rhs)
 

@@ -42,6 +42,8 @@ CASES = [
     (3, 3, 3, 2, (0, 1)),
     (1, 1, 5, 4, (4, 4)),  # taps with a gap (rows 0 and 4 only): the per-tap gather
     (1, 1, 3, 10, (5, 5)),  # no tap sees data: zeros
+    (16, 16, 1, 1, (0, 0)),  # a 1x1 conv: a matmul at any map size
+    (16, 16, 1, 2, (0, 0)),  # a strided 1x1 conv: XLA's conv
     (8, 8, 3, 1, (1, 1)),
     (9, 9, 3, 2, (1, 1)),
 ]
@@ -125,3 +127,20 @@ def test_bf16_inputs_give_bf16_outputs() -> None:
     x = jnp.ones((1, 2, 2, 3), jnp.bfloat16)
     y = darknet_conv(x, jnp.ones((3, 3, 3, 2), jnp.bfloat16), (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC)
     assert y.dtype == jnp.bfloat16
+
+
+def test_pointwise_convs_take_the_matmul_on_cpu_at_any_map_size_with_the_same_gradients() -> None:
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(size=(2, 16, 16, 6)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(1, 1, 6, 5)), jnp.float32)
+
+    def loss(conv, x, kernel):
+        return jnp.sum(jnp.sin(conv(x, kernel, (1, 1), ((0, 0), (0, 0)), dimension_numbers=NHWC)))
+
+    got = jax.grad(lambda a, b: loss(darknet_conv, a, b), argnums=(0, 1))(x, kernel)
+    want = jax.grad(lambda a, b: loss(lax.conv_general_dilated, a, b), argnums=(0, 1))(x, kernel)
+    for g, r in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-4)
+    fn = jax.grad(lambda x: loss(darknet_conv, x, kernel))
+    assert _lowered_ops(fn, x, "cpu") == (False, True)
+    assert _lowered_ops(fn, x, "cuda") == (True, False)
