@@ -1,4 +1,4 @@
-"""Flax cases: the product's own step (train.steps.train_step on a train.state.TrainState) and inference.
+"""Flax cases: the product's own step (train.steps.train_step on a TrainState) and its inference (BN folded).
 
 The batch is synthetic uint8 NHWC with int32 labels, already on the device; the step normalises it
 (train.steps.normalize), as in the trainer. The step is jitted as train/loop.py does: state donated on accelerators
@@ -17,6 +17,7 @@ import optax
 
 from bench.common import DATA_SEED, NUM_CLASSES, TRAIN_CONFIG, CaseSpec, measure, time_windows
 from darknet_arch import ARCHS
+from flax_darknet import fold_batchnorm
 from train.state import TrainState, create_model, create_train_state, make_optimizer
 from train.steps import normalize, state_donation, train_step
 
@@ -31,10 +32,11 @@ def enable_compilation_cache(cache_dir: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def infer_step(state: TrainState, images: jax.Array) -> jax.Array:
-    """Logits with the running statistics, from uint8 images."""
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    return state.apply_fn(variables, normalize(images), train=False)
+def inference_fn(state: TrainState, model: Any) -> tuple[Any, Any]:
+    """(logits fn, its variables): the model with BatchNorm folded, as train.predict.Predictor runs it."""
+    folded = model.clone(bn_folded=True)
+    variables = fold_batchnorm({"params": state.params, "batch_stats": state.batch_stats}, model.config)
+    return (lambda v, images: folded.apply(v, normalize(images), train=False)), variables
 
 
 def _compiled_fields(compiled: Any) -> dict[str, Any]:
@@ -81,7 +83,8 @@ def run_flax_case(spec: CaseSpec, spawn_time: float | None = None) -> dict[str, 
     if train:
         compiled = jax.jit(train_step, donate_argnums=state_donation()).lower(holder["state"], batch).compile()
     else:
-        compiled = jax.jit(infer_step).lower(holder["state"], batch["image"]).compile()
+        infer, holder["variables"] = inference_fn(holder["state"], model)
+        compiled = jax.jit(infer).lower(holder["variables"], batch["image"]).compile()
     compile_s = time.perf_counter() - t0
 
     def run_steps(n: int) -> None:
@@ -89,7 +92,7 @@ def run_flax_case(spec: CaseSpec, spawn_time: float | None = None) -> dict[str, 
             if train:
                 holder["state"], holder["metrics"] = compiled(holder["state"], batch)
             else:
-                holder["logits"] = compiled(holder["state"], batch["image"])
+                holder["logits"] = compiled(holder["variables"], batch["image"])
 
     def sync() -> None:
         jax.block_until_ready(holder)

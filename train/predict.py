@@ -112,26 +112,29 @@ class Predictor:
 
     def probabilities(self, records: Records) -> np.ndarray:
         """(len(records), num_classes) softmax probabilities, in record order."""
-        probs = self._probs_fn()
+        probs, variables = self._probs_fn()
         out = []
         for batch in make_eval_iter(records, batch_size=self.batch_size, image_size=self.image_size):
-            p = np.asarray(probs(self.variables, batch["image"]))
+            p = np.asarray(probs(variables, batch["image"]))
             out.append(p[batch["mask"]])
         return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
 
-    def _probs_fn(self) -> Any:
-        """The jitted softmax(model(normalize(uint8))) (built once per predictor)."""
+    def _probs_fn(self) -> tuple[Any, Any]:
+        """The jitted softmax(model(normalize(uint8))) and its variables, BatchNorm folded (built once)."""
         if self._fn is None:
             import jax
 
+            from flax_darknet import fold_batchnorm
             from train.state import create_model
             from train.steps import normalize
 
-            model = create_model(self.model_config, len(self.class_names), self.precision)
+            # Folded: one fewer per-channel pass per conv and no statistics (equal to 1e-6, tests/test_fold_bn.py).
+            model = create_model(self.model_config, len(self.class_names), self.precision).clone(bn_folded=True)
             mean, std = self.mean_std
-            self._fn = jax.jit(
+            fn = jax.jit(
                 lambda v, images: jax.nn.softmax(model.apply(v, normalize(images, mean=mean, std=std)), axis=-1)
             )
+            self._fn = (fn, fold_batchnorm(self.variables, self.model_config))
         return self._fn
 
 
