@@ -10,9 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from train import logging_utils
 from train.logging_utils import (
     CONFUSION_PNG,
     CURVES_PNG,
+    PLOT_MIN_INTERVAL_S,
     Progress,
     RunLogger,
     confusion_figure,
@@ -113,11 +115,32 @@ def test_run_logger_writes_both_pngs_from_metrics_jsonl(tmp_path: Path) -> None:
         if record["kind"] == "val":
             record = {**record, "confusion_matrix": cm.tolist()}
         logger.log(record)
-    logger.plot(names)
+    logger.plot(names, force=True)
     logger.close()
     for name in (CURVES_PNG, CONFUSION_PNG):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob(".*.tmp*"))  # the atomic write left no temp file
+
+
+def test_run_logger_redraws_at_most_every_interval_and_always_when_forced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr(logging_utils.time, "monotonic", clock)
+    logger = RunLogger(tmp_path, tensorboard=False)
+    for record in _records(TRAIN_LOSSES, VAL_LOSSES):
+        logger.log(record if record["kind"] != "val" else {**record, "confusion_matrix": [[1, 0], [0, 1]]})
+    curves = tmp_path / CURVES_PNG
+    logger.plot(["a", "b"])  # right after the start: skipped
+    assert not curves.exists()
+    clock.now += PLOT_MIN_INTERVAL_S
+    logger.plot(["a", "b"])
+    assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    curves.write_bytes(b"stale")
+    logger.plot(["a", "b"])  # within the interval again: skipped
+    assert curves.read_bytes() == b"stale"
+    logger.plot(["a", "b"], force=True)  # the last epoch
+    assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 class FakeClock:

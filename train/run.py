@@ -147,6 +147,7 @@ class StepTracker:
         verbose: bool = True,
     ) -> None:
         self.loop, self.config, self.steps_per_epoch, self.logger = loop, config, steps_per_epoch, logger
+        self.total_steps = total_steps
         self.progress = Progress(total_steps, config.log_every, steps_per_epoch=steps_per_epoch, enabled=verbose)
         self.loss_sum, self.correct, self.seen = 0.0, 0, 0
         self.lr = float("nan")
@@ -199,7 +200,7 @@ class StepTracker:
         if is_best:
             loop.best_f1, loop.best_step = val["macro_f1"], loop.step
         self.logger.log({"kind": "val", "step": loop.step, "epoch": epoch, **val})
-        self.logger.plot(class_names)
+        self.logger.plot(class_names, force=loop.step >= self.total_steps)
         self.progress.message(
             f"epoch {epoch} step {loop.step}: val loss {val['loss']:.4f} acc {val['accuracy']:.4f} "
             f"macro F1 {val['macro_f1']:.4f}" + (" (best)" if is_best else "")
