@@ -238,3 +238,43 @@ def test_headline_rows_are_computed_from_the_matching_cases() -> None:
     assert (mem["flax"], mem["torch_amp"], mem["ratio"]) == (10.0, 20.0, 0.5)
     table = headline_table(list(rows.values()))
     assert "| train img/s, B=256, bf16 | 3050.0 | - | 6100.0 | 2.00 |" in table
+
+
+def test_torch_threads_run_each_pytorch_case_per_count_and_the_fp32_table_takes_the_best() -> None:
+    from bench.report import fp32_rows, fp32_table
+
+    settings = PlanSettings((32,), 32, "tiny", 0, 1, 1, torch_threads=(1, 2))
+    specs, _ = build_plan(settings, "/unused", only=["*/fp32/*", "*eager_fp32*"], e2e=False)
+    assert [s.name for s in specs] == [
+        "flax/train/fp32/b32",
+        "flax/infer/fp32/b32",
+        "torch/train/eager_fp32/b32/t1",
+        "torch/train/eager_fp32/b32/t2",
+        "torch/infer/eager_fp32/b32/t1",
+        "torch/infer/eager_fp32/b32/t2",
+    ]
+    rates = {"flax/train": 150.0, "flax/infer": 700.0, "torch/train/t1": 90.0, "torch/train/t2": 120.0,
+             "torch/infer/t1": 500.0, "torch/infer/t2": 350.0}  # fmt: skip
+    records = []
+    for s in specs:
+        key = f"{s.framework}/{s.mode}" + (f"/t{s.threads}" if s.threads else "")
+        records.append({"name": s.name, "status": "ok", "framework": s.framework, "mode": s.mode,
+                        "variant": s.variant, "batch": s.batch, "img_per_s": rates[key],
+                        **({"torch_threads": s.threads} if s.threads else {})})  # fmt: skip
+    rows = {r["figure"]: r for r in fp32_rows(records)}
+    train, infer = rows["train img/s, B=32, fp32"], rows["inference img/s, B=32, fp32"]
+    assert (train["best_threads"], train["ratio"]) == (2, pytest.approx(1.25))
+    assert (infer["best_threads"], infer["ratio"]) == (1, pytest.approx(1.4))
+    assert "| train img/s, B=32, fp32 | 90.0 (1 thr), 120.0 (2 thr) | 150.0 | 1.25 |" in fp32_table(list(rows.values()))
+    with pytest.raises(ValueError, match="thread"):
+        CaseSpec("flax", "train", "fp32", 2, 32, threads=2)
+
+
+def test_the_donation_comparison_runs_both_programs_of_the_same_step() -> None:
+    from bench.donation import measure
+
+    record = measure(size=32, batch=2, rounds=1, arch="tiny")
+    assert record["backend"] == "cpu"
+    for name in ("donated", "not donated"):
+        assert record[name]["step_ms_median"] > 0 and record[name]["gb_accessed"] > 0
+    assert record["donated_over_not_median"] > 0
