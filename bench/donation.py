@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -38,8 +39,9 @@ def measure(size: int, batch: int, rounds: int, arch: str = "darknet53") -> dict
     model = create_model(ARCHS[arch], NUM_CLASSES, "fp32")
     runs: dict[str, list[Any]] = {}
     record: dict[str, Any] = {"size": size, "batch": batch, "rounds": rounds, "backend": jax.default_backend()}
+    initial = create_train_state(jax.random.key(DATA_SEED), model, size, tx, zero_residual=True)
     for name, donate in VARIANTS.items():
-        state = create_train_state(jax.random.key(DATA_SEED), model, size, tx, zero_residual=True)
+        state = jax.tree_util.tree_map(jnp.copy, initial)  # each variant its own buffers (one is donated)
         compiled = jax.jit(train_step, donate_argnums=donate).lower(state, data).compile()
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list | tuple) else cost

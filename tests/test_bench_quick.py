@@ -270,6 +270,7 @@ def test_torch_threads_run_each_pytorch_case_per_count_and_the_fp32_table_takes_
         CaseSpec("flax", "train", "fp32", 2, 32, threads=2)
 
 
+@pytest.mark.slow
 def test_the_donation_comparison_runs_both_programs_of_the_same_step() -> None:
     from bench.donation import measure
 
