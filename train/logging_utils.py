@@ -53,6 +53,25 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         tmp.unlink(missing_ok=True)  # a failed write (full disk, read-only folder) leaves nothing behind
 
 
+def _summary_writer_class() -> Any:
+    """tensorboardX's SummaryWriter, imported without PyTorch where PyTorch is not loaded already.
+
+    tensorboardX's writer module tries `import torch` only to accept torch tensors; the loggers pass floats.
+    In train.flax that import was 2.8 s of a 13.5 s warm start on the 2-core CPU (bench/NOTES.md 6.3). A None
+    in sys.modules makes it fail at once; it is removed right after, so a later `import torch` works.
+    """
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+    else:
+        sys.modules["torch"] = None  # type: ignore[assignment]
+        try:
+            from tensorboardX import SummaryWriter
+        finally:
+            if "torch" in sys.modules and sys.modules["torch"] is None:
+                del sys.modules["torch"]
+    return SummaryWriter
+
+
 class RunLogger:
     """JSON lines + TensorBoard scalars + PNG plots for one workdir (a no-op on processes other than 0)."""
 
@@ -62,9 +81,7 @@ class RunLogger:
         self._tb = None
         self._plotted_at = time.monotonic()
         if enabled and tensorboard:
-            from tensorboardX import SummaryWriter  # heavy import, only where events are written
-
-            self._tb = SummaryWriter(str(self.workdir / TENSORBOARD_DIR))
+            self._tb = _summary_writer_class()(str(self.workdir / TENSORBOARD_DIR))
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one record to metrics.jsonl and its scalars to TensorBoard (tagged kind/name)."""
