@@ -17,7 +17,7 @@ import optax
 
 from bench.common import DATA_SEED, NUM_CLASSES, TRAIN_CONFIG, CaseSpec, measure, time_windows
 from darknet_arch import ARCHS
-from flax_darknet import fold_batchnorm
+from flax_darknet import fold_for_inference
 from train.state import TrainState, create_model, create_train_state, make_optimizer
 from train.steps import normalize, state_donation, train_step
 
@@ -34,8 +34,7 @@ def enable_compilation_cache(cache_dir: str) -> None:
 
 def inference_fn(state: TrainState, model: Any) -> tuple[Any, Any]:
     """(logits fn, its variables): the model with BatchNorm folded, as train.predict.Predictor runs it."""
-    folded = model.clone(bn_folded=True)
-    variables = fold_batchnorm({"params": state.params, "batch_stats": state.batch_stats}, model.config)
+    folded, variables = fold_for_inference(model, {"params": state.params, "batch_stats": state.batch_stats})
     return (lambda v, images: folded.apply(v, normalize(images), train=False)), variables
 
 

@@ -143,10 +143,9 @@ def run_flax(arch: str, image_size: int, batch: int, fold: bool, steps: int, rep
     stats = [jax.numpy.asarray(rng.uniform(0.5, 1.5, x.shape), x.dtype) for x in leaves]
     variables = {**variables, "batch_stats": jax.tree_util.tree_unflatten(treedef, stats)}
     if fold:
-        from flax_darknet import fold_batchnorm
+        from flax_darknet import fold_for_inference
 
-        variables = fold_batchnorm(variables, config)
-        model = model.clone(bn_folded=True)
+        model, variables = fold_for_inference(model, variables)
 
     def infer(v: Any, x: jax.Array) -> jax.Array:
         return model.apply(v, normalize(x), train=False)
@@ -192,7 +191,7 @@ def run_fold_ab(arch: str, image_size: int, batch: int, pairs: int) -> dict[str,
     import jax
     import numpy as np
 
-    from flax_darknet import fold_batchnorm
+    from flax_darknet import fold_for_inference
     from train.state import create_model
     from train.steps import normalize
 
@@ -202,10 +201,7 @@ def run_fold_ab(arch: str, image_size: int, batch: int, pairs: int) -> dict[str,
     images = jax.device_put(rng.integers(0, 256, (batch, image_size, image_size, config.in_channels), np.uint8))
     variables = jax.jit(lambda: model.init(jax.random.key(DATA_SEED, impl="unsafe_rbg"), normalize(images[:1])))()
     runs = {}
-    for name, m, v in (
-        ("unfolded", model, variables),
-        ("folded", model.clone(bn_folded=True), fold_batchnorm(variables, config)),
-    ):
+    for name, (m, v) in (("unfolded", (model, variables)), ("folded", fold_for_inference(model, variables))):
         compiled = jax.jit(lambda v, x, m=m: m.apply(v, normalize(x), train=False)).lower(v, images).compile()
         runs[name] = (compiled, v)
         jax.block_until_ready(compiled(v, images))

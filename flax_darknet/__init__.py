@@ -10,7 +10,7 @@ from typing import Any
 
 from darknet_arch import DARKNET53, DarknetConfig, FeatureInfo, InputShapeError, summarize
 from flax_darknet.common import REMAT_MODES, remat_compiler_options
-from flax_darknet.fold import fold_batchnorm
+from flax_darknet.fold import fold_batchnorm, fold_for_inference
 from flax_darknet.model import ConvBN, Darknet53, ResidualBlock, ResidualStage
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "ResidualBlock",
     "ResidualStage",
     "fold_batchnorm",
+    "fold_for_inference",
     "from_pretrained",
     "nnx",
     "remat_compiler_options",

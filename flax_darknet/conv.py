@@ -8,7 +8,7 @@ test sizes) ends in such maps, and they made up about two thirds of its CPU trai
 XLA's own conv is as fast or faster, so only maps up to SMALL_MAP_MAX_SIDE use the matmul for 3x3 kernels; at
 256 px the smallest Darknet-53 map is 8x8. A 1x1 conv (stride 1, no padding) is a matmul at every map size:
 that measured 9% faster at 256 px batch 8 inference, 10% at 32 px batch 32 inference, 4% on the 32 px train
-step and the same on the 256 px train step (bench/NOTES.md 6.2). The result is the same convolution (summed in
+step and the same on the 256 px train step (bench/NOTES.md 6.3, row 17). The result is the same convolution (summed in
 another order); a tap that only ever sees padding is dropped, so a 3x3 conv on a 1x1 map is one dense layer.
 
 Only XLA:CPU was measured, so the matmul is chosen per lowering platform (`lax.platform_dependent`):

@@ -67,3 +67,8 @@ def fold_batchnorm(variables: Mapping[str, Any], config: DarknetConfig) -> dict[
             f"fold_batchnorm needs {{'params', 'batch_stats'}} of an unfolded Darknet53, got {sorted(variables)}"
         )
     return {"params": _fold_tree(variables["params"], variables["batch_stats"], config.bn_eps, "")}
+
+
+def fold_for_inference(model: Any, variables: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """(`model` cloned with bn_folded=True, its folded variables): an unfolded Darknet53 ready for eval only."""
+    return model.clone(bn_folded=True), fold_batchnorm(variables, model.config)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from darknet_arch import TINY
-from flax_darknet import Darknet53, fold_batchnorm
+from flax_darknet import Darknet53, fold_batchnorm, fold_for_inference
 
 SIZE, BATCH, CLASSES = 32, 3, 5
 FP32_REL_TOL = 1e-6  # issue 16: folded equals unfolded to 1e-6 relative (max |diff| / max |logit|)
@@ -120,3 +120,11 @@ def test_fold_refuses_variables_without_statistics(variables32):
     folded = fold_batchnorm(variables, TINY)
     with pytest.raises(ValueError, match="unfolded"):
         fold_batchnorm(folded, TINY)
+
+
+def test_fold_for_inference_gives_the_folded_clone_and_its_variables(variables32, reference):
+    model = Darknet53(num_classes=CLASSES, config=TINY)
+    folded_model, folded = fold_for_inference(model, variables32)
+    assert folded_model.bn_folded and folded_model.num_classes == CLASSES and not model.bn_folded
+    logits = np.asarray(folded_model.apply(folded, _images(jnp.float32), train=False), np.float64)
+    assert _rel(logits, reference) <= FP32_REL_TOL

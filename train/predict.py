@@ -124,17 +124,18 @@ class Predictor:
         if self._fn is None:
             import jax
 
-            from flax_darknet import fold_batchnorm
+            from flax_darknet import fold_for_inference
             from train.state import create_model
             from train.steps import normalize
 
             # Folded: one fewer per-channel pass per conv and no statistics (equal to 1e-6, tests/test_fold_bn.py).
-            model = create_model(self.model_config, len(self.class_names), self.precision).clone(bn_folded=True)
+            unfolded = create_model(self.model_config, len(self.class_names), self.precision)
+            model, variables = fold_for_inference(unfolded, self.variables)
             mean, std = self.mean_std
             fn = jax.jit(
                 lambda v, images: jax.nn.softmax(model.apply(v, normalize(images, mean=mean, std=std)), axis=-1)
             )
-            self._fn = (fn, fold_batchnorm(self.variables, self.model_config))
+            self._fn = (fn, variables)
         return self._fn
 
 
