@@ -17,10 +17,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from bench.common import DATA_SEED, NUM_CLASSES, TRAIN_CONFIG
+from bench.flax_cases import synthetic_batch
 from darknet_arch import ARCHS
 from train.state import create_model, create_train_state, make_optimizer
 from train.steps import train_step
@@ -30,11 +30,7 @@ VARIANTS = {"donated": (0,), "not donated": ()}
 
 def measure(size: int, batch: int, rounds: int, arch: str = "darknet53") -> dict[str, Any]:
     """Median step seconds of both variants, the median per-round ratio, and each program's copies and bytes."""
-    rng = np.random.default_rng(DATA_SEED)
-    data = {
-        "image": jax.device_put(rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)),
-        "label": jax.device_put(rng.integers(0, NUM_CLASSES, (batch,), dtype=np.int32)),
-    }
+    data = synthetic_batch(batch, size, ARCHS[arch].in_channels)
     tx = make_optimizer(TRAIN_CONFIG, optax.constant_schedule(TRAIN_CONFIG.lr))
     model = create_model(ARCHS[arch], NUM_CLASSES, "fp32")
     runs: dict[str, list[Any]] = {}

@@ -32,6 +32,16 @@ def enable_compilation_cache(cache_dir: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def synthetic_batch(batch: int, image_size: int, channels: int, device: Any = None) -> dict[str, jax.Array]:
+    """A seeded uint8 NHWC image batch with int32 labels of the competition's classes, on `device`."""
+    rng = np.random.default_rng(DATA_SEED)
+    shape = (batch, image_size, image_size, channels)
+    return {
+        "image": jax.device_put(rng.integers(0, 256, shape, dtype=np.uint8), device),
+        "label": jax.device_put(rng.integers(0, NUM_CLASSES, (batch,), dtype=np.int32), device),
+    }
+
+
 def inference_fn(state: TrainState, model: Any) -> tuple[Any, Any]:
     """(logits fn, its variables): the model with BatchNorm folded, as train.predict.Predictor runs it."""
     folded, variables = fold_for_inference(model, {"params": state.params, "batch_stats": state.batch_stats})
@@ -61,12 +71,7 @@ def run_flax_case(spec: CaseSpec, spawn_time: float | None = None) -> dict[str, 
         enable_compilation_cache(spec.cache_dir)
     config = ARCHS[spec.arch]
     device = jax.local_devices()[0]
-    rng = np.random.default_rng(DATA_SEED)
-    shape = (spec.batch, spec.image_size, spec.image_size, config.in_channels)
-    batch = {
-        "image": jax.device_put(rng.integers(0, 256, shape, dtype=np.uint8), device),
-        "label": jax.device_put(rng.integers(0, NUM_CLASSES, (spec.batch,), dtype=np.int32), device),
-    }
+    batch = synthetic_batch(spec.batch, spec.image_size, config.in_channels, device)
     train = spec.mode == "train"
     tx = make_optimizer(TRAIN_CONFIG, optax.constant_schedule(TRAIN_CONFIG.lr)) if train else optax.identity()
     model = create_model(config, NUM_CLASSES, spec.variant)
