@@ -13,7 +13,15 @@ from flax import traverse_util
 
 from tests.train_helpers import REPO, SIZE, TINY, random_batch, subprocess_env
 from train.options import TrainConfig
-from train.state import create_model, create_train_state, decay_mask, make_optimizer, make_schedule, zero_init_residual
+from train.state import (
+    create_model,
+    create_train_state,
+    decay_mask,
+    init_variables,
+    make_optimizer,
+    make_schedule,
+    zero_init_residual,
+)
 from train.steps import train_step
 
 
@@ -54,6 +62,30 @@ def test_nan_batch_leaves_every_leaf_unchanged(tiny_state, step_fn):
     ]
     assert sum(changed) > len(changed) // 2
     assert int(good.step) == int(tiny_state.step) + 1
+
+
+def test_state_built_in_one_program_equals_its_parts_built_apart() -> None:
+    # create_train_state jits initialisation and optimizer state together; the parts, built on their own (the
+    # initialisation jitted alone, the optimizer state op by op), give the same bits.
+    config = TrainConfig(data="demo", workdir="unused", lr=0.1)
+    model = create_model(TINY, 18, "fp32")
+    tx = make_optimizer(config, make_schedule(config, 10, 10))
+    rng = jax.random.PRNGKey(3)
+    state = create_train_state(rng, model, SIZE, tx, zero_residual=True, ema=True)
+    variables = init_variables(rng, model, SIZE, zero_residual=True)
+    want = {
+        "params": variables["params"],
+        "batch_stats": variables["batch_stats"],
+        "opt": tx.init(variables["params"]),
+        "ema": {"params": variables["params"], "batch_stats": variables["batch_stats"]},
+        "step": 0,
+    }
+    got = {"params": state.params, "batch_stats": state.batch_stats, "opt": state.opt_state, "ema": state.ema,
+           "step": state.step}  # fmt: skip
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+    assert state.apply_fn == model.apply and state.tx is tx
 
 
 def test_weight_decay_mask_covers_only_conv_and_dense_kernels(tiny_state):
