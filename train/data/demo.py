@@ -30,7 +30,7 @@ DEMO_IMAGE_SIZE = 32
 DEMO_FILE_HEIGHT = 64
 # JPEG height per training px: the competition's 512 px photos train at 256 px (GPU demo: 512x384 JPEGs).
 DEMO_FILE_OVERSAMPLE = 2
-DEMO_PERSONS_PER_CLASS = 32  # persons per (gender, age band); each gives 5 worn + 1 incorrect + 1 bare image
+DEMO_PERSONS_PER_CLASS = 48  # persons per (gender, age band); each gives 5 worn + 1 incorrect + 1 bare image
 DEMO_VERSION = 4  # bump when the drawing changes, so cached copies are regenerated
 DEMO_MARKER = "demo.json"  # written last: its presence with matching parameters marks a complete copy
 _SUPERSAMPLE = 2  # drawn at twice the size and reduced, for antialiased edges
