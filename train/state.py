@@ -143,5 +143,5 @@ def create_train_state(
         return TrainState.create(apply_fn=model.apply, params=params, batch_stats=stats, tx=tx, ema=averages)
 
     # One program for the initialisation and the optimizer state: one compilation-cache entry, and none of the
-    # op-by-op dispatch of ~300 optimizer-state zeros (a warm start 0.7 s sooner, bench/NOTES.md 6.3 row 27).
+    # op-by-op dispatch of ~300 optimizer-state zeros (a warm start 0.9 s sooner, bench/NOTES.md 6.3 row 27).
     return jax.jit(build)(rng, variables)
