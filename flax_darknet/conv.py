@@ -1,4 +1,4 @@
-"""`conv_general_dilated` for the Darknet convs: tiny output maps are computed as one matmul (im2col).
+"""`conv_general_dilated` for the Darknet convs: tiny maps as one matmul (im2col), strided convs with its gradients.
 
 Why: XLA:CPU's convolution is pathologically slow when the output map is only a few pixels wide. On the
 2-core CI machine (jax 0.10.2, batch 32), a 3x3 conv 256->512 on a 2x2 map took 63 ms forward and 131 ms
@@ -11,24 +11,34 @@ that measured 9% faster at 256 px batch 8 inference, 10% at 32 px batch 32 infer
 step and the same on the 256 px train step (bench/NOTES.md 6.3, row 17). The result is the same convolution (summed in
 another order); a tap that only ever sees padding is dropped, so a 3x3 conv on a 1x1 map is one dense layer.
 
+A strided conv on a larger map keeps XLA's conv for its values (the forward and inference are unchanged) and takes
+the im2col matmul's derivatives (a custom JVP): XLA:CPU differentiates a stride-2 conv into a dilated conv that was
+the slowest part of the 256 px train step: for Darknet-53's five downsamplers at 256 px batch 8, XLA's forward and
+backward took 1.1-1.9x the matmul's (bench/NOTES.md 6.4).
+
 Only XLA:CPU was measured, so the matmul is chosen per lowering platform (`lax.platform_dependent`):
 on CPU it replaces the conv, on every other backend (cuDNN, TPU) XLA's own convolution runs unchanged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 # Largest output height/width computed as a matmul (measured crossover: 4x4 is faster or equal, 8x8 slower).
 SMALL_MAP_MAX_SIDE = 4
 # Lowering platforms where the matmul was measured to beat XLA's conv (bench/RESULTS.md); elsewhere XLA's conv.
 SMALL_MAP_PLATFORMS = ("cpu",)
+# On SMALL_MAP_PLATFORMS, strided convs on larger maps differentiate as the im2col matmul (module docstring): the
+# 256 px b8 train step 10-14% faster (bench/NOTES.md 6.4). False restores XLA's gradients (`python -m bench.ab_step`).
+STRIDED_GRADIENT_AS_MATMUL = True
 _NHWC = ("NHWC", "HWIO", "NHWC")
+Conv = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def _sees_data(tap: int, stride: int, out_size: int, pad_lo: int, in_size: int) -> bool:
@@ -92,22 +102,55 @@ def darknet_conv(
         or batch_group_count != 1
         or any(p < 0 for pair in padding for p in pair)
     )
-    if not general:
-        (kh, kw), (sh, sw) = rhs.shape[:2], tuple(window_strides)
-        h, w = lhs.shape[1:3]
-        (ph_lo, ph_hi), (pw_lo, pw_hi) = padding
-        out_h = (h + ph_lo + ph_hi - kh) // sh + 1
-        out_w = (w + pw_lo + pw_hi - kw) // sw + 1
-        pointwise = (kh, kw) == (1, 1) and (sh, sw) == (1, 1) and not any(p for pair in padding for p in pair)
-        general = not pointwise and (max(out_h, out_w) > SMALL_MAP_MAX_SIDE or min(out_h, out_w) < 1)
     if general:
         return xla_conv(lhs, rhs)
+    (kh, kw), (sh, sw) = rhs.shape[:2], tuple(window_strides)
+    h, w = lhs.shape[1:3]
+    (ph_lo, ph_hi), (pw_lo, pw_hi) = padding
+    out_h = (h + ph_lo + ph_hi - kh) // sh + 1
+    out_w = (w + pw_lo + pw_hi - kw) // sw + 1
+    if min(out_h, out_w) < 1:
+        return xla_conv(lhs, rhs)
+    pointwise = (kh, kw) == (1, 1) and (sh, sw) == (1, 1) and not any(p for pair in padding for p in pair)
 
     def matmul_conv(lhs: jax.Array, rhs: jax.Array) -> jax.Array:
         return _small_map_matmul(lhs, rhs, (sh, sw), tuple(padding), (out_h, out_w), precision, preferred_element_type)
 
+    if pointwise or max(out_h, out_w) <= SMALL_MAP_MAX_SIDE:
+        cpu_conv = matmul_conv
+    elif STRIDED_GRADIENT_AS_MATMUL and (sh, sw) != (1, 1):
+        cpu_conv = _with_derivatives_of(xla_conv, matmul_conv)
+    else:
+        return xla_conv(lhs, rhs)
     # Both branches are traced; lowering keeps only its platform's (the compiled program has no conditional).
-    return lax.platform_dependent(lhs, rhs, default=xla_conv, **dict.fromkeys(SMALL_MAP_PLATFORMS, matmul_conv))
+    return lax.platform_dependent(lhs, rhs, default=xla_conv, **dict.fromkeys(SMALL_MAP_PLATFORMS, cpu_conv))
+
+
+def _with_derivatives_of(primal: Conv, linear: Conv) -> Conv:
+    """`primal`'s values with `linear`'s derivatives: both compute the same convolution, bilinear in (lhs, rhs).
+
+    A custom JVP rather than a custom VJP, so that forward-mode differentiation (jax.jvp, jacfwd) still works:
+    the tangent of a bilinear map is linear(d_lhs, rhs) + linear(lhs, d_rhs), and reverse mode transposes it into
+    `linear`'s gradients (for the im2col matmul: a matmul with the gathered taps, and the taps scattered back).
+    """
+
+    @jax.custom_jvp
+    def conv(lhs: jax.Array, rhs: jax.Array) -> jax.Array:
+        return primal(lhs, rhs)
+
+    def conv_jvp(primals: tuple[jax.Array, jax.Array], tangents: tuple[Any, Any]) -> tuple[jax.Array, jax.Array]:
+        (lhs, rhs), (d_lhs, d_rhs) = primals, tangents
+        out = primal(lhs, rhs)
+        # symbolic_zeros: an input that is not differentiated (an image, a frozen kernel) costs no matmul.
+        terms = []
+        if not isinstance(d_lhs, SymbolicZero):
+            terms.append(linear(d_lhs, rhs))
+        if not isinstance(d_rhs, SymbolicZero):
+            terms.append(linear(lhs, d_rhs))
+        return out, terms[0] + terms[1] if len(terms) == 2 else terms[0]
+
+    conv.defjvp(conv_jvp, symbolic_zeros=True)
+    return conv
 
 
 def _small_map_matmul(

@@ -144,3 +144,81 @@ def test_pointwise_convs_take_the_matmul_on_cpu_at_any_map_size_with_the_same_gr
     fn = jax.grad(lambda x: loss(darknet_conv, x, kernel))
     assert _lowered_ops(fn, x, "cpu") == (False, True)
     assert _lowered_ops(fn, x, "cuda") == (True, False)
+
+
+def numpy_conv_gradients(
+    x: np.ndarray, w: np.ndarray, t: np.ndarray, stride: int, pad: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 gradients of sum(conv(x, w) * t) with respect to x and w, tap by tap: the independent reference."""
+    xp = np.pad(x.astype(np.float64), ((0, 0), pad, pad, (0, 0)))
+    t64, w64 = t.astype(np.float64), w.astype(np.float64)
+    out_h, out_w = t.shape[1:3]
+    dx, dw = np.zeros_like(xp), np.zeros_like(w64)
+    for i in range(w.shape[0]):
+        for j in range(w.shape[1]):
+            rows = slice(i, i + stride * (out_h - 1) + 1, stride)
+            cols = slice(j, j + stride * (out_w - 1) + 1, stride)
+            dw[i, j] = np.einsum("nyxc,nyxo->co", xp[:, rows, cols], t64)
+            dx[:, rows, cols] += t64 @ w64[i, j].T
+    return dx[:, pad[0] : pad[0] + x.shape[1], pad[0] : pad[0] + x.shape[2]], dw
+
+
+# Strided 3x3 convs whose outputs are wider than SMALL_MAP_MAX_SIDE: XLA's conv forward, matmul derivatives.
+STRIDED_CASES = [(16, 16, (1, 1)), (9, 9, (1, 1)), (10, 13, (1, 1)), (11, 11, (0, 1))]
+
+
+@pytest.mark.parametrize(("h", "w", "pad"), STRIDED_CASES)
+def test_strided_convs_keep_xla_values_and_take_exact_gradients(h: int, w: int, pad: tuple[int, int]) -> None:
+    rng = np.random.default_rng(h * 10 + w)
+    x = rng.normal(size=(2, h, w, 5)).astype(np.float32)
+    kernel = rng.normal(size=(3, 3, 5, 7)).astype(np.float32)
+    args = ((2, 2), (pad, pad))
+    y = darknet_conv(jnp.asarray(x), jnp.asarray(kernel), *args, dimension_numbers=NHWC)
+    xla = lax.conv_general_dilated(jnp.asarray(x), jnp.asarray(kernel), *args, dimension_numbers=NHWC)
+    assert max(y.shape[1:3]) > SMALL_MAP_MAX_SIDE
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(xla))  # the same program for the values
+    t = rng.normal(size=y.shape).astype(np.float32)
+
+    def loss(a, b):
+        return jnp.sum(darknet_conv(a, b, *args, dimension_numbers=NHWC) * t)
+
+    got = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x), jnp.asarray(kernel))
+    want = numpy_conv_gradients(x, kernel, t, 2, pad)
+    for g, r in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), r, rtol=1e-5, atol=1e-4)
+
+
+def test_strided_gradients_lower_to_matmuls_on_cpu_and_to_convolutions_elsewhere() -> None:
+    kernel = jnp.ones((3, 3, 4, 4))
+    x = jnp.ones((1, 4 * SMALL_MAP_MAX_SIDE, 4 * SMALL_MAP_MAX_SIDE, 4))
+
+    def conv(x, k):
+        return darknet_conv(x, k, (2, 2), ((1, 1), (1, 1)), dimension_numbers=NHWC)
+
+    grad = jax.jit(jax.grad(lambda x, k: jnp.sum(conv(x, k) ** 2), argnums=(0, 1)))
+    cpu = export.export(grad, platforms=("cpu",))(x, kernel).mlir_module()
+    # One convolution on the CPU (the forward); both gradients are dots on the gathered taps.
+    assert cpu.count("stablehlo.convolution") == 1 and "stablehlo.dot_general" in cpu
+    cuda = export.export(grad, platforms=("cuda",))(x, kernel).mlir_module()
+    assert cuda.count("stablehlo.convolution") == 3 and "stablehlo.dot_general" not in cuda
+    assert _lowered_ops(lambda x: conv(x, kernel), x, "cpu") == (True, False)  # inference: XLA's conv alone
+
+
+def test_strided_convs_support_forward_mode_and_kernel_only_gradients() -> None:
+    rng = np.random.default_rng(3)
+    x, dx = (jnp.asarray(rng.normal(size=(2, 12, 12, 3)), jnp.float32) for _ in range(2))
+    kernel, dk = (jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32) for _ in range(2))
+
+    def conv_of(conv):
+        return lambda a, b: conv(a, b, (2, 2), ((1, 1), (1, 1)), dimension_numbers=NHWC)
+
+    ours, xla = conv_of(darknet_conv), conv_of(lax.conv_general_dilated)
+    got, want = jax.jvp(ours, (x, kernel), (dx, dk)), jax.jvp(xla, (x, kernel), (dx, dk))
+    for g, r in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-4)
+    # The image is not differentiated (a first conv): the kernel's gradient alone, through a symbolic zero.
+    g_kernel = jax.grad(lambda b: jnp.sum(jnp.tanh(ours(x, b))))(kernel)
+    w_kernel = jax.grad(lambda b: jnp.sum(jnp.tanh(xla(x, b))))(kernel)
+    np.testing.assert_allclose(np.asarray(g_kernel), np.asarray(w_kernel), rtol=1e-5, atol=1e-4)
+    bf16 = jax.grad(lambda b: jnp.sum(ours(x.astype(jnp.bfloat16), b)))(kernel.astype(jnp.bfloat16))
+    assert bf16.dtype == jnp.bfloat16
