@@ -279,3 +279,17 @@ def test_the_donation_comparison_runs_both_programs_of_the_same_step() -> None:
     for name in ("donated", "not donated"):
         assert record[name]["step_ms_median"] > 0 and record[name]["gb_accessed"] > 0
     assert record["donated_over_not_median"] > 0
+
+
+def test_the_switch_comparison_compiles_both_settings_and_rejects_a_non_bool(capsys) -> None:
+    from bench import ab_step
+    from flax_darknet import conv
+
+    assert ab_step.main(["flax_darknet.conv.STRIDED_GRADIENT_AS_MATMUL", "--arch", "tiny", "--image-size", "32",
+                         "--batch", "2", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "STRIDED_GRADIENT_AS_MATMUL=False" in out and "STRIDED_GRADIENT_AS_MATMUL=True" in out
+    assert conv.STRIDED_GRADIENT_AS_MATMUL is True  # restored after the comparison
+    with pytest.raises(SystemExit) as exit_info:
+        ab_step.main(["flax_darknet.conv.SMALL_MAP_MAX_SIDE"])
+    assert exit_info.value.code == 2 and "not a bool attribute" in capsys.readouterr().err
