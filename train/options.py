@@ -189,8 +189,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The README's main job: the full Darknet-53 to >= 90% validation accuracy in minutes on a 2-core CPU.
     # Its budget is in steps (not epochs) so it holds whatever size the generated demo has.
     # Label smoothing 0.1 (32-person demo, seed 0: 0.9286 without it). With 48 persons, seeds 0/1/2 reach val accuracy
-    # 0.9926 / 0.9704 / 0.9951 on the 2-core CPU; 150 or 200 steps (at 150 also a higher rate or a shorter warm-up),
-    # and with 32 persons smoothing 0.2 or an EMA of the weights, did worse (bench/NOTES.md 6.3, rows 20-21, 28, 31).
+    # 0.9877 / 0.9852 / 0.9901 on the 2-core CPU (2026-12-03); 150 or 200 steps (at 150 also a higher rate or a shorter
+    # warm-up), and with 32 persons smoothing 0.2 or an EMA, did worse (bench/NOTES.md 6.3 rows 20-21, 28, 31; 6.4).
     DEMO_DATA: {"epochs": None, "steps": 256, "batch_size": 32, "warmup_epochs": 1.0, "label_smoothing": 0.1},
 }
 
