@@ -11,10 +11,10 @@ median step time of each. The switch must be an existing bool attribute of an im
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,16 +22,25 @@ import jax
 import numpy as np
 import optax
 
-from bench.common import DATA_SEED, NUM_CLASSES, TRAIN_CONFIG
-from bench.flax_cases import inference_fn, synthetic_batch
+from bench.common import DATA_SEED, NUM_CLASSES, TRAIN_CONFIG, alternate
+from bench.flax_cases import inference_fn, synthetic_batch, xla_cost
 from darknet_arch import ARCHS
 from train.state import create_model, create_train_state, make_optimizer
 from train.steps import train_step
+
+# Only the project's own modules are imported by name: the switch names a setting, it runs no one else's code.
+SWITCH_PACKAGES = ("flax_darknet", "train", "darknet_arch")
+
+
+def _block(run: Callable[[], Any]) -> None:
+    jax.block_until_ready(run())
 
 
 def _switch(name: str) -> tuple[Any, str]:
     """(module, attribute) of a dotted `module.ATTR` naming an existing bool; ValueError otherwise."""
     module_name, _, attr = name.rpartition(".")
+    if module_name.split(".")[0] not in SWITCH_PACKAGES:
+        raise ValueError(f"{name!r} is not in the project's packages ({', '.join(SWITCH_PACKAGES)})")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
@@ -61,8 +70,7 @@ def compile_pair(args: argparse.Namespace, module: Any, attr: str) -> dict[str, 
                 infer, variables = inference_fn(state, model)
                 compiled = jax.jit(lambda v, x, f=infer: f(v, x)).lower(variables, batch["image"]).compile()
                 programs[str(value)] = lambda c=compiled, v=variables: c(v, batch["image"])
-            cost = compiled.cost_analysis()
-            cost = cost[0] if isinstance(cost, list | tuple) else cost
+            cost = xla_cost(compiled)
             temp = compiled.memory_analysis().temp_size_in_bytes
             print(f"{attr}={value}: {cost['flops'] / 1e9:.1f} GFLOP, {cost['bytes accessed'] / 1e9:.2f} GB, "
                   f"temp {temp / 1e6:.0f} MB")
@@ -80,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=6)
     args = parser.parse_args(argv)
-    if min(args.image_size, args.batch, args.rounds) < 1:
-        parser.error("--image-size, --batch and --rounds must be >= 1")
+    if args.image_size < 1 or args.image_size % ARCHS[args.arch].total_stride or min(args.batch, args.rounds) < 1:
+        parser.error("--image-size must be a positive multiple of the network's stride; --batch and --rounds >= 1")
     try:
         module, attr = _switch(args.switch)
     except ValueError as e:
@@ -93,15 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         for a, b in zip(jax.tree.leaves(outputs["False"]), jax.tree.leaves(outputs["True"]), strict=True)
     )
     print(f"largest difference of the two results (state and metrics, or logits): {diff:.3g}")
-    times: dict[str, list[float]] = {k: [] for k in programs}
-    for _ in range(args.rounds):
-        for k, run in programs.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(run())
-            times[k].append(1e3 * (time.perf_counter() - t0))
-    for k, ms in times.items():
-        each = " ".join(f"{t:.0f}" for t in ms)
-        print(f"{k}: median {statistics.median(ms):.1f} ms over {args.rounds} rounds ({each})")
+    times = alternate({k: functools.partial(_block, run) for k, run in programs.items()}, args.rounds)
+    for k, seconds in times.items():
+        each = " ".join(f"{1e3 * t:.0f}" for t in seconds)
+        print(f"{k}: median {1e3 * statistics.median(seconds):.1f} ms over {args.rounds} rounds ({each})")
     return 0
 
 

@@ -10,17 +10,17 @@ and bytes accessed of each program.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from bench.common import DATA_SEED, NUM_CLASSES, TRAIN_CONFIG
-from bench.flax_cases import synthetic_batch
+from bench.common import DATA_SEED, NUM_CLASSES, TRAIN_CONFIG, alternate
+from bench.flax_cases import synthetic_batch, xla_cost
 from darknet_arch import ARCHS
 from train.state import create_model, create_train_state, make_optimizer
 from train.steps import train_step
@@ -39,24 +39,16 @@ def measure(size: int, batch: int, rounds: int, arch: str = "darknet53") -> dict
     for name, donate in VARIANTS.items():
         state = jax.tree_util.tree_map(jnp.copy, initial)  # each variant its own buffers (one is donated)
         compiled = jax.jit(train_step, donate_argnums=donate).lower(state, data).compile()
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, list | tuple) else cost
-        record[name] = {"copies": compiled.as_text().count(" copy("), "gb_accessed": cost["bytes accessed"] / 1e9}
+        gb = xla_cost(compiled)["bytes accessed"] / 1e9
+        record[name] = {"copies": compiled.as_text().count(" copy("), "gb_accessed": gb}
         runs[name] = [compiled, state]
 
-    def step(name: str) -> float:
+    def step(name: str) -> None:
         compiled, state = runs[name]
-        t0 = time.perf_counter()
         runs[name][1], metrics = compiled(state, data)
         jax.block_until_ready(metrics)
-        return time.perf_counter() - t0
 
-    for name in runs:  # warm-up: first calls allocate
-        step(name)
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name in runs:
-            times[name].append(step(name))
+    times = alternate({name: functools.partial(step, name) for name in runs}, rounds)  # untimed first calls allocate
     for name, t in times.items():
         record[name]["step_ms_median"] = 1e3 * statistics.median(t)
     ratios = [d / n for d, n in zip(times["donated"], times["not donated"], strict=True)]

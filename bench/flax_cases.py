@@ -48,6 +48,12 @@ def inference_fn(state: TrainState, model: Any) -> tuple[Any, Any]:
     return (lambda v, images: folded.apply(v, normalize(images), train=False)), variables
 
 
+def xla_cost(compiled: Any) -> dict[str, Any]:
+    """XLA's cost analysis of a compiled program ("flops", "bytes accessed", ...), one dict on every jax version."""
+    cost = compiled.cost_analysis()
+    return cost[0] if isinstance(cost, list | tuple) else cost
+
+
 def _compiled_fields(compiled: Any) -> dict[str, Any]:
     """Peak device memory of this process (None where the backend keeps no statistics), and XLA's memory plan
     and FLOP/byte counts of the compiled step (a cross-check of bench/counting.py)."""
@@ -57,8 +63,7 @@ def _compiled_fields(compiled: Any) -> dict[str, Any]:
         plan = compiled.memory_analysis()
         keys = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes")
         fields["xla_memory_plan"] = {k: getattr(plan, k) for k in keys}
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, list | tuple) else cost
+        cost = xla_cost(compiled)
         fields["xla_cost"] = {"flops": cost.get("flops"), "bytes_accessed": cost.get("bytes accessed")}
     except Exception as e:  # not every backend implements them; the measured peak is the figure
         fields["xla_cost"] = f"unavailable: {type(e).__name__}"

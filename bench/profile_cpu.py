@@ -129,6 +129,7 @@ def run_flax(arch: str, image_size: int, batch: int, fold: bool, steps: int, rep
     import jax
     import numpy as np
 
+    from bench.flax_cases import xla_cost
     from train.state import create_model
     from train.steps import normalize
 
@@ -153,8 +154,7 @@ def run_flax(arch: str, image_size: int, batch: int, fold: bool, steps: int, rep
     t0 = time.perf_counter()
     compiled = jax.jit(infer).lower(variables, images).compile()
     compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    cost = xla_cost(compiled)
 
     def run() -> None:
         jax.block_until_ready(compiled(variables, images))

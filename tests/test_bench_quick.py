@@ -281,15 +281,27 @@ def test_the_donation_comparison_runs_both_programs_of_the_same_step() -> None:
     assert record["donated_over_not_median"] > 0
 
 
-def test_the_switch_comparison_compiles_both_settings_and_rejects_a_non_bool(capsys) -> None:
+def test_the_switch_comparison_compiles_both_settings_and_rejects_a_non_bool(capsys, tmp_path, monkeypatch) -> None:
     from bench import ab_step
     from flax_darknet import conv
+
+    monkeypatch.chdir(tmp_path)
 
     assert ab_step.main(["flax_darknet.conv.STRIDED_GRADIENT_AS_MATMUL", "--arch", "tiny", "--image-size", "32",
                          "--batch", "2", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
     assert "STRIDED_GRADIENT_AS_MATMUL=False" in out and "STRIDED_GRADIENT_AS_MATMUL=True" in out
     assert conv.STRIDED_GRADIENT_AS_MATMUL is True  # restored after the comparison
+    bad = {
+        "flax_darknet.conv.SMALL_MAP_MAX_SIDE": "not a bool attribute",
+        "os.path.sep": "not in the project's packages",
+        "flax_darknet.no_such_module.X": "cannot import 'flax_darknet.no_such_module'",
+    }
+    for switch, message in bad.items():
+        with pytest.raises(SystemExit) as exit_info:
+            ab_step.main([switch])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err, switch
     with pytest.raises(SystemExit) as exit_info:
-        ab_step.main(["flax_darknet.conv.SMALL_MAP_MAX_SIDE"])
-    assert exit_info.value.code == 2 and "not a bool attribute" in capsys.readouterr().err
+        ab_step.main(["flax_darknet.conv.STRIDED_GRADIENT_AS_MATMUL", "--image-size", "33"])
+    assert exit_info.value.code == 2 and "multiple of the network's stride" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # it writes nothing
