@@ -100,20 +100,6 @@ def time_windows(
     return per_step
 
 
-def alternate(runs: dict[str, Callable[[], None]], rounds: int) -> dict[str, list[float]]:
-    """Seconds of each run in each of `rounds` rounds, the runs taking turns (so a drifting machine loads them
-    alike), after one untimed call each. Every run must block until its work is done."""
-    for run in runs.values():
-        run()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, run in runs.items():
-            t0 = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
 def measure(
     spec: CaseSpec,
     run_steps: Callable[[int], None],

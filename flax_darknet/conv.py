@@ -35,7 +35,7 @@ SMALL_MAP_MAX_SIDE = 4
 # Lowering platforms where the matmul was measured to beat XLA's conv (bench/RESULTS.md); elsewhere XLA's conv.
 SMALL_MAP_PLATFORMS = ("cpu",)
 # On SMALL_MAP_PLATFORMS, strided convs on larger maps differentiate as the im2col matmul (module docstring): the
-# 256 px b8 train step 10-14% faster (bench/NOTES.md 6.4). False restores XLA's gradients (`python -m bench.ab_step`).
+# 256 px b8 train step 10-14% faster (bench/NOTES.md 6.4). False restores XLA's gradients.
 STRIDED_GRADIENT_AS_MATMUL = True
 _NHWC = ("NHWC", "HWIO", "NHWC")
 Conv = Callable[[jax.Array, jax.Array], jax.Array]
