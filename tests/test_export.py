@@ -28,6 +28,7 @@ from porting.export import TARGETS, weights_sha256
 from porting.export_cli import main
 from porting.serve_predict import Artefact, ServingError, check_batch
 from torch_ref import Darknet53 as TorchDarknet
+from train.options import DEFAULT_IMAGE_SIZE
 
 SIZE = 32
 NUM_CLASSES = 5
@@ -173,6 +174,14 @@ def test_sidecar_round_trips_class_names_spec_and_provenance(source) -> None:
         assert ("torch" in meta["written_by"]) == (runtime == "onnxruntime")
         assert meta.get("platforms", ["cpu", "cuda"]) == ["cpu", "cuda"]
         assert Artefact(source["out"] / name).class_names == CLASS_NAMES
+
+
+def test_a_file_recording_no_size_exports_at_the_trainers_default_size(source, tmp_path) -> None:
+    out = tmp_path / "default"
+    assert main([str(source["pt"]), str(out), "--targets", "onnx"]) == 0
+    meta = json.loads((out / f"{TARGETS['onnx'][0]}.json").read_text(encoding="utf-8"))
+    assert meta["preprocessing"]["image_size"] == DEFAULT_IMAGE_SIZE == 256
+    assert meta["input"]["shape"] == [None, DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE, 3] and meta["check"]["ok"]
 
 
 def test_weights_checksum_is_the_same_from_any_format_and_changes_with_any_weight(source, tmp_path) -> None:

@@ -66,6 +66,7 @@ def _first_update(**kw) -> dict[str, np.ndarray]:
     return {k: v - before[k] for k, v in _flat(state.params).items()}
 
 
+@pytest.mark.slow
 def test_head_and_layer_wise_multipliers_scale_exactly_their_groups_updates():
     plain = _first_update()
     scaled = _first_update(head_lr_mult=10.0, layer_decay=0.5)

@@ -61,6 +61,7 @@ def test_bn_running_mean_moves_by_pytorch_momentum(model_and_variables, batch):
     np.testing.assert_allclose(updates["batch_stats"]["conv1"]["bn"]["mean"], 0.1 * batch_mean, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_bf16_compute_keeps_f32_params_and_logits(batch):
     model = flax_darknet.Darknet53(num_classes=18, dtype=jnp.bfloat16)
     variables = jax.jit(model.init)(jax.random.key(0), batch)

@@ -70,7 +70,10 @@ def test_nnx_equals_linen_in_eval_and_train_mode(linen, batch):
     model = dnnx.from_linen_variables(variables, config=TINY)
     model.eval()
     eval_fn = nnx.jit(lambda m, x: m(x))
-    np.testing.assert_array_equal(np.asarray(eval_fn(model, batch)), np.asarray(linen_model.apply(variables, batch)))
+    # Both jitted: the same XLA program is bitwise the same whatever XLA's optimisation level (an eager linen
+    # apply is a different program, equal to the jitted one only while XLA fuses both alike).
+    want = jax.jit(linen_model.apply)(variables, batch)
+    np.testing.assert_array_equal(np.asarray(eval_fn(model, batch)), np.asarray(want))
     _assert_bitwise(dnnx.linen_variables(model)["batch_stats"], variables["batch_stats"])  # eval: untouched
 
     model.train()

@@ -26,6 +26,8 @@ STEPS = 3
 TOL = 1e-6  # relative, per tensor: max |diff| <= 1e-6 x max |linen|
 CLASSES = 18  # bench.common.NUM_CLASSES, the labels synthetic_batch draws
 
+pytestmark = pytest.mark.slow  # three jitted training programs (~25 s on 2 cores): out of the quick tier
+
 
 @pytest.fixture(scope="module")
 def linen_result():

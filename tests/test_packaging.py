@@ -124,6 +124,7 @@ def test_console_scripts_point_to_main_functions_that_parse_help(capsys: pytest.
         assert "usage:" in capsys.readouterr().out, script
 
 
+@pytest.mark.slow
 def test_import_and_forward_load_no_trainer_or_torch_module() -> None:
     code = (
         "import sys\n"

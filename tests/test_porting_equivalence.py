@@ -19,6 +19,7 @@ pytestmark = pytest.mark.slow
 SLOPE = 0.01
 CLASSES = 1000
 SIZE = 64
+FULL_SIZE = 256  # the competition's input (docs/architecture.md)
 TOL = 1e-5  # max |diff| <= 1e-5 x max |reference| (HF transformers' PyTorch-vs-Flax bar)
 
 
@@ -55,6 +56,16 @@ def test_torch_ref_and_flax_agree_on_ported_full_darknet53(batch, flax_forward):
     randomize_torch_state(model, seed=1)
     variables = torch_state_dict_to_flax(model.state_dict())
     _assert_close(flax_forward(variables, batch.transpose(0, 2, 3, 1)), _torch_outputs(model, batch))
+
+
+def test_torch_ref_and_flax_agree_on_ported_full_darknet53_at_the_competitions_256_px(flax_forward):
+    # The suite's one full-size 256 px equivalence on the CPU (the GPU's is tests/gpu_equivalence.py): the size
+    # the models are built for, where a stage's 8x8 final map, not 64 px's 2x2, is pooled.
+    model = torch_ref.Darknet53(num_classes=CLASSES, leaky_slope=SLOPE).eval()
+    randomize_torch_state(model, seed=2)
+    x = np.random.default_rng(1).uniform(-1, 1, (1, 3, FULL_SIZE, FULL_SIZE)).astype(np.float32)
+    _assert_close(flax_forward(torch_state_dict_to_flax(model.state_dict()), x.transpose(0, 2, 3, 1)),
+                  _torch_outputs(model, x))  # fmt: skip
 
 
 def _timm_outputs(model: torch.nn.Module, x: np.ndarray) -> dict[str, np.ndarray]:

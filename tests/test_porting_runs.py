@@ -36,13 +36,10 @@ CLASSES = len(MASK_CLASS_NAMES)
 REL_TOL = 1e-5  # fp32 torch vs Flax on the same weights (docs/porting.md, "Tolerances")
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A few demo steps of train.flax with the tiny network, as a user would run them."""
-    workdir = tmp_path_factory.mktemp("runs") / "demo"
-    proc = run_module("train.flax", tiny_cli_args(workdir, "--steps", "2", "--batch-size", "8"))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return workdir
+@pytest.fixture
+def run(tiny_run):
+    """A few demo steps of train.flax with the tiny network, as a user would run them (conftest's shared run)."""
+    return tiny_run
 
 
 @pytest.fixture(scope="module")

@@ -50,6 +50,7 @@ def test_every_mode_keeps_every_variable_name_and_shape(data):
         assert jax.tree.map(lambda v: (v.shape, v.dtype), dnnx.linen_variables(nnx_model)) == want
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [m for m in REMAT_MODES if m != "none"])
 def test_linen_gradients_logits_and_statistics_equal_without_remat(data, mode):
     x, cotangent, variables = data
@@ -59,6 +60,7 @@ def test_linen_gradients_logits_and_statistics_equal_without_remat(data, mode):
     assert_trees_close(got_aux, want_aux, TOL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [m for m in REMAT_MODES if m != "none"])
 def test_nnx_gradients_and_statistics_equal_without_remat(data, mode):
     x, cotangent, variables = data
@@ -85,7 +87,8 @@ def _temp_bytes(mode: str, variables, x, cotangent) -> int:
     return jitted.lower(variables["params"]).compile().memory_analysis().temp_size_in_bytes
 
 
-def test_block_remat_needs_less_temporary_memory_in_xla_analysis(data):
+@pytest.mark.slow
+def test_block_remat_needs_less_temporary_memory_in_xla_analysis(data, xla_optimized):
     # Only the block inputs are kept for the backward pass, not each block's four intermediate activations.
     x, cotangent, variables = data
     big, big_cotangent = jnp.tile(x, (4, 2, 2, 1)), jnp.tile(cotangent, (4, 1))  # 16 x 64 px: activations dominate

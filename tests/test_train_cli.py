@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,6 +14,7 @@ from train import flax as train_flax
 from train.checkpointing import CHECKPOINT_DIR, checkpoint_steps, read_meta
 from train.data import load_splits
 from train.logging_utils import read_metrics
+from train.predict import main as predict_main
 
 EPOCHS = 4
 
@@ -38,6 +37,7 @@ def trained(tmp_path_factory):
     return workdir, (root / "train_cli_run.stdout").read_text()
 
 
+@pytest.mark.slow
 def test_demo_run_learns_far_above_chance(trained):
     workdir, _ = trained
     val = [r for r in read_metrics(workdir) if r["kind"] == "val"]
@@ -48,6 +48,7 @@ def test_demo_run_learns_far_above_chance(trained):
     assert train[-1]["loss"] < train[0]["loss"]
 
 
+@pytest.mark.slow
 def test_best_checkpoint_is_the_one_with_best_macro_f1(trained):
     workdir, _ = trained
     val = [r for r in read_metrics(workdir) if r["kind"] == "val"]
@@ -63,6 +64,7 @@ def test_best_checkpoint_is_the_one_with_best_macro_f1(trained):
     assert np.mean(np.asarray(list(best["per_class_f1"].values()))[seen]) == pytest.approx(best["macro_f1"])
 
 
+@pytest.mark.slow
 def test_run_writes_config_metrics_plots_and_latest_checkpoints(trained):
     workdir, stdout = trained
     config = json.loads((workdir / "config.json").read_text())
@@ -82,6 +84,7 @@ def test_run_writes_config_metrics_plots_and_latest_checkpoints(trained):
     assert len(val[-1]["per_class_f1"]) == 18 and np.asarray(val[-1]["confusion_matrix"]).shape == (18, 18)
 
 
+@pytest.mark.slow
 def test_existing_workdir_is_not_overwritten(trained, capsys):
     workdir, _ = trained
     before = sorted(p.name for p in workdir.iterdir())
@@ -90,6 +93,7 @@ def test_existing_workdir_is_not_overwritten(trained, capsys):
     assert sorted(p.name for p in workdir.iterdir()) == before
 
 
+@pytest.mark.slow
 def test_resume_with_another_config_is_refused(trained, capsys):
     workdir, _ = trained
     args = tiny_cli_args(workdir, "--epochs", str(EPOCHS), "--batch-size", "32", "--lr", "0.01", "--resume")
@@ -143,6 +147,7 @@ def test_batch_that_does_not_split_over_devices_exits_2(tmp_path):
     assert "cannot be split over 4 devices" in proc.stderr
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_in_a_row_stop_the_run_with_a_checkpoint(tmp_path, capsys):
     # lr 1e30: the first update blows the weights up; every later step is non-finite and skipped.
     workdir = tmp_path / "w"
@@ -156,32 +161,18 @@ def test_nonfinite_steps_in_a_row_stop_the_run_with_a_checkpoint(tmp_path, capsy
     assert [r["in_a_row"] for r in records][:2] == [1, 2]
 
 
-def test_default_relative_workdir_trains_checkpoints_and_predicts(tmp_path):
+@pytest.mark.slow
+def test_default_relative_workdir_trains_checkpoints_and_predicts(tmp_path, monkeypatch):
     # The README's command gives no --workdir: the run goes to the relative runs/<time>, which orbax (it wants
-    # absolute paths) must still accept; predict is then pointed at the relative folder too.
-    env = subprocess_env()
-    cmd = [
-        sys.executable,
-        "-m",
-        "train.flax",
-        "--data",
-        "demo",
-        "--arch",
-        "tiny",
-        "--steps",
-        "2",
-        "--compile-cache",
-        "none",
-    ]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    # absolute paths) must still accept; predict is then pointed at the relative folder too. In this process:
+    # what is tested is the relative path, not a process boundary.
+    monkeypatch.chdir(tmp_path)
+    assert train_flax.main(["--data", "demo", "--arch", "tiny", "--steps", "2", "--compile-cache", "none"]) == 0
     (run,) = (tmp_path / "runs").iterdir()
     assert (run / "summary.json").is_file() and read_meta(run / CHECKPOINT_DIR)[0] == 2
     images = tmp_path / "images"
     images.mkdir()
     shutil.copy(load_splits("demo").val.paths[0], images / "a.jpg")
     rel = os.path.relpath(run, tmp_path)
-    cmd = [sys.executable, "-m", "train.predict", "--checkpoint", rel, "--data", "images", "--out", "pred.csv"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert predict_main(["--checkpoint", rel, "--data", "images", "--out", "pred.csv"]) == 0
     assert (tmp_path / "pred.csv").read_text().splitlines()[0] == "path,class,probability"

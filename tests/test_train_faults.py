@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.train_helpers import run_module, tiny_cli_args
+from tests.train_helpers import TINY_RUN_FLAGS, run_module, tiny_cli_args
 from train import flax as train_flax
 from train import predict as predict_cli
 from train import run
@@ -23,7 +23,7 @@ from train import workdir as workdir_lib
 from train.checkpointing import CHECKPOINT_DIR, TMP_MARKER, UNREADABLE_SUFFIX, read_meta
 from train.logging_utils import METRICS_FILE, read_metrics
 
-RUN = ("--steps", "2", "--batch-size", "8", "--val-fraction", "0.05", "--checkpoint-every", "1")
+RUN = TINY_RUN_FLAGS  # conftest's tiny_run was trained with these: a resume must repeat them
 
 
 def tree(root: Path) -> dict[str, bytes | None]:
@@ -33,12 +33,10 @@ def tree(root: Path) -> dict[str, bytes | None]:
     }
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    """A tiny 2-step run with a checkpoint at each step."""
-    workdir = tmp_path_factory.mktemp("faults") / "run"
-    assert train_flax.main(tiny_cli_args(workdir, *RUN)) == 0
-    return workdir
+@pytest.fixture
+def finished(tiny_run) -> Path:
+    """A tiny 2-step run with a checkpoint at each step (conftest's, shared: read it, never change it)."""
+    return tiny_run
 
 
 @pytest.fixture
@@ -109,6 +107,7 @@ def test_resuming_a_finished_run_keeps_its_final_evaluation(run_copy):
     assert again["final_val"] == summary["final_val"] and again["final_val"] is not None
 
 
+@pytest.mark.slow
 def test_resume_falls_back_from_a_corrupt_latest_checkpoint(run_copy, capsys):
     latest = run_copy / CHECKPOINT_DIR / "2"
     for f in (latest / "state").rglob("*"):

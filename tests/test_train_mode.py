@@ -85,6 +85,7 @@ def _shard(batch: dict) -> dict:
     return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
 
 
+@pytest.mark.slow
 def test_flax_imagenet_style_pmap_step_trains_and_moves_running_statistics(setup):
     _, variables, state, batch = setup
     p_step = jax.pmap(example_train_step, axis_name="batch")

@@ -20,11 +20,19 @@ if str(REPO) not in sys.path:
 from darknet_arch import TINY  # noqa: E402
 
 SIZE = 32
+# conftest's shared tiny run: two steps with a checkpoint at each, so that best and latest can differ.
+TINY_RUN_FLAGS = ("--steps", "2", "--batch-size", "8", "--val-fraction", "0.05", "--checkpoint-every", "1")
 
 
-def subprocess_env(devices: int | None = None) -> dict[str, str]:
-    """Environment for a child python: repo importable, 1 thread per op, optional fake CPU devices."""
+def subprocess_env(devices: int | None = None, optimized: bool = False) -> dict[str, str]:
+    """Environment for a child python: repo importable, optional fake CPU devices, XLA fully optimising if asked.
+
+    The suite turns most of XLA's optimisation off (tests/conftest.py); `optimized` gives a child what a user's
+    command gets, for a test whose command must also finish in a user's time.
+    """
     env = dict(os.environ)
+    if optimized:
+        env.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["JAX_PLATFORMS"] = "cpu"
     flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
@@ -34,12 +42,14 @@ def subprocess_env(devices: int | None = None) -> dict[str, str]:
     return env
 
 
-def run_module(module: str, args: list[str], timeout: float = 240, **kw) -> subprocess.CompletedProcess:
-    """`python -m module args` in the repo, output captured."""
+def run_module(
+    module: str, args: list[str], timeout: float = 240, optimized: bool = False, **kw
+) -> subprocess.CompletedProcess:
+    """`python -m module args` in the repo, output captured (`optimized`: see subprocess_env)."""
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=REPO,
-        env=subprocess_env(),
+        env=subprocess_env(optimized=optimized),
         capture_output=True,
         text=True,
         timeout=timeout,
