@@ -107,6 +107,16 @@ def test_resuming_a_finished_run_keeps_its_final_evaluation(run_copy):
     assert again["final_val"] == summary["final_val"] and again["final_val"] is not None
 
 
+def test_a_fine_tuning_run_resumes_with_its_own_command(finished, tmp_path, capsys):
+    # The first run resolves --leaky-slope and --input-norm from the --init-from weights' record; the same command
+    # with --resume must resolve them alike, not compare the unset flags with the saved values.
+    args = tiny_cli_args(tmp_path / "ft", *RUN, "--init-from", str(finished))
+    assert train_flax.main(args) == 0, capsys.readouterr().err
+    assert train_flax.main([*args, "--resume"]) == 0, capsys.readouterr().err
+    saved = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert (saved["input_norm"], saved["leaky_slope"]) == ("imagenet", 0.1)
+
+
 @pytest.mark.slow
 def test_resume_falls_back_from_a_corrupt_latest_checkpoint(run_copy, capsys):
     latest = run_copy / CHECKPOINT_DIR / "2"

@@ -35,6 +35,7 @@ from train.options import (
     TrainConfig,
     config_differences,
     dumps,
+    resolved_as_saved,
 )
 from train.sharding import Topology, check_batch_size, make_topology, place_batch, replicate, to_host
 from train.state import TrainState, create_model, create_train_state, make_optimizer, make_schedule, variable_shapes
@@ -126,8 +127,7 @@ def check_resume(config: TrainConfig, workdir: Path, splits: DataSplits) -> tupl
         raise run.WorkdirError(f"--resume: no readable checkpoint in {directory}")
     meta = candidates[0][1]
     saved = TrainConfig.from_json(meta["config"])
-    if config.leaky_slope is None:  # the run may have taken its slope from an --init-from file
-        config = dataclasses.replace(config, leaky_slope=saved.leaky_slope)
+    config = resolved_as_saved(config, saved)  # the slope and input norm it may have taken from --init-from
     diffs = config_differences(saved, config)
     if diffs:
         raise run.WorkdirError("--resume with another config than the saved run: " + "; ".join(diffs))

@@ -67,9 +67,15 @@ def _field(
     mutable: bool = False,
     per_host: bool = False,
     path: bool = False,
+    from_weights: bool = False,
 ) -> Any:
-    """A TrainConfig field: its default, its flag's help, its --resume / multi-host properties, whether a path."""
-    meta = {"help": help, "type": type, "choices": choices, "mutable": mutable, "per_host": per_host, "path": path}
+    """A TrainConfig field: its default, its flag's help, its --resume / multi-host properties, whether a path.
+
+    `from_weights`: when its flag is not given, a run resolves the field from its --init-from weights' record,
+    so a --resume without the flag takes the saved run's value (the first run's resolution) instead.
+    """
+    meta = {"help": help, "type": type, "choices": choices, "mutable": mutable, "per_host": per_host, "path": path,
+            "from_weights": from_weights}  # fmt: skip
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -91,7 +97,7 @@ class TrainConfig:
     overwrite: bool = _field(False, "delete an existing run in --workdir and start over", mutable=True)
     arch: str = _field("darknet53", "architecture ('tiny' is for smoke tests only)", choices=tuple(ARCHS))
     leaky_slope: float | None = _field(
-        None, "LeakyReLU slope (default: 0.1, Darknet's, or the --init-from file's)", type=float
+        None, "LeakyReLU slope (default: 0.1, Darknet's, or the --init-from file's)", type=float, from_weights=True
     )
     epochs: int | None = _field(30, "training length in passes over the data (--steps overrides it)")
     steps: int | None = _field(None, "training length in optimizer steps (overrides --epochs)", type=int)
@@ -125,6 +131,7 @@ class TrainConfig:
         "weights' record, else imagenet)",
         type=str,
         choices=tuple(INPUT_NORMS),
+        from_weights=True,
     )
     remat: str = _field(
         "none",
@@ -220,6 +227,12 @@ def path_fields() -> tuple[str, ...]:
 def per_host_fields() -> frozenset[str]:
     """The fields that may differ between the processes of one run (they concern each host)."""
     return frozenset(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["per_host"])
+
+
+def resolved_as_saved(config: TrainConfig, saved: TrainConfig) -> TrainConfig:
+    """`config` with each field a run resolves from its weights, and this command leaves unset, as `saved` has it."""
+    unset = [f.name for f in dataclasses.fields(TrainConfig) if f.metadata["from_weights"]]
+    return dataclasses.replace(config, **{n: getattr(saved, n) for n in unset if getattr(config, n) is None})
 
 
 def config_differences(saved: TrainConfig, new: TrainConfig) -> list[str]:
