@@ -70,11 +70,11 @@ def trainer_meta(payload: Mapping[str, Any], where: str) -> dict[str, Any]:
     }
 
 
-def checkpoint_steps(checkpoints: Path) -> tuple[int | None, int | None]:
-    """(latest, best) step of a train.flax checkpoints/ folder, from train.checkpointing."""
+def checkpoint_steps(checkpoints: Path) -> tuple[int | None, int | None, bool]:
+    """(latest, best, whether the best was ranked by a score) of a train.flax checkpoints/ folder."""
     checkpointing = _train_checkpointing()
     with failing_as(f"{checkpoints}: not a readable training checkpoint folder"):
-        return checkpointing.checkpoint_steps(checkpoints)
+        return checkpointing.ranked_steps(checkpoints)
 
 
 def read_train_step(step_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:

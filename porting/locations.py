@@ -138,11 +138,13 @@ def _locate_step(given: str, checkpoints: Path, selector: str | None) -> Locatio
     """The best (default) or latest step of a train.flax checkpoints/ folder, as train.checkpointing ranks them."""
     from porting.layouts import checkpoint_steps  # needs the train extra; only run folders get here
 
-    latest, best = checkpoint_steps(checkpoints)
+    latest, best, scored = checkpoint_steps(checkpoints)
     if latest is None:
         raise nothing_matches(given, f"is a training run whose {checkpoints} holds no finished checkpoint")
     step = latest if selector == "latest" else best
     which = "newest" if selector == "latest" else "best (by validation macro F1)"
+    if selector != "latest" and not scored:
+        which = "newest: no checkpoint has a validation score yet (the run stopped before its first evaluation)"
     path = checkpoints / str(step)
     return Location(given, str(path), "train_step", "orbax", step, (f"{given}: read step {step}, the {which}",))
 

@@ -139,6 +139,25 @@ def test_best_and_latest_are_the_steps_train_checkpointing_ranks(run, tmp_path):
         np.testing.assert_array_equal(result.variables["params"]["fc"]["bias"], want["params"]["fc"]["bias"])
 
 
+def test_a_run_stopped_before_its_first_evaluation_is_read_at_its_newest_step_with_a_note(run, tmp_path, capsys):
+    """No checkpoint has a validation score yet (SIGTERM before the first evaluation): best falls back to latest."""
+    _, meta = ckpt.read_meta(run / ckpt.CHECKPOINT_DIR)
+    config = TrainConfig(data="demo", workdir=str(tmp_path), arch="tiny")
+    state = create_train_state(jax.random.PRNGKey(0), create_model(TINY, CLASSES, "fp32"), SIZE,
+                               make_optimizer(config, make_schedule(config, 1, 1)))  # fmt: skip
+    saver = ckpt.Checkpointer(tmp_path, keep=2, async_save=False)
+    saver.save(3, state.replace(step=jax.numpy.int32(3)), meta)  # no metrics: not scored
+    saver.close()
+    assert ckpt.checkpoint_steps(tmp_path / ckpt.CHECKPOINT_DIR) == (3, 3)
+    for where in (tmp_path, tmp_path / "best"):
+        result = porting.load_flax_variables(where)
+        assert result.location.step == 3, where
+        assert any("no checkpoint has a validation score yet" in note for note in result.notes), result.notes
+    assert port_weights(["flax2torch", str(tmp_path), str(tmp_path / "x.pt")]) == 0
+    assert "no checkpoint has a validation score yet" in capsys.readouterr().out
+    assert Predictor.from_checkpoint(tmp_path).class_names == list(MASK_CLASS_NAMES)
+
+
 def test_contradicting_flags_and_wrong_class_names_are_refused_with_nothing_written(run, tmp_path, capsys):
     names = tmp_path / "names.txt"
 

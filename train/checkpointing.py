@@ -157,9 +157,17 @@ def _reading(directory: str | Path) -> Any:
 
 def checkpoint_steps(directory: str | Path) -> tuple[int | None, int | None]:
     """(latest step, best step by macro F1) of a checkpoint folder; the best falls back to the latest."""
+    latest, best, _ = ranked_steps(directory)
+    return latest, best
+
+
+def ranked_steps(directory: str | Path) -> tuple[int | None, int | None, bool]:
+    """(latest, best, whether the best was ranked by a score): while no checkpoint has a validation score (a run
+    stopped before its first evaluation), orbax ranks none and the best is the latest."""
     with _reading(directory) as m:
         latest = m.latest_step()
-        return latest, m.best_step() if latest is not None else None
+        best = m.best_step() if latest is not None else None
+    return latest, latest if best is None else best, best is not None
 
 
 def all_steps(directory: str | Path) -> list[int]:
