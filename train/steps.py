@@ -77,7 +77,10 @@ def train_step(
     new_state = state.apply_gradients(grads=grads, batch_stats=new_stats)
     if ema_decay is not None:
         current = {"params": new_state.params, "batch_stats": new_state.batch_stats}
-        new_state = new_state.replace(ema=optax.incremental_update(current, state.ema, step_size=1.0 - ema_decay))
+        ema = optax.incremental_update(current, state.ema, step_size=1.0 - ema_decay)
+        # Frozen modules keep their EMA as it is: averaging a value with itself drifts by an ulp per step.
+        ema = {c: {k: state.ema[c][k] if k in frozen else v for k, v in tree.items()} for c, tree in ema.items()}
+        new_state = new_state.replace(ema=ema)
     # Select the whole state (step, params, optimizer state, BN statistics): a skipped step leaves no trace.
     state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     metrics = {
