@@ -2,6 +2,9 @@
 
 Every byte porting writes goes through `write_file` (or a writer `atomic_write` calls with a temporary name),
 so a full disk, a read-only destination or a signal leaves the tree as it was, and the error names the DST.
+An existing DST is moved aside, not deleted, until the whole new set is in place; a stop signal during those
+renames puts the old set back. Hidden names carry the writer's process id, so the next write of the same DST
+repairs what a killed (-9) writer left: an old DST moved aside is put back, its temporaries removed.
 """
 
 from __future__ import annotations
@@ -10,13 +13,16 @@ import contextlib
 import functools
 import os
 import shutil
+import signal
+import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
-from porting.errors import PortingError, failing_as, raise_if_stopped
+from porting.errors import STOP_SIGNALS, PortingError, Stopped, failing_as, raise_if_stopped
 
-TMP_TAG = ".porting-tmp-"
+# Hidden names beside a DST: `.<name><TAG><pid>-<random>`: a new file being written, or an old one moved aside.
+TMP_TAG, OLD_TAG = ".porting-tmp-", ".porting-old-"
 # A failed write's temporaries are removed until none reappeared for QUIET seconds, for GRACE at most (see
 # remove_temporaries).
 CLEANUP_QUIET_S, CLEANUP_GRACE_S, CLEANUP_POLL_S = 0.5, 10.0, 0.05
@@ -72,36 +78,103 @@ def check_destination(dst: str | os.PathLike, force: bool, need_bytes: int = 0) 
         )
 
 
+def _hidden(dst: str, tag: str) -> str:
+    return os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}{tag}{os.getpid()}-{uuid.uuid4().hex}")
+
+
+def _writer_alive(name: str, tag: str) -> bool:
+    """Whether the process whose id a hidden name carries still runs (a name not ours to parse counts as alive)."""
+    try:
+        pid = int(name.rsplit(tag, 1)[1].split("-", 1)[0])
+        os.kill(pid, 0)
+    except (ValueError, IndexError):
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def repair_stale(dst: str) -> None:
+    """Undo what a killed writer of `dst` left: its old DST put back if no new one arrived, its temporaries removed."""
+    directory, prefix = os.path.dirname(dst), f".{os.path.basename(dst)}"
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in sorted(names, key=lambda n: OLD_TAG not in n):  # the old DSTs first: put back before cleaning
+        for tag in (OLD_TAG, TMP_TAG):
+            if name.startswith(prefix + tag) and not _writer_alive(name, tag):
+                path = os.path.join(directory, name)
+                if tag == OLD_TAG and not os.path.lexists(dst):
+                    os.replace(path, dst)
+                else:
+                    _remove(path)
+
+
+@contextlib.contextmanager
+def _stops_recorded(received: list[int]) -> Iterator[None]:
+    """Within the block a stop signal is only recorded, so that the renames and their undoing are never cut."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread gets Python's signals
+        yield
+        return
+    previous = {s: signal.signal(s, lambda signum, _frame: received.append(signum)) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
+
+
+def _commit(temps: Mapping[str, str]) -> None:
+    """Rename each temporary onto its DST, an existing DST moved aside first; any failure or stop signal meanwhile
+    puts every old DST back (the set is never mixed); the moved-aside DSTs go once all new ones are in place."""
+    placed: list[str] = []
+    aside: dict[str, str] = {}
+    received: list[int] = []
+    with _stops_recorded(received):
+        try:
+            for dst, tmp in temps.items():
+                with failing_as(f"cannot write {dst!r}", NOT_WRITTEN):
+                    if os.path.lexists(dst):
+                        aside[dst] = _hidden(dst, OLD_TAG)
+                        os.replace(dst, aside[dst])
+                    os.replace(tmp, dst)
+                    placed.append(dst)
+                if received:
+                    raise Stopped(received[0])
+        except BaseException:
+            for dst in placed:
+                _remove(dst)
+            for dst, old in aside.items():
+                os.replace(old, dst)
+            raise
+    for old in aside.values():
+        _remove(old)
+
+
 def atomic_write(
     writes: Mapping[str | os.PathLike, Callable[[str], None]], force: bool, need_bytes: int = 0
 ) -> None:
     """Call each write(tmp) for a temporary name beside its DST, then rename every temporary onto its DST.
 
     The DSTs appear together or not at all (a .pt and its sidecar): after any failure or signal, no temporary is
-    left and no DST of this call exists. A failed write is one PortingError naming its DST and the OS error.
+    left and every DST is as it was. A failed write is one PortingError naming its DST and the OS error.
     `need_bytes` (all DSTs together) is checked against the free space first.
     """
     targets = {os.path.abspath(os.fspath(dst)): write for dst, write in writes.items()}
     for dst in targets:
+        repair_stale(dst)
+    for dst in targets:
         check_destination(dst, force, need_bytes)
-    temps = {dst: os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}{TMP_TAG}{uuid.uuid4().hex}")
-             for dst in targets}  # fmt: skip
-    renamed = []
+    temps = {dst: _hidden(dst, TMP_TAG) for dst in targets}
     try:
         for dst, write in targets.items():
             with failing_as(f"cannot write {dst!r}", NOT_WRITTEN):
                 write(temps[dst])
         raise_if_stopped()  # the commit point: a stop whose exception was swallowed must not let the DSTs appear
-        for dst, tmp in temps.items():
-            with failing_as(f"cannot write {dst!r}", NOT_WRITTEN):
-                if os.path.isdir(tmp) and os.path.lexists(dst):
-                    os.replace(dst, tmp + ".old")  # a directory cannot replace a non-empty one; removed below
-                os.replace(tmp, dst)
-                renamed.append(dst)
-    except BaseException:
-        for dst in targets if renamed else ():
-            _remove(dst)
-        raise
+        _commit(temps)
     finally:
         for tmp in temps.values():
             remove_temporaries(tmp, settle=False)

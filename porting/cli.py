@@ -12,14 +12,12 @@ from collections.abc import Iterator
 from darknet_arch import ARCHS
 from porting.api import arch_name
 from porting.convert import DIRECTIONS, check_conversion, convert
-from porting.errors import PortingError, Stopped, pending_stop, raise_if_stopped
+from porting.errors import STOP_SIGNALS, PortingError, Stopped, pending_stop, raise_if_stopped
 from porting.files import SIDE_HELP
 from porting.preprocessing import FIELDS, parse_preprocessing, read_class_names
 from porting.torch_flax import SOURCES
 
 EXIT_ERROR = 2
-# A run stopped by one of these exits with 128 + the signal's number, as a shell reports a process it killed.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 SIGNAL_EXIT_BASE = 128
 
 
@@ -137,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"port-weights: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except Stopped as stop:
-        print(f"port-weights: stopped by {stop}; no temporary file was left behind", file=sys.stderr)
+        print(f"port-weights: stopped by {stop}; nothing was written ({args.dst} as it was, no temporary left)",
+              file=sys.stderr)
         return SIGNAL_EXIT_BASE + stop.signum
     return 0
 

@@ -11,6 +11,10 @@ class PortingError(ValueError):
     """Weights that cannot be ported: a bad file, missing or unexpected keys, a wrong shape or dtype, NaN/Inf."""
 
 
+# The signals that stop a command cleanly: it exits with 128 + the signal's number, as a shell reports a kill.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 class Stopped(BaseException):
     """A SIGTERM/SIGINT raised as an exception (by the CLI's handler) so that every cleanup runs before exit."""
 

@@ -333,5 +333,56 @@ def test_a_signal_during_the_write_leaves_no_temporary(work, sig):
     proc.send_signal(sig)
     err = _finish(proc)
     assert proc.returncode == 128 + sig, err
-    assert err.strip() == f"port-weights: stopped by {sig.name}; no temporary file was left behind"
+    want = f"port-weights: stopped by {sig.name}; nothing was written ({dst} as it was, no temporary left)"
+    assert err.strip() == want
     assert tree(work) == before
+
+
+# ------------------------------------------------------------------------------------- the commit of a file set
+
+
+def _old_set(root: Path) -> dict[Path, bytes]:
+    """An existing .pt and its sidecar, as a user's earlier port-weights left them."""
+    old = {root / "x.pt": b"old weights", root / "x.pt.meta.json": b'{"old": true}'}
+    for path, data in old.items():
+        path.write_bytes(data)
+    return old
+
+
+@pytest.mark.parametrize("after", [1, 2], ids=["between-renames", "after-the-last-rename"])
+def test_a_signal_during_the_renames_restores_the_old_set_and_says_nothing_was_written(tmp_path, monkeypatch, after):
+    from porting import atomic
+    from porting.cli import signals_raise
+    from porting.errors import Stopped
+
+    old = _old_set(tmp_path)
+    real_replace, calls = os.replace, []
+
+    def replace_then_signal(src, dst):  # SIGTERM arrives just after the `after`-th new file is in place
+        real_replace(src, dst)
+        if atomic.TMP_TAG in os.fspath(src):
+            calls.append(dst)
+            if len(calls) == after:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(atomic.os, "replace", replace_then_signal)
+    with signals_raise(), pytest.raises(Stopped):
+        atomic.write_bytes({path: b"new " + data for path, data in old.items()}, force=True)
+    assert {p: p.read_bytes() for p in tmp_path.iterdir()} == old  # the old set, whole; no temporary, no backup
+
+
+def test_a_write_killed_mid_commit_is_repaired_by_the_next_write_of_the_same_files(tmp_path):
+    from porting import atomic
+
+    old = _old_set(tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a process that has exited: what kill -9 leaves behind
+    # Killed after moving the old .pt aside and before its new one arrived; the sidecar's temporary half-written.
+    os.replace(tmp_path / "x.pt", tmp_path / f".x.pt{atomic.OLD_TAG}{pid}-0")
+    (tmp_path / f".x.pt.meta.json{atomic.TMP_TAG}{pid}-0").write_bytes(b"half")
+    (tmp_path / f".x.pt{atomic.TMP_TAG}{os.getpid()}-0").write_bytes(b"a live writer's")  # not ours to remove
+    with pytest.raises(porting.PortingError, match="already exists"):
+        atomic.write_bytes({path: b"new" for path in old})  # no --force: the restored old file is refused
+    assert (tmp_path / "x.pt").read_bytes() == old[tmp_path / "x.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["x.pt", "x.pt.meta.json",
+                                                                  f".x.pt{atomic.TMP_TAG}{os.getpid()}-0"])  # fmt: skip
