@@ -212,3 +212,31 @@ def test_progress_line_keeps_the_format_bench_e2e_parses() -> None:
 def test_progress_refuses_a_non_positive_steps_per_epoch() -> None:
     with pytest.raises(ValueError, match="steps_per_epoch"):
         Progress(10, 1, steps_per_epoch=0)
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")  # IHDR width, height
+
+
+def test_a_class_name_of_any_length_draws_a_confusion_plot_of_the_same_size(tmp_path: Path) -> None:
+    cm = np.arange(9).reshape(3, 3)
+    logging_utils.plot_confusion(cm, ["a", "b", "c"], tmp_path / "short.png")
+    logging_utils.plot_confusion(cm, ["a", "x" * 15_000, "c"], tmp_path / "long.png")
+    (w_short, h_short), (w_long, h_long) = _png_size(tmp_path / "short.png"), _png_size(tmp_path / "long.png")
+    # The long name is cut to a tick label of bounded length: the canvas grows by that label at most.
+    assert w_long <= 1.5 * w_short and h_long <= 1.5 * h_short, ((w_short, h_short), (w_long, h_long))
+
+
+def test_a_plot_that_fails_is_reported_in_one_line_and_the_run_goes_on(tmp_path: Path, monkeypatch, capsys) -> None:
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(logging_utils, "plot_confusion", out_of_memory)
+    logger = RunLogger(tmp_path, tensorboard=False)
+    for record in _records(TRAIN_LOSSES, VAL_LOSSES):
+        logger.log({**record, "confusion_matrix": np.eye(3, dtype=int).tolist()} if record["kind"] == "val" else record)
+    logger.plot(["a", "b", "c"], force=True)  # no exception: a plot never stops training
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "plots not redrawn" in err and "MemoryError" in err, err
+    assert (tmp_path / CURVES_PNG).is_file() and not list(tmp_path.glob(".*.tmp*"))

@@ -28,6 +28,9 @@ PNG_DPI = 100
 CONFUSION_MIN_INCHES = 5.0  # one confusion panel's side, at least
 CONFUSION_INCHES_PER_CLASS = 0.45  # room for a tick label and a cell value per class
 BAR_WIDTH = 30  # characters in the terminal progress bar
+# A class name longer than this is cut (with an ellipsis) on the confusion plot's axes: a plot's size never
+# grows with a name's length (a 15,000-character name once asked for a canvas beyond memory).
+MAX_TICK_LABEL_CHARS = 32
 # Redraw the PNGs at most this often during a run (the last epoch always redraws; a stopped run's PNGs may lag
 # metrics.jsonl by this much). A redraw took 0.7 s on the 2-core CPU, where the demo's epochs take 6 s: drawn
 # every epoch they were 9% of the README's main job.
@@ -107,11 +110,15 @@ class RunLogger:
 
     def _draw(self, class_names: list[str]) -> None:
         self._plotted_at = time.monotonic()
-        records = read_metrics(self.workdir)
-        plot_curves(records, self.workdir / CURVES_PNG)
-        evals = [r for r in records if r.get("kind") == "val"]
-        if evals:
-            plot_confusion(np.asarray(evals[-1]["confusion_matrix"]), class_names, self.workdir / CONFUSION_PNG)
+        try:
+            records = read_metrics(self.workdir)
+            plot_curves(records, self.workdir / CURVES_PNG)
+            evals = [r for r in records if r.get("kind") == "val"]
+            if evals:
+                plot_confusion(np.asarray(evals[-1]["confusion_matrix"]), class_names, self.workdir / CONFUSION_PNG)
+        except Exception as e:  # MemoryError included: a picture must never cost the run its checkpoint
+            cause = (str(e).splitlines() or [""])[0][:MAX_TICK_LABEL_CHARS * 4]  # one short line, whatever e holds
+            print(f"warning: plots not redrawn ({type(e).__name__}: {cause}); training goes on", file=sys.stderr)
 
     def close(self) -> None:
         if self._tb is not None:
@@ -129,8 +136,16 @@ def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
 
 def _save_fig(fig: Figure, path: Path) -> None:
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=PNG_DPI, bbox_inches="tight")
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, dpi=PNG_DPI, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def tick_label(name: str) -> str:
+    """`name` as an axis label: cut to MAX_TICK_LABEL_CHARS with an ellipsis."""
+    return name if len(name) <= MAX_TICK_LABEL_CHARS else name[: MAX_TICK_LABEL_CHARS - 1] + "…"
 
 
 def _positive_or_nan(values: list[float]) -> np.ndarray:
@@ -191,8 +206,9 @@ def _heat_map(
     im = ax.imshow(np.ma.masked_invalid(values), cmap="Blues", vmin=0.0, vmax=top or None)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     ax.set_title(title)
-    ax.set_xticks(range(n), class_names, rotation=90, fontsize=7)
-    ax.set_yticks(range(n), class_names, fontsize=7)
+    labels = [tick_label(name) for name in class_names]
+    ax.set_xticks(range(n), labels, rotation=90, fontsize=7)
+    ax.set_yticks(range(n), labels, fontsize=7)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     for i, j in zip(*np.nonzero(np.nan_to_num(values)), strict=True):
