@@ -83,6 +83,28 @@ def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path: Path, rng) -> None:
     assert got[0, :3, 0].tolist() == [0, 255, 4]
 
 
+def test_a_16_bit_image_converts_within_a_few_bytes_per_pixel(tmp_path: Path) -> None:
+    # Every value 0..65535 (each 16-bit value's exact 8-bit image), on 2,048 x 2,048 pixels: the conversion's
+    # numpy peak stays near the 8-bit output (1 byte per pixel), where a float64 copy of the image was 8 and more.
+    import tracemalloc
+
+    from train.data.decode import to_rgb
+
+    side = 2048
+    values = (np.arange(side * side) % 65536).astype(np.uint16).reshape(side, side)
+    img = Image.fromarray(values)
+    tracemalloc.start()
+    try:
+        rgb = to_rgb(img)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    got = np.asarray(rgb)
+    assert peak <= 2.0 * side * side + 1_000_000, f"{peak / (side * side):.1f} bytes per pixel"
+    expected = np.rint(values.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    assert np.array_equal(got[..., 0], expected) and np.array_equal(got[..., 2], expected)
+
+
 # EXIF orientation -> how the stored pixels turn into the upright picture (the EXIF 2.3 definitions).
 UPRIGHT = {
     1: lambda a: a,
