@@ -319,3 +319,50 @@ TRAINER_DEFAULTS = Preprocessing(input=UINT8_RGB, scale=PIXEL_SCALE, mean=IMAGEN
                                  interpolation="bilinear", crop_pct=1.0, crop_mode="squash")  # fmt: skip
 # The fields a Darknet file can hold (by implication) and the ones it cannot.
 DARKNET_HELD = ("input", "scale", "mean", "std", "leaky_slope")
+
+
+# ------------------------------------------------------------------------------ any image mode -> 8-bit RGB
+# The one conversion the trainers' decode (train.data.decode) and the serving runner (porting.serve_predict) share.
+
+# Transparent pixels are composited onto white: the usual look of a transparent PNG in a viewer.
+BACKGROUND_RGB = (255, 255, 255)
+# 16-bit samples map to 8 bits by value / 257 (65535 -> 255, exact at both ends).
+UINT16_TO_UINT8 = 257
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+CONVERT_BAND_PIXELS = 1 << 18  # pixels per band of a 16-bit conversion (2 MiB of int64)
+
+
+def _sixteen_to_eight(img: Any) -> np.ndarray:
+    """A 16-bit (or 32-bit integer) greyscale image as uint8, value / 257 rounded, a band of rows at a time.
+
+    Integer arithmetic on bands of CONVERT_BAND_PIXELS: the peak is the uint8 result plus one band, not a
+    float64 copy of the whole image (28 bytes per pixel: 4.7 GB for a 13,000 x 13,000 PNG of 329 KB).
+    """
+    width, height = img.size
+    out = np.empty((height, width), np.uint8)
+    rows = max(1, CONVERT_BAND_PIXELS // max(width, 1))
+    for top in range(0, height, rows):
+        band = np.asarray(img.crop((0, top, width, min(top + rows, height))), dtype=np.int64)
+        # round(v / 257) == (v + 128) // 257 for integers: 257 is odd, so v / 257 is never a tie.
+        np.clip((band + UINT16_TO_UINT8 // 2) // UINT16_TO_UINT8, 0, 255, out=band)
+        out[top : top + band.shape[0]] = band
+    return out
+
+
+def to_rgb(img: Any) -> Any:
+    """Any Pillow mode -> 8-bit RGB: alpha composited on BACKGROUND_RGB, 16-bit scaled (not clipped) to 8."""
+    from PIL import Image  # only here: the records above are plain data
+
+    if img.mode == "RGB" and "transparency" not in img.info:
+        return img
+    if img.mode in SIXTEEN_BIT_MODES:
+        return Image.fromarray(_sixteen_to_eight(img), "L").convert("RGB")
+    if img.mode == "F":  # float images: taken as already on the 0..255 scale
+        return Image.fromarray(np.clip(np.rint(np.asarray(img)), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode in ("LA", "La", "PA", "RGBa") or "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode == "RGBA":
+        background = Image.new("RGB", img.size, BACKGROUND_RGB)
+        background.paste(img.convert("RGB"), mask=img.getchannel("A"))
+        return background
+    return img.convert("RGB")

@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 
 from porting.atomic import write_bytes
 from porting.errors import PortingError
-from porting.preprocessing import CROP_MODES, INTERPOLATIONS
+from porting.preprocessing import CROP_MODES, INTERPOLATIONS, to_rgb
 
 # The contract every artefact's sidecar follows (written by porting.export).
 SIDECAR_SUFFIX = ".json"
@@ -37,11 +37,9 @@ DEFAULT_BATCH_SIZE = 8
 EXIT_BAD_INPUT = 2
 
 # The evaluation decode of train.data.decode (decode_image without augmentation) for the trainers' whole-image
-# resize, restated here because train.data imports grain on import; timm's resize-and-centre-crop otherwise, as
-# porting.preprocessing.Preprocessing.prepare does it. tests/test_export_serve.py checks both against those.
-BACKGROUND_RGB = (255, 255, 255)  # transparent pixels composited onto white
-UINT16_TO_UINT8 = 257.0  # 65535 -> 255, exact at both ends
-SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+# resize, restated here because train.data imports grain on import (its mode conversion is the shared
+# porting.preprocessing.to_rgb); timm's resize-and-centre-crop otherwise, as porting.preprocessing's
+# Preprocessing.prepare does it. tests/test_export_serve.py checks both against those.
 WHOLE_IMAGE = {"crop_mode": "squash", "crop_pct": 1.0}  # what the trainers record
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -155,24 +153,6 @@ class Artefact:
         check_batch(batch, self.spec)
         logits, probabilities = self._run(batch)
         return logits, probabilities
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow mode -> 8-bit RGB as training saw it: alpha on white, 16-bit scaled (not clipped) to 8."""
-    if img.mode == "RGB" and "transparency" not in img.info:
-        return img
-    if img.mode in SIXTEEN_BIT_MODES:
-        values = np.asarray(img).astype(np.float64) / UINT16_TO_UINT8
-        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L").convert("RGB")
-    if img.mode == "F":  # float images: taken as already on the 0..255 scale
-        return Image.fromarray(np.clip(np.rint(np.asarray(img)), 0, 255).astype(np.uint8), "L").convert("RGB")
-    if img.mode in ("LA", "La", "PA", "RGBa") or "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode == "RGBA":
-        background = Image.new("RGB", img.size, BACKGROUND_RGB)
-        background.paste(img.convert("RGB"), mask=img.getchannel("A"))
-        return background
-    return img.convert("RGB")
 
 
 def resized(img: Image.Image, pre: dict[str, Any]) -> Image.Image:

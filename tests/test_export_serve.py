@@ -15,8 +15,8 @@ from PIL import Image
 from test_export import CLASS_NAMES, FRAMEWORKS, OUR_PACKAGES, SIZE, export_tiny, flax_reference
 
 from porting.export import TARGETS
-from porting.preprocessing import Preprocessing
-from porting.serve_predict import load_image, predict_folder, to_rgb
+from porting.preprocessing import Preprocessing, to_rgb
+from porting.serve_predict import load_image, predict_folder
 from train.data import decode_image
 
 ORIENTATION_TAG = 0x0112

@@ -13,17 +13,15 @@ import math
 import numpy as np
 from PIL import Image, ImageOps
 
+from porting.preprocessing import BACKGROUND_RGB, to_rgb
+
 from .errors import DataError
 
-# Transparent pixels are composited onto white: the usual look of a transparent PNG in a viewer.
-BACKGROUND_RGB = (255, 255, 255)
+__all__ = ["BACKGROUND_RGB", "to_rgb"]  # re-exported: train.data's users read them here
+
 # EXIF tag 0x0112; values 5..8 swap width and height.
 EXIF_ORIENTATION_TAG = 0x0112
 _TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
-# 16-bit samples map to 8 bits by value / 257 (65535 -> 255, exact at both ends).
-_UINT16_TO_UINT8 = 257
-_CONVERT_BAND_PIXELS = 1 << 18  # pixels per band of a 16-bit conversion (2 MiB of int64)
-_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 RESAMPLE = Image.Resampling.BILINEAR  # antialiased when shrinking (Pillow scales the filter support)
 # Attempts at a crop of the sampled area and aspect before falling back to the largest fitting one.
 _CROP_ATTEMPTS = 10
@@ -91,40 +89,6 @@ def sample_crop(
         w, h = w * shrink, h * shrink
     left, top = rng.uniform(0, width - w), rng.uniform(0, height - h)
     return (left, top, left + w, top + h)
-
-
-def _sixteen_to_eight(img: Image.Image) -> np.ndarray:
-    """A 16-bit (or 32-bit integer) greyscale image as uint8, value / 257 rounded, a band of rows at a time.
-
-    Integer arithmetic on bands of _CONVERT_BAND_PIXELS: the peak is the uint8 result plus one band, not a
-    float64 copy of the whole image (28 bytes per pixel: 4.7 GB for a 13,000 x 13,000 PNG of 329 KB).
-    """
-    width, height = img.size
-    out = np.empty((height, width), np.uint8)
-    rows = max(1, _CONVERT_BAND_PIXELS // max(width, 1))
-    for top in range(0, height, rows):
-        band = np.asarray(img.crop((0, top, width, min(top + rows, height))), dtype=np.int64)
-        # round(v / 257) == (v + 128) // 257 for integers: 257 is odd, so v / 257 is never a tie.
-        np.clip((band + _UINT16_TO_UINT8 // 2) // _UINT16_TO_UINT8, 0, 255, out=band)
-        out[top : top + band.shape[0]] = band
-    return out
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow mode -> 8-bit RGB: alpha composited on BACKGROUND_RGB, 16-bit scaled (not clipped) to 8."""
-    if img.mode == "RGB" and "transparency" not in img.info:
-        return img
-    if img.mode in _SIXTEEN_BIT_MODES:
-        return Image.fromarray(_sixteen_to_eight(img), "L").convert("RGB")
-    if img.mode == "F":  # float images: taken as already on the 0..255 scale
-        return Image.fromarray(np.clip(np.rint(np.asarray(img)), 0, 255).astype(np.uint8), "L").convert("RGB")
-    if img.mode in ("LA", "La", "PA", "RGBa") or "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode == "RGBA":
-        background = Image.new("RGB", img.size, BACKGROUND_RGB)
-        background.paste(img.convert("RGB"), mask=img.getchannel("A"))
-        return background
-    return img.convert("RGB")
 
 
 def decode_image(
