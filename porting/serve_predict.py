@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import json
 import math
@@ -122,15 +123,42 @@ class Artefact:
         self.meta = read_sidecar(path)
         self.spec = self.meta["input"]
         self.class_names = [str(c) for c in self.meta["class_names"]]
-        self._run = self._load_jax() if self.meta["runtime"] == "jax" else self._load_onnx()
+        data = self._read_checked()
+        self._run = self._load_jax(data) if self.meta["runtime"] == "jax" else self._load_onnx(data)
 
-    def _load_jax(self) -> Any:
+    def _read_checked(self) -> bytes:
+        """The artefact's bytes, refused unless they are the ones its sidecar's artefact_sha256 names."""
+        data = Path(self.path).read_bytes()
+        digest, recorded = hashlib.sha256(data).hexdigest(), self.meta.get("artefact_sha256")
+        if digest != recorded:
+            raise ServingError(
+                f"{self.path!r} does not match its sidecar {str(sidecar_path(self.path))!r}: its sha256 is "
+                f"{digest[:16]}..., the sidecar records {str(recorded)[:16]}...: the artefact was replaced or damaged; "
+                "keep each artefact with the sidecar darknet53-export wrote for it"
+            )
+        return data
+
+    def _check_shapes(self, inputs: Sequence[Any], logits: Sequence[Any]) -> None:
+        """Refuse a sidecar whose input spec or class names disagree with the model's own input and logits."""
+        want = list(self.spec["shape"][1:])
+        if [int(d) if str(d).isdigit() else d for d in inputs[1:]] != want:
+            dims = ", ".join(str(d) for d in inputs[1:])
+            raise ServingError(f"{self.path!r} takes (N, {dims}), but its sidecar says {describe_spec(self.spec)}: "
+                               "the sidecar is not this artefact's; export again")  # fmt: skip
+        classes = logits[-1]
+        if not str(classes).isdigit() or int(classes) != len(self.class_names):
+            raise ServingError(f"{self.path!r} has {classes} outputs per image, but its sidecar names "
+                               f"{len(self.class_names)} class names: the sidecar is not this artefact's; export "
+                               "again")  # fmt: skip
+
+    def _load_jax(self, data: bytes) -> Any:
         import jax
 
         try:
-            exported = jax.export.deserialize(bytearray(Path(self.path).read_bytes()))
+            exported = jax.export.deserialize(bytearray(data))
         except Exception as e:  # jax raises flatbuffer and version errors of several types
             raise ServingError(f"{self.path!r} is not a serialised jax.export program: {type(e).__name__}: {e}") from e
+        self._check_shapes(exported.in_avals[0].shape, exported.out_avals[0].shape)
         backend = jax.export.default_export_platform()  # 'cuda', not jax's 'gpu'
         if backend not in exported.platforms:
             raise ServingError(
@@ -139,13 +167,14 @@ class Artefact:
             )
         return lambda batch: tuple(np.asarray(out) for out in exported.call(batch))
 
-    def _load_onnx(self) -> Any:
+    def _load_onnx(self, data: bytes) -> Any:
         import onnxruntime as ort
 
         try:
-            session = ort.InferenceSession(self.path, providers=ort.get_available_providers())
+            session = ort.InferenceSession(data, providers=ort.get_available_providers())
         except Exception as e:  # onnxruntime's errors are its own pybind types
             raise ServingError(f"{self.path!r} is not an ONNX model onnxruntime can load: {e}") from e
+        self._check_shapes(session.get_inputs()[0].shape, session.get_outputs()[0].shape)
         return lambda batch: tuple(session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch}))
 
     def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -132,3 +132,30 @@ def test_serve_predict_refuses_what_it_cannot_use_with_exit_2(source, tmp_path, 
         assert message in err and "Traceback" not in err, (message, err)
     assert (tmp_path / "exists.csv").read_text() == "keep"
     assert sorted(p.name for p in tmp_path.glob("*.csv")) == ["exists.csv"]
+
+
+@pytest.mark.parametrize("name", ["darknet53.jax", "darknet53.onnx"])
+def test_an_artefact_that_does_not_match_its_sidecar_is_refused_naming_the_mismatch(source, tmp_path, capsys, name):
+    import json
+
+    from porting.serve_predict import main
+
+    images = tmp_path / "images"
+    write_images(images)
+    artefact, sidecar = tmp_path / name, tmp_path / f"{name}.json"
+    meta = json.loads((source["out"] / f"{name}.json").read_text(encoding="utf-8"))
+
+    def refused(data: bytes, meta: dict, *needles: str) -> None:
+        artefact.write_bytes(data)
+        sidecar.write_text(json.dumps(meta), encoding="utf-8")
+        assert main([str(artefact), str(images), "--out", str(tmp_path / "p.csv")]) == 2
+        err = capsys.readouterr().err
+        assert all(n in err for n in needles) and "Traceback" not in err, err
+        assert not (tmp_path / "p.csv").exists()
+
+    real = (source["out"] / name).read_bytes()
+    other = (source["out"] / ("darknet53.onnx" if name.endswith(".jax") else "darknet53-bf16.jax")).read_bytes()
+    refused(other, meta, "does not match its sidecar", "sha256")  # another artefact under this sidecar
+    # A sidecar edited to fewer class names (its hash still right): the model's outputs name the mismatch.
+    refused(real, {**meta, "class_names": meta["class_names"][:2]}, "2 class names", "5 outputs")
+    refused(real, {**meta, "input": {**meta["input"], "shape": [None, 64, 64, 3]}}, "(N, 64, 64, 3)", "32")
