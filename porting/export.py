@@ -42,6 +42,7 @@ from porting.serve_predict import (
     load_image,
     output_specs,
 )
+from porting.state import weights_sha256
 
 # Target -> (artefact file name, runtime, compute precision).
 TARGETS = {
@@ -147,19 +148,6 @@ def serving_preprocessing(weights: SourceWeights) -> tuple[dict[str, Any], list[
         raise ExportError(f"image size {size} is not a multiple of {stride} (the network's stride); pass "
                           f"--preprocessing '{{\"image_size\": N}}' with N a multiple of {stride}")  # fmt: skip
     return pre, names, notes
-
-
-def weights_sha256(variables: dict[str, Any]) -> str:
-    """SHA-256 over every array in path order: path, dtype, shape and little-endian C-order bytes of each."""
-    from flax import traverse_util
-
-    digest = hashlib.sha256()
-    for key, value in sorted(traverse_util.flatten_dict(variables, sep="/").items()):
-        a = np.ascontiguousarray(value)
-        a = a.astype(a.dtype.newbyteorder("<"), copy=False)
-        digest.update(f"{key}|{a.dtype.str}|{a.shape}\n".encode())
-        digest.update(a.tobytes())
-    return digest.hexdigest()
 
 
 def versions(distributions: Sequence[str]) -> dict[str, str]:

@@ -6,6 +6,7 @@ The canonical form every reader produces and every writer takes is a "canonical 
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -133,3 +134,20 @@ def check_running_var(state: CanonicalStateDict) -> None:
     for key, arr in state.items():
         if key.endswith("running_var") and arr.size and float(arr.min()) < 0:
             raise PortingError(f"{key}: running variance has negative values (min {float(arr.min())})")
+
+
+def weights_sha256(variables: dict[str, Any]) -> str:
+    """SHA-256 over every array in path order: path, dtype, shape and little-endian C-order bytes of each.
+
+    Recorded with the weights wherever they are written (export sidecars, training checkpoints) and checked when
+    a checkpoint is read: a byte flipped on disk becomes an error, never other weights.
+    """
+    from flax import traverse_util
+
+    digest = hashlib.sha256()
+    for key, value in sorted(traverse_util.flatten_dict(variables, sep="/").items()):
+        a = np.ascontiguousarray(value)
+        a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+        digest.update(f"{key}|{a.dtype.str}|{a.shape}\n".encode())
+        digest.update(a.tobytes())
+    return digest.hexdigest()

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -128,6 +129,28 @@ def test_resume_falls_back_from_a_corrupt_latest_checkpoint(run_copy, capsys):
     assert "skips checkpoint step 2" in err
     assert (run_copy / CHECKPOINT_DIR / f"2{UNREADABLE_SUFFIX}").is_dir()  # kept for inspection, not deleted
     assert read_meta(run_copy / CHECKPOINT_DIR)[0] == 2  # step 2 trained again from step 1
+
+
+def test_a_flipped_byte_in_a_checkpoint_is_an_error_naming_the_step_never_other_weights(run_copy, finished, capsys):
+    import porting
+    from train.checkpointing import restore_variables
+
+    want = restore_variables(finished / CHECKPOINT_DIR, 2)
+    data = max((p for p in (run_copy / CHECKPOINT_DIR / "2" / "state").rglob("*") if p.is_file()),
+               key=lambda p: p.stat().st_size)  # fmt: skip
+    raw = bytearray(data.read_bytes())
+    for offset in (len(raw) // 4, len(raw) // 2, 3 * len(raw) // 4):
+        flipped = bytearray(raw)
+        flipped[offset] ^= 0xFF
+        data.write_bytes(bytes(flipped))
+        try:
+            got = porting.load_flax_variables(run_copy / CHECKPOINT_DIR / "2").variables
+        except porting.PortingError as e:
+            assert "checkpoint step 2" in str(e), e
+            continue
+        same = jax.tree.map(np.array_equal, got, want)  # a read that succeeds must give the saved weights
+        assert all(jax.tree.leaves(same)), f"offset {offset}: other weights, read without an error"
+    data.write_bytes(bytes(raw))
 
 
 def test_resume_drops_metrics_after_the_checkpoint_and_a_half_written_line(run_copy):

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from porting.state import weights_sha256
 from train.state import TrainState
 
 CHECKPOINT_DIR = "checkpoints"
@@ -29,10 +30,35 @@ UNREADABLE_SUFFIX = ".unreadable"  # step folders a --resume could not read, kep
 # After a failed save: how long to keep removing the temporaries of orbax's writes still in flight.
 CLEANUP_GRACE_S, CLEANUP_QUIET_S, CLEANUP_POLL_S = 10.0, 1.0, 0.1
 BEST_METRIC = "macro_f1"  # the competition metric; higher is better
+WEIGHTS_SHA256 = "weights_sha256"  # the meta field holding the saved weights' checksum
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable, or failed to save."""
+
+
+def weights_checksum(tree: dict[str, Any]) -> str | None:
+    """porting's weights_sha256 of a state tree's weights (params, batch_stats and the EMA when kept), on one
+    device's copy; None when an array is sharded rather than replicated (no single copy holds it)."""
+    weights = {k: tree[k] for k in ("params", "batch_stats", "ema") if tree.get(k) is not None}
+    leaves = jax.tree_util.tree_leaves(weights)
+    if any(isinstance(a, jax.Array) and not a.sharding.is_fully_replicated for a in leaves):
+        return None
+    host = jax.tree_util.tree_map(lambda a: np.asarray(a.addressable_data(0) if isinstance(a, jax.Array) else a),
+                                  weights)  # fmt: skip
+    return weights_sha256(host)
+
+
+def _verified(tree: dict[str, Any], meta: dict, step: int, directory: str | Path) -> dict[str, Any]:
+    """`tree`, unless its weights differ from the checksum recorded when they were saved (bit rot on disk)."""
+    recorded = meta.get(WEIGHTS_SHA256)  # checkpoints saved before the checksum was recorded have none
+    if recorded is not None and weights_checksum(tree) != recorded:
+        raise CheckpointError(
+            f"checkpoint step {step} in {directory} is damaged: its weights differ from the checksum recorded when "
+            "it was saved (a byte changed on disk); read another step (<run>/latest or checkpoints/<step>) or a "
+            "backup"
+        )
+    return tree
 
 
 def state_tree(state: TrainState) -> dict[str, Any]:
@@ -103,7 +129,9 @@ class Checkpointer:
             )
         try:
             self.manager.check_for_errors()  # a failed earlier background save surfaces here, not silently
-            items = {STATE: ocp.args.StandardSave(state_tree(state)), META: ocp.args.JsonSave(meta)}
+            tree = state_tree(state)
+            meta = {**meta, WEIGHTS_SHA256: weights_checksum(tree)}
+            items = {STATE: ocp.args.StandardSave(tree), META: ocp.args.JsonSave(meta)}
             args = ocp.args.Composite(**items)
             self.manager.save(step, args=args, metrics=metrics, force=True)
         except Exception as e:
@@ -208,12 +236,13 @@ def restore_state(directory: str | Path, step: int, target: TrainState) -> Train
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state_tree(target))
     with _reading(directory) as m:
         try:
-            restored = m.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract)}))
+            items = {STATE: ocp.args.StandardRestore(abstract), META: ocp.args.JsonRestore()}
+            restored = m.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:
             raise CheckpointError(
                 f"checkpoint step {step} in {directory} does not match this network/optimizer: {e}"
             ) from e
-    return target.replace(**restored[STATE])
+    return target.replace(**_verified(restored[STATE], restored[META], step, directory))
 
 
 def restore_variables(directory: str | Path, step: int) -> dict[str, Any]:
@@ -226,9 +255,11 @@ def restore_variables(directory: str | Path, step: int) -> dict[str, Any]:
             abstract = jax.tree_util.tree_map(
                 lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), m.item_metadata(step)[STATE]
             )
-            restored = m.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract)}))[STATE]
+            items = {STATE: ocp.args.StandardRestore(abstract), META: ocp.args.JsonRestore()}
+            both = m.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:
             raise CheckpointError(f"checkpoint step {step} in {directory} could not be read: {e}") from e
+    restored = _verified(both[STATE], both[META], step, directory)
     # A run with --ema-decay evaluated (and picked its best step by) the EMA: those are its weights.
     source = restored.get("ema") or restored
     return jax.tree_util.tree_map(np.asarray, {"params": source["params"], "batch_stats": source["batch_stats"]})
