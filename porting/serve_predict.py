@@ -42,6 +42,8 @@ EXIT_BAD_INPUT = 2
 # porting.preprocessing.to_rgb); timm's resize-and-centre-crop otherwise, as porting.preprocessing's
 # Preprocessing.prepare does it. tests/test_export_serve.py checks both against those.
 WHOLE_IMAGE = {"crop_mode": "squash", "crop_pct": 1.0}  # what the trainers record
+# A cell starting with one of these is a formula in a spreadsheet (CSV injection): written with a ' before it.
+FORMULA_STARTS = ("=", "+", "-", "@")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -161,9 +163,11 @@ class Artefact:
         self._check_shapes(exported.in_avals[0].shape, exported.out_avals[0].shape)
         backend = jax.export.default_export_platform()  # 'cuda', not jax's 'gpu'
         if backend not in exported.platforms:
+            # Running on the CPU helps only if the program has a CPU lowering and jax is not on the CPU already.
+            cpu = ", or set JAX_PLATFORMS=cpu" if "cpu" in exported.platforms and backend != "cpu" else ""
             raise ServingError(
                 f"{self.path!r} was lowered for {list(exported.platforms)}, this jax runs on {backend!r}: export "
-                f"again with --platforms {backend}, or set JAX_PLATFORMS=cpu"
+                f"again with --platforms {backend}{cpu}"
             )
         return lambda batch: tuple(np.asarray(out) for out in exported.call(batch))
 
@@ -257,14 +261,23 @@ def predict_folder(
     return paths, np.concatenate(logits), np.concatenate(probs), model.class_names
 
 
+def csv_cell(text: str) -> str:
+    """A text cell safe in a spreadsheet and in UTF-8: a leading = + - @ (a formula there) gets a ' before it, as
+    OWASP advises against CSV injection, and a file name's bytes that are not UTF-8 become \\x escapes."""
+    if any("\udc80" <= c <= "\udcff" for c in text):  # os.fsdecode's stand-ins for bytes that are not UTF-8
+        text = os.fsencode(text).decode("utf-8", "backslashreplace")
+    return f"'{text}" if text.startswith(FORMULA_STARTS) else text
+
+
 def predictions_csv(folder: Path, paths: Sequence[Path], probs: np.ndarray, class_names: Sequence[str]) -> str:
-    """`path,class,probability` rows (paths relative to `folder`), as darknet53-predict writes for a folder."""
+    """`path,class,probability` rows (paths relative to `folder`): what darknet53-predict and serve-predict write
+    for a folder of images."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["path", "class", "probability"])
     for path, p in zip(paths, probs, strict=True):
         k = int(np.argmax(p))
-        writer.writerow([os.path.relpath(path, folder), class_names[k], f"{p[k]:.6f}"])
+        writer.writerow([csv_cell(os.path.relpath(path, folder)), csv_cell(class_names[k]), f"{p[k]:.6f}"])
     return buf.getvalue()
 
 

@@ -159,3 +159,20 @@ def test_an_artefact_that_does_not_match_its_sidecar_is_refused_naming_the_misma
     # A sidecar edited to fewer class names (its hash still right): the model's outputs name the mismatch.
     refused(real, {**meta, "class_names": meta["class_names"][:2]}, "2 class names", "5 outputs")
     refused(real, {**meta, "input": {**meta["input"], "shape": [None, 64, 64, 3]}}, "(N, 64, 64, 3)", "32")
+
+
+def test_prediction_csvs_are_safe_to_open_in_a_spreadsheet_and_take_any_file_name(tmp_path) -> None:
+    import csv
+    import io
+
+    from porting.serve_predict import predictions_csv
+
+    folder = tmp_path
+    names = ["=HYPERLINK(\"http://x\")", "+1", "-2", "@SUM(A1)", "plain"]
+    paths = [folder / "a.png", folder / os.fsdecode(b"caf\xe9.png"), folder / "=cmd.png"]  # Latin-1 bytes: not UTF-8
+    probs = np.eye(5, dtype=np.float32)[[0, 3, 4]]
+    text = predictions_csv(folder, paths, probs, names)
+    text.encode("utf-8")  # writable as UTF-8 whatever the file names were
+    rows = list(csv.reader(io.StringIO(text)))[1:]
+    assert [r[1] for r in rows] == ["'=HYPERLINK(\"http://x\")", "'@SUM(A1)", "plain"]
+    assert [r[0] for r in rows] == ["a.png", "caf\\xe9.png", "'=cmd.png"]

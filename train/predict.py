@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from darknet_arch import DarknetConfig, StageSpec
+from porting.serve_predict import predictions_csv
 from train.checkpointing import CheckpointError
 from train.data import NO_LABEL, DataError, Records, load_eval_folder, make_eval_iter
 from train.data.scan import is_image_name
@@ -188,12 +189,7 @@ def predict(checkpoint: str, data: str, out: str | None, force: bool = False) ->
     if is_eval:
         text = submission_csv(folder, preds)
     else:
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(["path", "class", "probability"])
-        for path, p, pr in zip(records.paths, preds, probs, strict=True):
-            writer.writerow([os.path.relpath(path, folder), predictor.class_names[p], f"{pr[p]:.6f}"])
-        text = buf.getvalue()
+        text = predictions_csv(folder, records.paths, probs, predictor.class_names)
     try:
         atomic_write_text(out_path, text)
     except OSError as e:
