@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 from collections.abc import Iterator
+from typing import Any
 
 
 class PortingError(ValueError):
@@ -47,3 +49,13 @@ def failing_as(prefix: str, suffix: str = "") -> Iterator[None]:
         else:
             cause = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
         raise PortingError(f"{prefix}: {cause}{suffix}") from exc
+
+
+def parse_json(text: str | bytes, where: str) -> Any:
+    """JSON from a file (config.json, a .meta.json, a serving sidecar), or ONE PortingError naming `where`: invalid
+    text, and nesting too deep for Python's parser (RecursionError, not a ValueError), alike."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        cause = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise PortingError(f"{where}: not valid JSON ({cause})") from None

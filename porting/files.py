@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from porting.atomic import atomic_write, remove_temporaries, write_bytes, write_file
-from porting.errors import PortingError, failing_as
+from porting.errors import PortingError, failing_as, parse_json
 from porting.layouts import trainer_meta
 from porting.preprocessing import Preprocessing, combine
 from porting.state import check_leaky_slope, check_num_classes
@@ -107,11 +107,9 @@ def clean_meta(raw: Any, where: str) -> Meta:
 
 
 def _read_json_meta(path: str | os.PathLike) -> Meta:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return clean_meta(json.load(f), os.fspath(path))
-    except ValueError as exc:  # json.JSONDecodeError and UnicodeDecodeError
-        raise PortingError(f"{os.fspath(path)}: not valid JSON metadata: {exc}") from exc
+    with failing_as(f"cannot read {os.fspath(path)!r}"):
+        data = Path(path).read_bytes()
+    return clean_meta(parse_json(data, os.fspath(path)), os.fspath(path))
 
 
 def require_file(path: str | os.PathLike) -> str:
@@ -136,10 +134,9 @@ def _strings_to_meta(raw: Mapping[str, str] | None, where: str) -> Meta:
     parsed = {}
     for k in (*META_FIELDS, LEGACY_SLOPE):
         if raw and k in raw:
-            try:
-                parsed[k] = json.loads(raw[k])
-            except (TypeError, ValueError) as exc:
-                raise PortingError(f"{where}: metadata {k}={raw[k]!r} is not JSON") from exc
+            if not isinstance(raw[k], str | bytes):
+                raise PortingError(f"{where}: metadata {k}={raw[k]!r} is not JSON")
+            parsed[k] = parse_json(raw[k], f"{where}: metadata {k}")
     return clean_meta(parsed, where)
 
 

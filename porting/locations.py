@@ -6,12 +6,11 @@ so all accept the same set and refuse the rest with the same message (`nothing_m
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 
 from porting import files
-from porting.errors import PortingError
+from porting.errors import PortingError, parse_json
 
 # train.flax's run layout (train.checkpointing) and train.torch's (train.torch), mirrored so that finding weights
 # needs neither trainer's dependencies; tests/test_porting_locations.py checks them against the trainers' own.
@@ -89,8 +88,8 @@ def _is_hub_dir(d: Path) -> bool:
     if not config.is_file():
         return False
     try:
-        raw = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        raw = parse_json(config.read_bytes(), str(config))
+    except (OSError, PortingError):
         return hub_weights(d) is not None  # an unreadable config.json beside Hub weights: refused when read
     return isinstance(raw, dict) and any(k in raw for k in HUB_CONFIG_KEYS)
 

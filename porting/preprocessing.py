@@ -13,7 +13,6 @@ Over 300 lines: the schema, its validation, the combination rule and the resize 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -22,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from darknet_arch import DARKNET_LEAKY_SLOPE
-from porting.errors import PortingError
+from porting.errors import PortingError, parse_json
 from porting.state import check_leaky_slope
 
 UINT8_RGB = "uint8 RGB"  # the only input the models take: 8-bit RGB images, channels last
@@ -37,6 +36,10 @@ INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 # to size x size, what our trainers do), "center" the shorter side, keeping the aspect ratio; then the central
 # size x size. timm's third mode, "border" (pad instead of crop), is not supported.
 CROP_MODES = ("center", "squash")
+# Bounds on the numbers a record sizes images with: a file's number never sizes an allocation unchecked (an
+# image_size of 100,000 asked an export for 112 GiB; a crop_pct of 0.001 resizes to 1,000x the input side first).
+MAX_IMAGE_SIZE = 4096
+MIN_CROP_PCT = 0.25
 # Two recorded floats are the same value when they differ by less than this (JSON and text round-off).
 FLOAT_RTOL = 1e-9
 
@@ -221,17 +224,19 @@ def _validate(record: Preprocessing, where: str) -> None:
     if record.std is not None:
         set_(record, "std", _finite_floats(record.std, "std", positive=True))
     if record.image_size is not None and (isinstance(record.image_size, bool) or not isinstance(record.image_size, int)
-                                          or record.image_size < 1):  # fmt: skip
-        raise PortingError(f"{where}: image_size must be a positive int, got {record.image_size!r}")
+                                          or not 1 <= record.image_size <= MAX_IMAGE_SIZE):  # fmt: skip
+        raise PortingError(f"{where}: image_size must be an int in 1..{MAX_IMAGE_SIZE}, got {record.image_size!r}")
     if record.interpolation is not None and record.interpolation not in INTERPOLATIONS:
         raise PortingError(f"{where}: interpolation {record.interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
     if record.crop_pct is not None:
         set_(record, "crop_pct", _number(record.crop_pct, "crop_pct"))
-        if not 0 < record.crop_pct <= 1:
-            raise PortingError(f"{where}: crop_pct must be in (0, 1], got {record.crop_pct}")
+        if not MIN_CROP_PCT <= record.crop_pct <= 1:
+            raise PortingError(f"{where}: crop_pct must be in [{MIN_CROP_PCT}, 1], got {record.crop_pct}")
     if record.crop_mode is not None and record.crop_mode not in CROP_MODES:
         raise PortingError(f"{where}: crop_mode {record.crop_mode!r} is not one of {', '.join(CROP_MODES)}")
     if record.class_names is not None:
+        if not isinstance(record.class_names, list | tuple):  # a string would become one name per character
+            raise PortingError(f"{where}: class_names must be a list of names, got {record.class_names!r}"[:300])
         names = tuple(record.class_names)
         if not names or not all(isinstance(n, str) and n for n in names):
             raise PortingError(f"{where}: class_names must be a non-empty list of non-empty strings")
@@ -302,11 +307,7 @@ def parse_preprocessing(text: str) -> Preprocessing:
                 text = f.read()
         except OSError as exc:
             raise PortingError(f"--preprocessing {where!r}: neither a JSON object nor a readable file ({exc})") from exc
-    try:
-        raw = json.loads(text)
-    except ValueError as exc:
-        raise PortingError(f"{where}: not valid JSON: {exc}") from exc
-    return Preprocessing.from_json(raw, where, strict=True)[0]
+    return Preprocessing.from_json(parse_json(text, where), where, strict=True)[0]
 
 
 # What a Darknet .weights file implies (docs/darknet-weights.md): RGB in [0, 1], no mean or std, slope 0.1. It

@@ -12,7 +12,6 @@ import argparse
 import csv
 import hashlib
 import io
-import json
 import math
 import os
 import sys
@@ -24,8 +23,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from porting.atomic import write_bytes
-from porting.errors import PortingError
-from porting.preprocessing import CROP_MODES, INTERPOLATIONS, to_rgb
+from porting.errors import PortingError, parse_json
+from porting.preprocessing import CROP_MODES, INTERPOLATIONS, Preprocessing, to_rgb
 
 # The contract every artefact's sidecar follows (written by porting.export).
 SIDECAR_SUFFIX = ".json"
@@ -35,6 +34,7 @@ INPUT_DTYPE, INPUT_LAYOUT, INPUT_COLOR, OUTPUT_DTYPE = "uint8", "NHWC", "RGB", "
 RUNTIMES = ("jax", "onnxruntime")
 SIDECAR_FIELDS = ("format", "format_version", "runtime", "input", "outputs", "class_names", "preprocessing")
 DEFAULT_BATCH_SIZE = 8
+MAX_SHOWN_CHARS = 80  # of a value quoted from a sidecar in an error message
 EXIT_BAD_INPUT = 2
 
 # The evaluation decode of train.data.decode (decode_image without augmentation) for the trainers' whole-image
@@ -101,10 +101,10 @@ def read_sidecar(artefact: str | os.PathLike) -> dict[str, Any]:
     if not Path(artefact).is_file():
         raise ServingError(f"artefact {os.fspath(artefact)!r} is not a file (a .jax or .onnx from darknet53-export)")
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        meta = parse_json(path.read_bytes(), f"the sidecar {str(path)!r}")
     except FileNotFoundError as e:
         raise ServingError(f"{os.fspath(artefact)!r} has no sidecar {str(path)!r}; export with darknet53-export") from e
-    except (OSError, ValueError) as e:
+    except (OSError, PortingError) as e:
         raise ServingError(f"cannot read the sidecar {str(path)!r}: {e}") from e
     if not isinstance(meta, dict) or meta.get("format") != SERVING_FORMAT:
         raise ServingError(f"{str(path)!r} is not a {SERVING_FORMAT} sidecar")
@@ -114,6 +114,18 @@ def read_sidecar(artefact: str | os.PathLike) -> dict[str, Any]:
     missing = [f for f in SIDECAR_FIELDS if f not in meta]
     if missing or meta["runtime"] not in RUNTIMES:
         raise ServingError(f"{str(path)!r} lacks {missing} or names an unknown runtime {meta.get('runtime')!r}")
+    spec, names, pre = meta["input"], meta["class_names"], meta["preprocessing"]
+    shape = spec.get("shape") if isinstance(spec, dict) else None
+    if not (isinstance(shape, list) and len(shape) == len(INPUT_LAYOUT)
+            and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape[1:])):  # fmt: skip
+        got = repr(spec)[:MAX_SHOWN_CHARS]
+        raise ServingError(f"{str(path)!r}: input must hold a shape [null, height, width, channels], got {got}")
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        raise ServingError(f"{str(path)!r}: class_names must be a non-empty list of strings")
+    check_preprocessing(pre)
+    if pre["image_size"] != shape[1]:  # the resize would make images the artefact refuses, after decoding them all
+        raise ServingError(f"{str(path)!r}: preprocessing image_size {pre['image_size']} is not the input's side "
+                           f"{shape[1]}: the sidecar contradicts itself; export again")  # fmt: skip
     return meta
 
 
@@ -208,7 +220,11 @@ def resized(img: Image.Image, pre: dict[str, Any]) -> Image.Image:
 
 
 def check_preprocessing(pre: dict[str, Any]) -> None:
-    """Refuse a sidecar's preprocessing whose resize this runner does not do."""
+    """Refuse a sidecar's preprocessing that is no valid record (porting.preprocessing's checks and bounds) or
+    whose resize this runner does not do."""
+    if not isinstance(pre, dict):
+        raise ServingError(f"preprocessing must be an object, got {type(pre).__name__}")
+    Preprocessing.from_json(pre, "the sidecar's preprocessing", strict=False)
     if pre.get("interpolation") not in INTERPOLATIONS or pre.get("crop_mode") not in CROP_MODES:
         raise ServingError(f"preprocessing {pre!r}: interpolation must be one of {INTERPOLATIONS} and crop_mode one "
                            f"of {CROP_MODES}")  # fmt: skip

@@ -158,7 +158,10 @@ def test_an_artefact_that_does_not_match_its_sidecar_is_refused_naming_the_misma
     refused(other, meta, "does not match its sidecar", "sha256")  # another artefact under this sidecar
     # A sidecar edited to fewer class names (its hash still right): the model's outputs name the mismatch.
     refused(real, {**meta, "class_names": meta["class_names"][:2]}, "2 class names", "5 outputs")
-    refused(real, {**meta, "input": {**meta["input"], "shape": [None, 64, 64, 3]}}, "(N, 64, 64, 3)", "32")
+    refused(real, {**meta, "input": {**meta["input"], "shape": [None, 64, 64, 3]}}, "image_size 32", "side 64")
+    # A size that would decode every image at 20,000 px before anything refused it: refused first, by its bound.
+    refused(real, {**meta, "preprocessing": {**meta["preprocessing"], "image_size": 20000}}, "image_size must be")
+    refused(real, {**meta, "input": "uint8"}, "input must hold a shape")
 
 
 def test_prediction_csvs_are_safe_to_open_in_a_spreadsheet_and_take_any_file_name(tmp_path) -> None:

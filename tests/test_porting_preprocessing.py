@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import porting
 from porting import PortingError, Preprocessing
 from porting.layouts import hub_meta
 from porting.preprocessing import (
@@ -46,10 +47,10 @@ def test_the_record_round_trips_through_json_and_gives_every_field():
         ({"std": [0.2, 0.0, 0.2]}, "std must be a non-empty list of positive numbers"),
         ({"mean": "0.5"}, "mean must be a list"),
         ({"scale": float("nan")}, "scale must be a finite number"),
-        ({"image_size": 0}, "image_size must be a positive int"),
-        ({"image_size": True}, "image_size must be a positive int"),
+        ({"image_size": 0}, "image_size must be an int in 1..4096"),
+        ({"image_size": True}, "image_size must be an int in 1..4096"),
         ({"interpolation": "cubic"}, "interpolation 'cubic' is not one of"),
-        ({"crop_pct": 1.5}, r"crop_pct must be in \(0, 1\]"),
+        ({"crop_pct": 1.5}, r"crop_pct must be in \[0.25, 1\]"),
         ({"crop_mode": "border"}, "crop_mode 'border' is not one of center, squash"),
         ({"class_names": ["a", ""]}, "class_names must be a non-empty list of non-empty strings"),
         ({"leaky_slope": float("inf")}, "leaky_slope must be a finite number"),
@@ -175,11 +176,47 @@ def test_the_c2ns_in1k_record_is_288_px_bicubic_imagenet(tmp_path):
             {"architecture": "darknet53", "pretrained_cfg": {"mean": [0.5] * 3}, "preprocessing": {"mean": [0.4] * 3}},
             r"mean: \[0.5, 0.5, 0.5\]",
         ),
+        # Wrongly typed fields (each once a TypeError traceback) and numbers that would size allocations.
+        ({"architecture": ["darknet53"], "pretrained_cfg": {}}, "architecture must be a string"),
+        ({"architecture": "darknet53", "model_args": "in_chans=3", "pretrained_cfg": {}}, "model_args must be an obj"),
+        ({"architecture": "darknet53", "pretrained_cfg": {"input_size": 256}}, "input_size must be a list of 3 int"),
+        ({"architecture": "darknet53", "pretrained_cfg": {"input_size": [3, "a", "a"]}}, "list of 3 integers"),
+        ({"architecture": "darknet53", "pretrained_cfg": {"input_size": [3, 64.9, 64.9]}}, "list of 3 integers"),
+        ({"architecture": "darknet53", "pretrained_cfg": {"mean": 0.5}}, "mean must be a list"),
+        ({"architecture": "darknet53", "pretrained_cfg": {"input_size": [3, 100000, 100000]}}, "image_size must be"),
+        ({"architecture": "darknet53", "pretrained_cfg": {"crop_pct": 0.001}}, "crop_pct must be in"),
+        ({"architecture": "darknet53", "pretrained_cfg": {}, "num_classes": "3"}, "num_classes must be an int"),
+        ({"architecture": "darknet53", "pretrained_cfg": {}, "num_classes": 3.0}, "num_classes must be an int"),
+        ({"architecture": "darknet53", "pretrained_cfg": {}, "label_names": "abc"}, "label_names must be a list"),
     ],
 )
 def test_a_hub_config_for_another_network_or_with_contradictions_is_refused(tmp_path, config, message):
     with pytest.raises(PortingError, match=message):
         hub_meta(_hub_dir(tmp_path, config))
+
+
+def test_json_nested_beyond_any_config_is_an_error_naming_the_file_in_every_reader(tmp_path):
+    import torch
+
+    import torch_ref
+    from darknet_arch import TINY as TINY_ARCH
+    from porting.serve_predict import read_sidecar
+
+    deep = "[" * 200_000 + "]" * 200_000
+    (tmp_path / "config.json").write_text(deep)
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(PortingError):  # the locator reads config.json first: once a RecursionError from it
+        porting.load_flax_variables(tmp_path)
+    with pytest.raises(PortingError, match=r"config\.json"):
+        hub_meta(tmp_path)
+    torch.save(torch_ref.Darknet53(num_classes=3, config=TINY_ARCH).state_dict(), tmp_path / "x.pt")
+    (tmp_path / "x.pt.meta.json").write_text(deep)
+    with pytest.raises(PortingError, match=r"x\.pt\.meta\.json"):
+        porting.load_flax_variables(tmp_path / "x.pt")
+    (tmp_path / "a.onnx").write_bytes(b"")
+    (tmp_path / "a.onnx.json").write_text(deep)
+    with pytest.raises(PortingError, match=r"a\.onnx\.json"):
+        read_sidecar(tmp_path / "a.onnx")
 
 
 def test_class_names_files_and_preprocessing_json(tmp_path):

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from darknet_arch import ARCHS, REMAT_MODES, DarknetConfig
+from porting.preprocessing import MAX_IMAGE_SIZE
 
 # Full-size training input on real data and on accelerators; `--data demo` on a CPU uses train.data.DEMO_IMAGE_SIZE.
 DEFAULT_IMAGE_SIZE = 256
@@ -308,9 +309,10 @@ def validate(config: TrainConfig) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     stride = ARCHS[config.arch].total_stride
-    if config.image_size is not None and config.image_size % stride:
+    if config.image_size is not None and (config.image_size % stride or not 0 < config.image_size <= MAX_IMAGE_SIZE):
         raise ConfigError(
-            f"--image-size must be a multiple of {stride} (the network's stride), got {config.image_size}"
+            f"--image-size must be a multiple of {stride} (the network's stride) in {stride}..{MAX_IMAGE_SIZE}, got "
+            f"{config.image_size}"
         )
     if config.resume and config.overwrite:
         raise ConfigError("--resume and --overwrite contradict each other; pass one")
