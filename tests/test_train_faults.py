@@ -277,3 +277,17 @@ def test_a_full_disk_during_a_checkpoint_exits_4_and_leaves_no_temporary(small_d
     assert "saving checkpoint step 1" in proc.stderr and "then continue with --resume" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not [p for p in workdir.rglob("*") if TMP_MARKER in p.name or ".tmp" in p.name]
+
+
+def test_a_file_name_that_is_not_utf8_trains_and_a_failed_start_never_blocks_its_rerun(tmp_path, capsys):
+    from data_helpers import make_folder_dataset
+
+    data = make_folder_dataset(tmp_path / "data", {"a": 6, "b": 6})
+    shutil.copy(data / "a" / "000.jpg", os.fsencode(data / "a") + b"/caf\xe9.jpg")  # Latin-1 bytes: not UTF-8
+    workdir = tmp_path / "w"
+    (workdir / CHECKPOINT_DIR).mkdir(parents=True)  # what a start that failed after taking the workdir left
+    (workdir / workdir_lib.WorkdirLock.FILE).touch()
+    args = ["--data", str(data), "--arch", "tiny", "--workdir", str(workdir), "--steps", "1", "--batch-size", "4",
+            "--image-size", "32", "--compile-cache", "none", "--num-workers", "0"]  # fmt: skip
+    assert train_flax.main(args) == 0, capsys.readouterr().err
+    assert read_meta(workdir / CHECKPOINT_DIR)[0] == 1

@@ -53,8 +53,19 @@ class WorkdirLock:
             self._fd = None
 
 
-def _contents(workdir: Path) -> list[Path]:
-    return [p for p in workdir.iterdir() if p.name != WorkdirLock.FILE] if workdir.is_dir() else []
+def _contents(workdir: Path, checkpoint_dir: str | None = None) -> list[Path]:
+    """What a workdir holds, less what prepare_workdir itself makes first (the lock file and an empty checkpoint
+    folder): a run that failed before writing anything else must not block its own rerun."""
+    if not workdir.is_dir():
+        return []
+    skeleton = {WorkdirLock.FILE}
+    if checkpoint_dir and _is_empty_dir(workdir / checkpoint_dir):
+        skeleton.add(checkpoint_dir)
+    return [p for p in workdir.iterdir() if p.name not in skeleton]
+
+
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
 
 
 def check_workdir(config: TrainConfig, checkpoint_dir: str) -> None:
@@ -62,7 +73,7 @@ def check_workdir(config: TrainConfig, checkpoint_dir: str) -> None:
     workdir = Path(config.workdir)
     if workdir.exists() and not workdir.is_dir():
         raise WorkdirError(f"--workdir {workdir} exists and is not a folder")
-    used = bool(_contents(workdir))
+    used = bool(_contents(workdir, checkpoint_dir))
     if config.resume:
         if not (workdir / checkpoint_dir).is_dir():
             raise WorkdirError(f"--resume: {workdir} holds no checkpoints ({workdir / checkpoint_dir} is missing)")

@@ -68,7 +68,8 @@ def records_fingerprint(records: Records) -> str:
     root = os.path.commonpath(records.paths) if records.paths else ""
     h = hashlib.sha1()
     for p, lbl in zip(records.paths, records.labels.tolist(), strict=True):
-        h.update(f"{os.path.relpath(p, root) if root else p}\0{lbl}\n".encode())
+        # surrogateescape: a file name that is not UTF-8 hashes as its own bytes (a valid one as before)
+        h.update(f"{os.path.relpath(p, root) if root else p}\0{lbl}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:16]
 
 
