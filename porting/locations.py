@@ -65,6 +65,13 @@ def nothing_matches(given: str, why: str) -> PortingError:
 def locate(path: str | os.PathLike) -> Location:
     """The weights `path` names (see ACCEPTED); PortingError (`nothing_matches`) when it names none."""
     given = os.fspath(path)
+    try:
+        return _locate(given)
+    except OSError as e:  # a name component over 255 bytes, a folder we may not list: an answer, not a traceback
+        raise nothing_matches(given, f"cannot be looked at ({e.strerror or type(e).__name__})") from None
+
+
+def _locate(given: str) -> Location:
     p = Path(given)
     if p.is_file():
         try:

@@ -314,6 +314,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PortingError as e:
         print(f"darknet53-serve-predict: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as e:  # a path the OS refuses to look at (a name over 255 bytes, no permission): one line
+        print(f"darknet53-serve-predict: error: {e.filename!r}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     print(f"wrote {len(paths)} predictions to {args.out}")
     return 0
 

@@ -124,6 +124,7 @@ def test_serve_predict_refuses_what_it_cannot_use_with_exit_2(source, tmp_path, 
         "has no sidecar": [str(lonely), str(images), "--out", str(tmp_path / "c.csv")],
         "is not a file": [str(tmp_path / "missing.jax"), str(images), "--out", str(tmp_path / "d.csv")],
         "--batch-size must be at least 1": [str(artefact), str(images), "--out", "e.csv", "--batch-size", "0"],
+        "File name too long": [str(tmp_path / ("a" * 300 + ".jax")), str(images), "--out", str(tmp_path / "f.csv")],
     }
     (tmp_path / "images" / "nested" / "x").mkdir()
     for message, argv in cases.items():

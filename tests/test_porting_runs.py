@@ -104,7 +104,7 @@ def test_a_path_naming_no_weights_gets_the_same_message_from_every_reader(tmp_pa
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "notes.txt").write_text("no weights here")
-    for where in (junk, tmp_path / "missing", junk / "best"):
+    for where in (junk, tmp_path / "missing", junk / "best", tmp_path / ("a" * 300)):  # the last: over NAME_MAX
         before = sorted(os.listdir(tmp_path))
         with pytest.raises(porting.PortingError) as info:
             porting.load_flax_variables(where)
@@ -118,6 +118,9 @@ def test_a_path_naming_no_weights_gets_the_same_message_from_every_reader(tmp_pa
         assert predict_main(["--checkpoint", str(where), "--data", str(junk), "--out", str(tmp_path / "p.csv")]) == 2
         assert message in capsys.readouterr().err
         assert sorted(os.listdir(tmp_path)) == before
+    long = str(tmp_path / ("b" * 300))  # --data over NAME_MAX: one line, exit 2
+    assert predict_main(["--checkpoint", str(junk), "--data", long, "--out", str(tmp_path / "p.csv")]) == 2
+    assert "File name too long" in capsys.readouterr().err
 
 
 def test_best_and_latest_are_the_steps_train_checkpointing_ranks(run, tmp_path):

@@ -209,6 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as e:  # a path the OS refuses to look at (a name over 255 bytes, no permission): one line
+        print(f"error: {e.filename!r}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     print(f"wrote {n} predictions to {out}")
     return 0
 
