@@ -19,6 +19,7 @@ TORCH_RUN_CHECKPOINTS = "torch_checkpoints"
 STATE_ITEM, META_ITEM = "state", "meta"
 TORCH_LATEST, TORCH_BEST = "latest.pt", "best.pt"
 RUN_CONFIG = "config.json"  # a run's TrainConfig; a Hub directory's config.json has "architecture" instead
+RUN_CONFIG_KEYS = ("data", "arch", "workdir")  # fields every trainer's config.json records
 # A Hugging Face Hub model repository as timm writes it (timm.models.save_for_hf): config.json beside the weights.
 HUB_CONFIG = "config.json"
 HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -101,6 +102,15 @@ def _is_hub_dir(d: Path) -> bool:
     return isinstance(raw, dict) and any(k in raw for k in HUB_CONFIG_KEYS)
 
 
+def _is_run_config(path: Path) -> bool:
+    """Whether `path` is a trainer's config.json (a JSON object with the fields every run records)."""
+    try:
+        raw = parse_json(path.read_bytes(), str(path))
+    except (OSError, PortingError):
+        return False
+    return isinstance(raw, dict) and all(k in raw for k in RUN_CONFIG_KEYS)
+
+
 def _is_train_step(d: Path) -> bool:
     return d.name.isdigit() and (d / STATE_ITEM).is_dir() and (d / META_ITEM).is_dir()
 
@@ -134,7 +144,10 @@ def _locate_dir(given: str, d: Path, selector: str | None) -> Location:
     if selector is not None:
         raise nothing_matches(given, f"names a {selector} checkpoint, but {str(d)!r} is not a training run")
     if (d / RUN_CONFIG).is_file():
-        raise nothing_matches(given, "is a training run folder without checkpoints (none was saved yet)")
+        if _is_run_config(d / RUN_CONFIG):
+            raise nothing_matches(given, "is a training run folder without checkpoints (none was saved yet)")
+        raise nothing_matches(given, f"holds a {RUN_CONFIG} that is neither a training run's nor a timm/Hub model's "
+                                     f"(one with {' or '.join(HUB_CONFIG_KEYS)})")  # fmt: skip
     if files.is_orbax_dir(d):
         return Location(given, str(d), "orbax", "orbax")
     raise nothing_matches(given, "is a folder that holds no checkpoint or weights file porting can read")

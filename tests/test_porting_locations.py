@@ -42,7 +42,9 @@ def test_files_port_weights_outputs_and_hub_directories_are_told_apart(tmp_path)
 @pytest.mark.parametrize(
     ("layout", "message"),
     [
-        ({"config.json": "{}"}, "a training run folder without checkpoints"),
+        ({"config.json": '{"data": "demo", "arch": "tiny", "workdir": "run"}'}, "a training run folder without checkp"),
+        ({"config.json": "[1, 2]"}, "neither a training run's nor a timm/Hub model's"),
+        ({"config.json": '{"architectures": ["BertModel"], "model_type": "bert"}'}, "neither a training run's"),
         ({"checkpoints/": None, "torch_checkpoints/": None}, r"holds both checkpoints/ \(train\.flax\) and torch_"),
         ({"torch_checkpoints/": None}, "is a train.torch run whose"),
         ({"x.txt": "hi"}, "holds no checkpoint or weights file"),
