@@ -382,6 +382,8 @@ def export(
         check_destination(dst, force)  # before any work: an existing output without --force, a read-only folder
     if not out.parent.is_dir():
         raise ExportError(f"cannot write {os.fspath(out)!r}: folder {os.fspath(out.parent)!r} does not exist")
+    if not out.is_dir():
+        check_destination(out, force)  # the folder to create: a read-only parent is refused before any work
     weights = read_weights(src, arch=arch, leaky_slope=leaky_slope, class_names=class_names,
                            preprocessing=preprocessing)  # fmt: skip
     pre, names, notes = serving_preprocessing(weights)

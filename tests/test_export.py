@@ -184,6 +184,26 @@ def test_a_file_recording_no_size_exports_at_the_trainers_default_size(source, t
     assert meta["input"]["shape"] == [None, DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE, 3] and meta["check"]["ok"]
 
 
+def test_an_export_into_a_read_only_folder_is_refused_before_any_work(source, tmp_path, monkeypatch, capsys) -> None:
+    from porting import atomic
+
+    read_only = tmp_path / "mount"
+    read_only.mkdir()
+    real_access = os.access
+
+    def access(path, mode) -> bool:  # a read-only mount, as root sees it: not writable
+        return False if os.fspath(path) == str(read_only) else real_access(path, mode)
+
+    monkeypatch.setattr(atomic.os, "access", access)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the weights were read before the destination was checked")
+
+    monkeypatch.setattr(export_mod, "read_weights", no_work)
+    assert main([str(source["pt"]), str(read_only / "out"), "--preprocessing", AT_SIZE]) == 2
+    assert "read-only" in capsys.readouterr().err and not (read_only / "out").exists()
+
+
 def test_weights_checksum_is_the_same_from_any_format_and_changes_with_any_weight(source, tmp_path) -> None:
     msgpack = tmp_path / "same.msgpack"
     write_flax_file(msgpack, source["variables"], {"num_classes": NUM_CLASSES, "leaky_slope": TINY.leaky_slope})
