@@ -14,7 +14,7 @@ import numpy as np
 from darknet_arch import ARCHS, DARKNET_LEAKY_SLOPE, SEED_LEAKY_SLOPE, DarknetConfig
 from porting import files, keymap, layouts
 from porting.darknet import read_darknet_weights
-from porting.errors import PortingError
+from porting.errors import LayoutMismatch, PortingError
 from porting.locations import Location, hub_weights, locate
 from porting.preprocessing import DARKNET, Preprocessing, combine, contradictions
 from porting.state import CanonicalStateDict, check_leaky_slope, check_num_classes
@@ -93,15 +93,17 @@ def _candidates(config: DarknetConfig | None, meta: Mapping[str, Any], where: st
 
 
 def _first_fit(candidates: list[DarknetConfig], convert: Callable[[DarknetConfig], Any]) -> tuple[DarknetConfig, Any]:
-    """(config, convert(config)) for the first candidate whose shapes fit; the first one's error if none does."""
+    """(config, convert(config)) for the first candidate whose shapes fit. If none converts: the error of the one
+    whose keys and shapes fit (its values are bad: NaN, a wrong dtype), else the first one's."""
     errors = []
     for config in candidates:
         try:
             return config, convert(config)
         except PortingError as exc:
             errors.append(exc)
-    if len(candidates) == 1:
-        raise errors[0]
+    fitting = [e for e in errors if not isinstance(e, LayoutMismatch)]
+    if len(candidates) == 1 or fitting:
+        raise (fitting or errors)[0]
     raise PortingError(f"{errors[0]}\n  (the error for {arch_name(candidates[0])}; the weights fit none of "
                        f"{', '.join(ARCHS)}: pass config= / --arch for another architecture)")  # fmt: skip
 

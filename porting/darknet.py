@@ -23,7 +23,7 @@ import numpy as np
 
 from darknet_arch import DARKNET53, DarknetConfig
 from porting import atomic, files, keymap
-from porting.errors import PortingError
+from porting.errors import LayoutMismatch, PortingError
 from porting.state import CanonicalStateDict, check_and_convert, check_num_classes, check_running_var
 
 INT32 = struct.Struct("<i")
@@ -128,7 +128,7 @@ def _resolve_head(
     if num_classes is not None:
         expected = header.size + FLOAT32.itemsize * darknet_float_count(config, num_classes)
         if total != expected:
-            raise PortingError(
+            raise LayoutMismatch(
                 f"Darknet .weights size mismatch: expected {expected} bytes ({header.size}-byte header + 4 x "
                 f"{darknet_float_count(config, num_classes)} floats for this network with a {num_classes}-class "
                 f"head), got {total}"
@@ -140,7 +140,7 @@ def _resolve_head(
     if classes >= 0 and rest == 0:
         return classes or None
     example = header.size + FLOAT32.itemsize * (backbone + 1000 * per_class)
-    raise PortingError(
+    raise LayoutMismatch(
         f"Darknet .weights size mismatch: expected {header.size + FLOAT32.itemsize * backbone} bytes (backbone only, "
         f"{backbone} floats) or that plus 4 x {per_class} bytes per class of a classifier head (e.g. {example} for "
         f"1000 classes), got {total}: truncated, extra bytes, or another network"

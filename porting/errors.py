@@ -17,6 +17,10 @@ class PortingError(ValueError):
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
+class LayoutMismatch(PortingError):
+    """Keys or shapes that are not an architecture's: the weights are another network's (not bad values)."""
+
+
 class Stopped(BaseException):
     """A SIGTERM/SIGINT raised as an exception (by the CLI's handler) so that every cleanup runs before exit."""
 

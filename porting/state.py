@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from darknet_arch import DARKNET_LEAKY_SLOPE, SEED_LEAKY_SLOPE
-from porting.errors import PortingError
+from porting.errors import LayoutMismatch, PortingError
 
 CanonicalStateDict = dict[str, np.ndarray]
 
@@ -98,7 +98,7 @@ def check_and_convert(
             note = f" ({shape_note[key]})" if shape_note and key in shape_note else ""
             problems.append(f"size mismatch for {key}: expected shape {tuple(want)}{note}, got {got}")
     if problems:
-        raise PortingError(f"error(s) in {what}:\n  " + "\n  ".join(problems))
+        raise LayoutMismatch(f"error(s) in {what}:\n  " + "\n  ".join(problems))
     return {k: to_float32(k, found[k]) for k in expected}
 
 

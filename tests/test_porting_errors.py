@@ -129,3 +129,17 @@ def test_unknown_extensions_and_missing_files_are_refused(tmp_path):
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(PortingError, match="holds no checkpoint or weights file porting can read; expected"):
         load_flax_variables(tmp_path / "empty_dir")
+
+
+def test_a_nan_in_a_file_of_another_architecture_is_named_not_hidden_behind_shape_mismatches(tmp_path):
+    # A tiny-network file read without --arch: darknet53 (tried first) does not fit its shapes; tiny does, and its
+    # one NaN is what the user must hear about, not darknet53's ~300 shape mismatches.
+    import porting
+
+    state = torch_ref.Darknet53(num_classes=CLASSES, config=TINY).state_dict()
+    state["conv1.0.weight"].view(-1)[0] = float("nan")
+    torch.save(state, tmp_path / "t.pt")
+    with pytest.raises(porting.PortingError) as info:
+        porting.load_flax_variables(tmp_path / "t.pt")
+    assert str(info.value).startswith("conv1.0.weight: contains 1 NaN or Inf"), str(info.value)[:300]
+    assert "size mismatch" not in str(info.value)
