@@ -180,3 +180,30 @@ def test_prediction_csvs_are_safe_to_open_in_a_spreadsheet_and_take_any_file_nam
     rows = list(csv.reader(io.StringIO(text)))[1:]
     assert [r[1] for r in rows] == ["'=HYPERLINK(\"http://x\")", "'@SUM(A1)", "plain"]
     assert [r[0] for r in rows] == ["a.png", "caf\\xe9.png", "'=cmd.png"]
+
+
+def test_a_program_for_another_platform_is_refused_advising_only_what_helps(source, monkeypatch) -> None:
+    import jax
+
+    from porting.serve_predict import Artefact, ServingError
+
+    real = jax.export.deserialize
+
+    def lowered_for(platforms):
+        class Other:  # the real program, claiming other lowering platforms
+            def __init__(self, exported):
+                self._exported = exported
+
+            def __getattr__(self, name):
+                return platforms if name == "platforms" else getattr(self._exported, name)
+
+        monkeypatch.setattr(jax.export, "deserialize", lambda data: Other(real(data)))
+
+    lowered_for(("cuda",))  # this jax runs on the CPU already: JAX_PLATFORMS=cpu cannot help
+    with pytest.raises(ServingError) as info:
+        Artefact(source["out"] / "darknet53.jax")
+    assert "--platforms cpu" in str(info.value) and "JAX_PLATFORMS" not in str(info.value)
+    lowered_for(("cpu", "rocm"))
+    monkeypatch.setattr(jax.export, "default_export_platform", lambda: "cuda")  # as on a GPU machine
+    with pytest.raises(ServingError, match="or set JAX_PLATFORMS=cpu"):
+        Artefact(source["out"] / "darknet53.jax")
