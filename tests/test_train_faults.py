@@ -108,6 +108,7 @@ def test_resuming_a_finished_run_keeps_its_final_evaluation(run_copy):
     assert again["final_val"] == summary["final_val"] and again["final_val"] is not None
 
 
+@pytest.mark.slow
 def test_a_fine_tuning_run_resumes_with_its_own_command(finished, tmp_path, capsys):
     # The first run resolves --leaky-slope and --input-norm from the --init-from weights' record; the same command
     # with --resume must resolve them alike, not compare the unset flags with the saved values.
@@ -279,6 +280,7 @@ def test_a_full_disk_during_a_checkpoint_exits_4_and_leaves_no_temporary(small_d
     assert not [p for p in workdir.rglob("*") if TMP_MARKER in p.name or ".tmp" in p.name]
 
 
+@pytest.mark.slow
 def test_a_file_name_that_is_not_utf8_trains_and_a_failed_start_never_blocks_its_rerun(tmp_path, capsys):
     from data_helpers import make_folder_dataset
 
