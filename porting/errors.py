@@ -13,6 +13,9 @@ class PortingError(ValueError):
     """Weights that cannot be ported: a bad file, missing or unexpected keys, a wrong shape or dtype, NaN/Inf."""
 
 
+# A value quoted from a file in an error message is cut to this many characters (a 15,000-character name or a
+# megabyte-long list must not become the message).
+MAX_SHOWN_CHARS = 80
 # The signals that stop a command cleanly: it exits with 128 + the signal's number, as a shell reports a kill.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -63,3 +66,9 @@ def parse_json(text: str | bytes, where: str) -> Any:
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         cause = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         raise PortingError(f"{where}: not valid JSON ({cause})") from None
+
+
+def shown(value: Any) -> str:
+    """A value from a file, as an error message quotes it: its repr, cut to MAX_SHOWN_CHARS."""
+    text = repr(value)
+    return text if len(text) <= MAX_SHOWN_CHARS else text[:MAX_SHOWN_CHARS] + "..."

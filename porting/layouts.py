@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from darknet_arch import ARCHS, DarknetConfig, StageSpec
-from porting.errors import PortingError, failing_as, parse_json
+from porting.errors import PortingError, failing_as, parse_json, shown
 from porting.preprocessing import IMAGENET_MEAN, IMAGENET_STD, PIXEL_SCALE, UINT8_RGB, Preprocessing, combine
 
 # timm's defaults where a pretrained_cfg is silent (timm.data.config.resolve_data_config, timm.data.constants).
@@ -26,7 +26,6 @@ TIMM_DEFAULT_CROP_MODE = "center"
 TIMM_GLOBAL_POOL = "avg"  # what our models do; timm's other pools are other networks
 # config.json model_args our models can honour (in_chans is checked against the architecture).
 TIMM_MODEL_ARGS = ("in_chans", "num_classes", "global_pool", "drop_rate", "drop_path_rate")
-MAX_SHOWN_CHARS = 80  # of a value quoted from a file in an error message
 
 
 def config_from_json(d: Mapping[str, Any]) -> DarknetConfig:
@@ -98,17 +97,11 @@ def _train_checkpointing() -> Any:
     return checkpointing
 
 
-def _short(value: Any) -> str:
-    """A value from a file, as an error message shows it: its repr, cut short."""
-    text = repr(value)
-    return text if len(text) <= MAX_SHOWN_CHARS else text[:MAX_SHOWN_CHARS] + "..."
-
-
 def _numbers(cfg: Mapping[str, Any], key: str, default: tuple[float, ...], where: str) -> tuple[Any, ...]:
     """A pretrained_cfg list (mean, std) as a tuple, timm's default where it is absent; Preprocessing checks values."""
     value = cfg.get(key) or default
     if not isinstance(value, list | tuple):
-        raise PortingError(f"{where}: {key} must be a list of one number per channel, got {_short(value)}")
+        raise PortingError(f"{where}: {key} must be a list of one number per channel, got {shown(value)}")
     return tuple(value)
 
 
@@ -117,7 +110,7 @@ def _label_names(value: Any, where: str) -> tuple[str, ...] | None:
     if value is None:
         return None
     if not isinstance(value, list | tuple | Mapping):
-        raise PortingError(f"{where}: label_names must be a list of names (or {{index: name}}), got {_short(value)}")
+        raise PortingError(f"{where}: label_names must be a list of names (or {{index: name}}), got {shown(value)}")
     if isinstance(value, Mapping):
         try:
             by_index = {int(k): v for k, v in value.items()}
@@ -148,7 +141,7 @@ def hub_meta(directory: str | os.PathLike) -> dict[str, Any]:
         raise PortingError(f"{where}: pretrained_cfg must be an object")
     arch = raw.get("architecture", cfg.get("architecture"))
     if not isinstance(arch, str):
-        raise PortingError(f"{where}: architecture must be a string such as 'darknet53', got {_short(arch)}")
+        raise PortingError(f"{where}: architecture must be a string such as 'darknet53', got {shown(arch)}")
     if arch not in ARCHS:
         raise PortingError(
             f"{where}: holds a {arch!r} model; porting reads {' and '.join(ARCHS)} (timm's darknet53, or ours)"
@@ -156,7 +149,7 @@ def hub_meta(directory: str | os.PathLike) -> dict[str, Any]:
     config = ARCHS[arch]
     args = raw.get("model_args") or {}
     if not isinstance(args, Mapping):
-        raise PortingError(f"{where}: model_args must be an object of timm.create_model arguments, got {_short(args)}")
+        raise PortingError(f"{where}: model_args must be an object of timm.create_model arguments, got {shown(args)}")
     unsupported = sorted(set(args) - set(TIMM_MODEL_ARGS))
     pool = args.get("global_pool", raw.get("global_pool", TIMM_GLOBAL_POOL))
     if unsupported or pool != TIMM_GLOBAL_POOL or args.get("in_chans", config.in_channels) != config.in_channels:
@@ -168,7 +161,7 @@ def hub_meta(directory: str | os.PathLike) -> dict[str, Any]:
     size = cfg.get(key, TIMM_DEFAULT_INPUT_SIZE)
     if not (isinstance(size, list | tuple) and len(size) == len(TIMM_DEFAULT_INPUT_SIZE)
             and all(isinstance(d, int) and not isinstance(d, bool) for d in size)):  # fmt: skip
-        raise PortingError(f"{where}: {key} must be a list of 3 integers [channels, height, width], got {_short(size)}")
+        raise PortingError(f"{where}: {key} must be a list of 3 integers [channels, height, width], got {shown(size)}")
     if size[1] != size[2] or size[0] != config.in_channels:
         raise PortingError(f"{where}: input size {size} is not a square {config.in_channels}-channel input")
     crop_mode = cfg.get("crop_mode") or TIMM_DEFAULT_CROP_MODE
@@ -190,5 +183,5 @@ def hub_meta(directory: str | os.PathLike) -> dict[str, Any]:
     record = combine([(f"{where} pretrained_cfg", timm_record), (f"{where} preprocessing", ours)], where)
     classes = raw.get("num_classes", cfg.get("num_classes"))
     if classes is not None and (isinstance(classes, bool) or not isinstance(classes, int) or classes < 1):
-        raise PortingError(f"{where}: num_classes must be an int >= 1, got {_short(classes)}")
+        raise PortingError(f"{where}: num_classes must be an int >= 1, got {shown(classes)}")
     return {"num_classes": classes, "preprocessing": record.to_json(), "model_config": _asdict(config)}

@@ -95,20 +95,25 @@ def _is_hub_dir(d: Path) -> bool:
     config = d / HUB_CONFIG
     if not config.is_file():
         return False
-    try:
-        raw = parse_json(config.read_bytes(), str(config))
-    except (OSError, PortingError):
+    raw = _json_object(config)
+    if raw is None:
         return hub_weights(d) is not None  # an unreadable config.json beside Hub weights: refused when read
-    return isinstance(raw, dict) and any(k in raw for k in HUB_CONFIG_KEYS)
+    return any(k in raw for k in HUB_CONFIG_KEYS)
+
+
+def _json_object(path: Path) -> dict | None:
+    """The JSON object a config file holds; None when it is unreadable, not JSON, or not an object."""
+    try:
+        raw = parse_json(path.read_bytes(), str(path))
+    except (OSError, PortingError):
+        return None
+    return raw if isinstance(raw, dict) else None
 
 
 def _is_run_config(path: Path) -> bool:
     """Whether `path` is a trainer's config.json (a JSON object with the fields every run records)."""
-    try:
-        raw = parse_json(path.read_bytes(), str(path))
-    except (OSError, PortingError):
-        return False
-    return isinstance(raw, dict) and all(k in raw for k in RUN_CONFIG_KEYS)
+    raw = _json_object(path)
+    return raw is not None and all(k in raw for k in RUN_CONFIG_KEYS)
 
 
 def _is_train_step(d: Path) -> bool:

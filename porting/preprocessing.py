@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from darknet_arch import DARKNET_LEAKY_SLOPE
-from porting.errors import PortingError, parse_json
+from porting.errors import PortingError, parse_json, shown
 from porting.state import check_leaky_slope
 
 UINT8_RGB = "uint8 RGB"  # the only input the models take: 8-bit RGB images, channels last
@@ -236,7 +236,7 @@ def _validate(record: Preprocessing, where: str) -> None:
         raise PortingError(f"{where}: crop_mode {record.crop_mode!r} is not one of {', '.join(CROP_MODES)}")
     if record.class_names is not None:
         if not isinstance(record.class_names, list | tuple):  # a string would become one name per character
-            raise PortingError(f"{where}: class_names must be a list of names, got {record.class_names!r}"[:300])
+            raise PortingError(f"{where}: class_names must be a list of names, got {shown(record.class_names)}")
         names = tuple(record.class_names)
         if not names or not all(isinstance(n, str) and n for n in names):
             raise PortingError(f"{where}: class_names must be a non-empty list of non-empty strings")

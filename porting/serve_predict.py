@@ -23,8 +23,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from porting.atomic import write_bytes
-from porting.errors import PortingError, parse_json
-from porting.preprocessing import CROP_MODES, INTERPOLATIONS, Preprocessing, to_rgb
+from porting.errors import PortingError, parse_json, shown
+from porting.preprocessing import CROP_MODES, INTERPOLATIONS, MAX_IMAGE_SIZE, MIN_CROP_PCT, Preprocessing, to_rgb
 
 # The contract every artefact's sidecar follows (written by porting.export).
 SIDECAR_SUFFIX = ".json"
@@ -34,7 +34,6 @@ INPUT_DTYPE, INPUT_LAYOUT, INPUT_COLOR, OUTPUT_DTYPE = "uint8", "NHWC", "RGB", "
 RUNTIMES = ("jax", "onnxruntime")
 SIDECAR_FIELDS = ("format", "format_version", "runtime", "input", "outputs", "class_names", "preprocessing")
 DEFAULT_BATCH_SIZE = 8
-MAX_SHOWN_CHARS = 80  # of a value quoted from a sidecar in an error message
 EXIT_BAD_INPUT = 2
 
 # The evaluation decode of train.data.decode (decode_image without augmentation) for the trainers' whole-image
@@ -118,11 +117,11 @@ def read_sidecar(artefact: str | os.PathLike) -> dict[str, Any]:
     shape = spec.get("shape") if isinstance(spec, dict) else None
     if not (isinstance(shape, list) and len(shape) == len(INPUT_LAYOUT)
             and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape[1:])):  # fmt: skip
-        got = repr(spec)[:MAX_SHOWN_CHARS]
-        raise ServingError(f"{str(path)!r}: input must hold a shape [null, height, width, channels], got {got}")
+        raise ServingError(f"{str(path)!r}: input must hold a shape [null, height, width, channels], got {shown(spec)}")
     if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
         raise ServingError(f"{str(path)!r}: class_names must be a non-empty list of strings")
     check_preprocessing(pre)
+    Preprocessing.from_json(pre, f"{str(path)!r} preprocessing", strict=False)  # every field's type and range, once
     if pre["image_size"] != shape[1]:  # the resize would make images the artefact refuses, after decoding them all
         raise ServingError(f"{str(path)!r}: preprocessing image_size {pre['image_size']} is not the input's side "
                            f"{shape[1]}: the sidecar contradicts itself; export again")  # fmt: skip
@@ -220,16 +219,19 @@ def resized(img: Image.Image, pre: dict[str, Any]) -> Image.Image:
 
 
 def check_preprocessing(pre: dict[str, Any]) -> None:
-    """Refuse a sidecar's preprocessing that is no valid record (porting.preprocessing's checks and bounds) or
-    whose resize this runner does not do."""
+    """Refuse a sidecar's preprocessing whose resize this runner does not do, or whose sizes are outside
+    porting.preprocessing's bounds (a file's number never sizes an allocation unchecked)."""
     if not isinstance(pre, dict):
-        raise ServingError(f"preprocessing must be an object, got {type(pre).__name__}")
-    Preprocessing.from_json(pre, "the sidecar's preprocessing", strict=False)
+        raise ServingError(f"preprocessing must be an object, got {shown(pre)}")
     if pre.get("interpolation") not in INTERPOLATIONS or pre.get("crop_mode") not in CROP_MODES:
-        raise ServingError(f"preprocessing {pre!r}: interpolation must be one of {INTERPOLATIONS} and crop_mode one "
-                           f"of {CROP_MODES}")  # fmt: skip
-    if not isinstance(pre.get("image_size"), int) or not 0 < pre.get("crop_pct", 0) <= 1:
-        raise ServingError(f"preprocessing {pre!r}: needs an int image_size and a crop_pct in (0, 1]")
+        raise ServingError(f"preprocessing {shown(pre)}: interpolation must be one of {INTERPOLATIONS} and crop_mode "
+                           f"one of {CROP_MODES}")  # fmt: skip
+    size, crop = pre.get("image_size"), pre.get("crop_pct")
+    size_ok = isinstance(size, int) and not isinstance(size, bool) and 1 <= size <= MAX_IMAGE_SIZE
+    crop_ok = isinstance(crop, int | float) and not isinstance(crop, bool) and MIN_CROP_PCT <= crop <= 1
+    if not (size_ok and crop_ok):
+        raise ServingError(f"preprocessing {shown(pre)}: image_size must be an int in 1..{MAX_IMAGE_SIZE} and "
+                           f"crop_pct a number in [{MIN_CROP_PCT}, 1]")  # fmt: skip
 
 
 def load_image(path: str | os.PathLike, pre: dict[str, Any]) -> np.ndarray:
@@ -265,8 +267,7 @@ def predict_folder(
     if batch_size < 1:
         raise ServingError(f"--batch-size must be at least 1, got {batch_size}")
     model = Artefact(artefact)
-    pre = model.meta["preprocessing"]
-    check_preprocessing(pre)
+    pre = model.meta["preprocessing"]  # checked with the sidecar (read_sidecar)
     paths = list_images(folder)
     logits, probs = [], []
     for start in range(0, len(paths), batch_size):

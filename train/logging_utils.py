@@ -31,6 +31,7 @@ BAR_WIDTH = 30  # characters in the terminal progress bar
 # A class name longer than this is cut (with an ellipsis) on the confusion plot's axes: a plot's size never
 # grows with a name's length (a 15,000-character name once asked for a canvas beyond memory).
 MAX_TICK_LABEL_CHARS = 32
+MAX_WARNING_CHARS = 120  # of an exception's text in a one-line warning
 # Redraw the PNGs at most this often during a run (the last epoch always redraws; a stopped run's PNGs may lag
 # metrics.jsonl by this much). A redraw took 0.7 s on the 2-core CPU, where the demo's epochs take 6 s: drawn
 # every epoch they were 9% of the README's main job.
@@ -117,7 +118,7 @@ class RunLogger:
             if evals:
                 plot_confusion(np.asarray(evals[-1]["confusion_matrix"]), class_names, self.workdir / CONFUSION_PNG)
         except Exception as e:  # MemoryError included: a picture must never cost the run its checkpoint
-            cause = (str(e).splitlines() or [""])[0][:MAX_TICK_LABEL_CHARS * 4]  # one short line, whatever e holds
+            cause = (str(e).splitlines() or [""])[0][:MAX_WARNING_CHARS]  # one short line, whatever e holds
             print(f"warning: plots not redrawn ({type(e).__name__}: {cause}); training goes on", file=sys.stderr)
 
     def close(self) -> None:

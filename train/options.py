@@ -232,8 +232,8 @@ def per_host_fields() -> frozenset[str]:
 
 def resolved_as_saved(config: TrainConfig, saved: TrainConfig) -> TrainConfig:
     """`config` with each field a run resolves from its weights, and this command leaves unset, as `saved` has it."""
-    unset = [f.name for f in dataclasses.fields(TrainConfig) if f.metadata["from_weights"]]
-    return dataclasses.replace(config, **{n: getattr(saved, n) for n in unset if getattr(config, n) is None})
+    names = [f.name for f in dataclasses.fields(TrainConfig) if f.metadata["from_weights"]]
+    return dataclasses.replace(config, **{n: getattr(saved, n) for n in names if getattr(config, n) is None})
 
 
 def config_differences(saved: TrainConfig, new: TrainConfig) -> list[str]:

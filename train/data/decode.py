@@ -13,11 +13,10 @@ import math
 import numpy as np
 from PIL import Image, ImageOps
 
-from porting.preprocessing import BACKGROUND_RGB, to_rgb
+from porting.preprocessing import BACKGROUND_RGB as BACKGROUND_RGB  # re-exported: train.data names it
+from porting.preprocessing import to_rgb
 
 from .errors import DataError
-
-__all__ = ["BACKGROUND_RGB", "to_rgb"]  # re-exported: train.data's users read them here
 
 # EXIF tag 0x0112; values 5..8 swap width and height.
 EXIF_ORIENTATION_TAG = 0x0112
