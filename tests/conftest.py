@@ -1,6 +1,7 @@
 """Shared test settings: keep XLA and PyTorch inside the CI machine's 2 cores, and XLA's compile time small."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 # Compilation is most of a small test's time. The tests check values, not speed, so XLA skips its expensive
@@ -51,23 +52,11 @@ def xla_optimized():
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory):
-    """One finished tiny demo run of train.flax, trained once for every xdist worker; read it, copy it to change it.
-
-    The pytest-xdist recipe: the first worker to take the lock in the session's common temp root trains it.
-    """
-    import shutil
-
-    from filelock import FileLock
-
-    from tests.train_helpers import TINY_RUN_FLAGS, tiny_cli_args
+    """One finished tiny demo run of train.flax, trained once for every xdist worker; read it, copy it to change it."""
+    from tests.train_helpers import TINY_RUN_FLAGS, once_per_session, tiny_cli_args
     from train import flax as train_flax
 
-    base = tmp_path_factory.getbasetemp()
-    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # parent: this session's, all workers
-    workdir = root / "tiny_run"
-    with FileLock(str(root / "tiny_run.lock")):
-        if not (workdir / "summary.json").is_file():
-            if workdir.exists():  # a worker that failed half-way: start again
-                shutil.rmtree(workdir)
-            assert train_flax.main(tiny_cli_args(workdir, *TINY_RUN_FLAGS)) == 0
-    return workdir
+    def train(workdir: Path) -> None:
+        assert train_flax.main(tiny_cli_args(workdir, *TINY_RUN_FLAGS)) == 0
+
+    return once_per_session(tmp_path_factory, "tiny_run", train)

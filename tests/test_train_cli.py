@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from tests.train_helpers import run_module, subprocess_env, tiny_cli_args
+from tests.train_helpers import once_per_session, run_module, subprocess_env, tiny_cli_args
 from train import flax as train_flax
 from train.checkpointing import CHECKPOINT_DIR, checkpoint_steps, read_meta
 from train.data import load_splits
@@ -17,24 +17,20 @@ from train.logging_utils import read_metrics
 from train.predict import main as predict_main
 
 EPOCHS = 4
+STDOUT_FILE = "train_cli_run.stdout"  # what the shared run printed, beside (not in) its workdir
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """One tiny demo run shared by every xdist worker (the pytest-xdist recipe: a lock in the common temp root)."""
-    from filelock import FileLock
+    """One tiny demo run shared by every xdist worker, and what it printed."""
 
-    base = tmp_path_factory.getbasetemp()
-    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # parent: this session's, all workers
-    workdir = root / "train_cli_run"
-    with FileLock(str(root / "train_cli_run.lock")):
-        if not (workdir / "summary.json").is_file():
-            if workdir.exists():
-                shutil.rmtree(workdir)
-            proc = run_module("train.flax", tiny_cli_args(workdir, "--epochs", str(EPOCHS), "--batch-size", "32"))
-            assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-            (root / "train_cli_run.stdout").write_text(proc.stdout)
-    return workdir, (root / "train_cli_run.stdout").read_text()
+    def train(workdir):
+        proc = run_module("train.flax", tiny_cli_args(workdir, "--epochs", str(EPOCHS), "--batch-size", "32"))
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        (workdir.parent / STDOUT_FILE).write_text(proc.stdout)
+
+    workdir = once_per_session(tmp_path_factory, "train_cli_run", train)
+    return workdir, (workdir.parent / STDOUT_FILE).read_text()
 
 
 @pytest.mark.slow

@@ -7,9 +7,12 @@ Run as a script it does one train step and saves the result (the multi-device te
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -60,6 +63,26 @@ def run_module(
 def tiny_cli_args(workdir: Path, *extra: str) -> list[str]:
     """Flags for a tiny demo run that is quick on CI."""
     return ["--data", "demo", "--arch", "tiny", "--workdir", str(workdir), "--compile-cache", "none", *extra]
+
+
+def once_per_session(tmp_path_factory: Any, name: str, build: Callable[[Path], None]) -> Path:
+    """`<session temp root>/name`, made by `build(path)` once for every xdist worker of this pytest session.
+
+    The pytest-xdist recipe: the first worker to take a lock in the session's common temp root builds it; a
+    `<name>.done` marker says it finished (a worker that failed half-way leaves none, and the next starts again).
+    """
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # parent: this session's, all workers
+    path, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.is_file():
+            if path.exists():
+                shutil.rmtree(path)
+            build(path)
+            done.touch()
+    return path
 
 
 def random_batch(rng: np.random.Generator, n: int, num_classes: int = 18) -> dict[str, np.ndarray]:
