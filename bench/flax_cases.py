@@ -16,7 +16,7 @@ import numpy as np
 import optax
 
 from bench.common import DATA_SEED, NUM_CLASSES, TRAIN_CONFIG, CaseSpec, measure, time_windows
-from darknet_arch import ARCHS
+from darknet_arch import ARCHS, DarknetConfig
 from flax_darknet import fold_for_inference
 from train.state import TrainState, create_model, create_train_state, make_optimizer
 from train.steps import normalize, state_donation, train_step
@@ -32,10 +32,15 @@ def enable_compilation_cache(cache_dir: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def synthetic_batch(batch: int, image_size: int, channels: int, device: Any = None) -> dict[str, jax.Array]:
+def trainer_optimizer() -> optax.GradientTransformation:
+    """The trainer's optimizer (train.state.make_optimizer) at TRAIN_CONFIG's settings and constant lr."""
+    return make_optimizer(TRAIN_CONFIG, optax.constant_schedule(TRAIN_CONFIG.lr))
+
+
+def synthetic_batch(config: DarknetConfig, batch: int, image_size: int, device: Any = None) -> dict[str, jax.Array]:
     """A seeded uint8 NHWC image batch with int32 labels of the competition's classes, on `device`."""
     rng = np.random.default_rng(DATA_SEED)
-    shape = (batch, image_size, image_size, channels)
+    shape = (batch, image_size, image_size, config.in_channels)
     return {
         "image": jax.device_put(rng.integers(0, 256, shape, dtype=np.uint8), device),
         "label": jax.device_put(rng.integers(0, NUM_CLASSES, (batch,), dtype=np.int32), device),
@@ -48,22 +53,16 @@ def inference_fn(state: TrainState, model: Any) -> tuple[Any, Any]:
     return (lambda v, images: folded.apply(v, normalize(images), train=False)), variables
 
 
-def xla_cost(compiled: Any) -> dict[str, Any]:
-    """XLA's cost analysis of a compiled program ("flops", "bytes accessed", ...), one dict on every jax version."""
-    cost = compiled.cost_analysis()
-    return cost[0] if isinstance(cost, list | tuple) else cost
-
-
 def _compiled_fields(compiled: Any) -> dict[str, Any]:
-    """Peak device memory of this process (None where the backend keeps no statistics), and XLA's memory plan
-    and FLOP/byte counts of the compiled step (a cross-check of bench/counting.py)."""
+    """This process's peak device memory (None without statistics), XLA's memory plan and cost of `compiled`."""
     stats = jax.local_devices()[0].memory_stats() or {}
     fields: dict[str, Any] = {"peak_mem_bytes": stats.get("peak_bytes_in_use")}
     try:
         plan = compiled.memory_analysis()
         keys = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes")
         fields["xla_memory_plan"] = {k: getattr(plan, k) for k in keys}
-        cost = xla_cost(compiled)
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list | tuple) else cost  # a one-element list on some jax versions
         fields["xla_cost"] = {"flops": cost.get("flops"), "bytes_accessed": cost.get("bytes accessed")}
     except Exception as e:  # not every backend implements them; the measured peak is the figure
         fields["xla_cost"] = f"unavailable: {type(e).__name__}"
@@ -76,9 +75,9 @@ def run_flax_case(spec: CaseSpec, spawn_time: float | None = None) -> dict[str, 
         enable_compilation_cache(spec.cache_dir)
     config = ARCHS[spec.arch]
     device = jax.local_devices()[0]
-    batch = synthetic_batch(spec.batch, spec.image_size, config.in_channels, device)
+    batch = synthetic_batch(config, spec.batch, spec.image_size, device)
     train = spec.mode == "train"
-    tx = make_optimizer(TRAIN_CONFIG, optax.constant_schedule(TRAIN_CONFIG.lr)) if train else optax.identity()
+    tx = trainer_optimizer() if train else optax.identity()
     model = create_model(config, NUM_CLASSES, spec.variant)
     t0 = time.perf_counter()
     # The cheaper PRNG: compiling the init program is mostly its random numbers (threefry: 3-4x longer on a

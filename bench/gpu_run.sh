@@ -5,22 +5,21 @@
 #   1. tests/gpu_equivalence.py --out $OUT   (if the file exists; cap EQUIV_S, default 90)
 #   2. python -m bench.benchmark --out $OUT  (cases in priority order; it stops starting new ones when its
 #      budget is spent and lists the rest as skipped; the budget is what 1 and 3 leave)
-#   3. bench/pipeline.py --out $OUT          (if the file exists; PIPELINE_S reserved, default 120)
-#   4. only with PARTS=...,demo: the README's main job on the GPU, python -m train.flax --data demo (256 px,
+#   3. only with PARTS=...,demo: the README's main job on the GPU, python -m train.flax --data demo (256 px,
 #      bf16; DEMO_S reserved, default 150); its output and summary.json go into gpu_run.log
-# PARTS=bench (or equivalence,pipeline, ...) runs a subset; BENCH_ARGS adds benchmark flags, e.g. for a
+# PARTS=bench (or equivalence,demo, ...) runs a subset; BENCH_ARGS adds benchmark flags, e.g. for a
 # second call: PARTS=bench BENCH_ARGS="--only torch/*/compile* --only e2e/*" (see bench/NOTES.md).
-# On a CPU (a check of this script): PARTS=bench,pipeline BENCH_ARGS="--quick --skip torch/*/compile*" TOTAL_S=400.
+# The input-pipeline benchmark (bench/pipeline.py) is at commit c6262d4 (bench/NOTES.md section 0).
+# On a CPU (a check of this script): PARTS=bench BENCH_ARGS="--quick --skip torch/*/compile*" TOTAL_S=400.
 # Carried wheels in .whl/ (grain and friends, for the real training loop) are installed first.
 # Files written to $OUT by this script: results.json, results.md, gpu_run.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-out-gpu}
 PY=${PYTHON:-python3}
-PARTS=${PARTS:-equivalence,bench,pipeline}
+PARTS=${PARTS:-equivalence,bench}
 TOTAL_S=${TOTAL_S:-480}
 EQUIV_S=${EQUIV_S:-90}
-PIPELINE_S=${PIPELINE_S:-120}
 DEMO_S=${DEMO_S:-150}
 LAST_CASE_S=${LAST_CASE_S:-100}       # kept for the benchmark case that starts just before its budget ends
 CASE_TIMEOUT_S=${CASE_TIMEOUT_S:-180} # hard limit per case (the real-loop cases get twice this)
@@ -59,8 +58,7 @@ fi
 
 if want bench; then
   RESERVE=0
-  want pipeline && [ -f bench/pipeline.py ] && RESERVE=$PIPELINE_S
-  want demo && RESERVE=$((RESERVE + DEMO_S))
+  want demo && RESERVE=$DEMO_S
   BUDGET=$((TOTAL_S - $(elapsed) - RESERVE - LAST_CASE_S))
   [ "$BUDGET" -lt 60 ] && BUDGET=60
   echo "== bench.benchmark --budget-s $BUDGET $BENCH_ARGS ($(elapsed) s)" | tee -a "$LOG"
@@ -70,14 +68,6 @@ if want bench; then
   echo "== benchmark exit ${PIPESTATUS[0]} ($(elapsed) s)" | tee -a "$LOG"
 fi
 
-if want pipeline && [ -f bench/pipeline.py ]; then
-  LEFT=$((TOTAL_S - $(elapsed)))
-  want demo && LEFT=$((LEFT - DEMO_S))
-  [ "$LEFT" -lt 60 ] && LEFT=60
-  echo "== bench/pipeline.py, cap $LEFT s ($(elapsed) s)" | tee -a "$LOG"
-  timeout "$LEFT" "$PY" bench/pipeline.py --out "$OUT" 2>&1 | tee -a "$LOG"
-  echo "== pipeline exit ${PIPESTATUS[0]} ($(elapsed) s)" | tee -a "$LOG"
-fi
 if want demo; then
   LEFT=$((TOTAL_S - $(elapsed)))
   [ "$LEFT" -lt 60 ] && LEFT=60

@@ -143,7 +143,6 @@ def run_plan(
     budget_s: float | None,
     case_timeout_s: float,
     on_result: Callable[[list[dict[str, Any]]], None],
-    log: Callable[[str], None] = print,
     e2e_workers: int | None = None,
 ) -> list[dict[str, Any]]:
     """Run `specs` in order; once `budget_s` has elapsed the rest are recorded as skipped.
@@ -157,7 +156,7 @@ def run_plan(
         if budget_s is not None and elapsed > budget_s:
             record = result_record(spec, "skipped", reason=f"time budget of {budget_s:.0f} s used up")
         else:
-            log(f"[{i + 1}/{len(specs)}] {spec.name} ({elapsed:.0f} s elapsed)")
+            print(f"[{i + 1}/{len(specs)}] {spec.name} ({elapsed:.0f} s elapsed)")
             t0 = time.perf_counter()
             if spec.framework == "e2e":  # it starts train.flax as its own process
                 from bench.e2e import run_e2e_case
@@ -171,7 +170,7 @@ def run_plan(
                 record = run_case(spec)
             record["case_wall_s"] = time.perf_counter() - t0
             detail = f"{record['img_per_s']:.1f} img/s" if record["status"] == "ok" else record.get("reason", "")
-            log(f"    -> {record['status']}: {detail}")
+            print(f"    -> {record['status']}: {detail}")
         records.append(record)
         on_result(records)
     return records
