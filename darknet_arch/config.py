@@ -8,7 +8,8 @@ This module imports neither framework.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 # Darknet's own leaky slope; nn.LeakyReLU() and timm default to 0.01 (what the seed's code used).
 DARKNET_LEAKY_SLOPE = 0.1
@@ -163,6 +164,19 @@ class DarknetConfig:
         if leaky_slope is None:
             return self
         return dataclasses.replace(self, leaky_slope=float(leaky_slope))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values (lists, stages as objects), as checkpoints and exports record the architecture."""
+        d = dataclasses.asdict(self)
+        return {**d, "stages": [dict(s) for s in d["stages"]], "feature_stages": list(d["feature_stages"])}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DarknetConfig:
+        """Inverse of to_dict (a recorded architecture); TypeError/ValueError for anything else."""
+        d = dict(d)
+        d["stages"] = tuple(StageSpec(**s) for s in d["stages"])
+        d["feature_stages"] = tuple(d["feature_stages"])
+        return cls(**d)
 
 
 DARKNET53 = DarknetConfig()

@@ -6,7 +6,6 @@ optional rematerialisation per residual block or per stage.
 
 import importlib
 from types import ModuleType
-from typing import Any
 
 from darknet_arch import DARKNET53, DarknetConfig, FeatureInfo, InputShapeError, summarize
 from flax_darknet.common import REMAT_MODES, remat_compiler_options
@@ -25,19 +24,10 @@ __all__ = [
     "ResidualStage",
     "fold_batchnorm",
     "fold_for_inference",
-    "from_pretrained",
     "nnx",
     "remat_compiler_options",
     "summarize",
 ]
-
-
-def from_pretrained(name_or_path: Any, **kwargs: Any) -> Any:
-    """porting.flax_from_pretrained: a Darknet53 with the variables of a Hub id or a local weights location, and
-    their preprocessing record. Needs the porting extra (it reads PyTorch and orbax files)."""
-    from porting.pretrained import flax_from_pretrained  # not at import: flax_darknet imports no torch or orbax
-
-    return flax_from_pretrained(name_or_path, **kwargs)
 
 
 def __getattr__(name: str) -> ModuleType:

@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 
 from darknet_arch import ARCHS, DARKNET_LEAKY_SLOPE, SEED_LEAKY_SLOPE, DarknetConfig
-from porting import files, keymap, layouts
+from porting import files, hub, keymap, runs
 from porting.darknet import read_darknet_weights
 from porting.errors import LayoutMismatch, PortingError
-from porting.locations import Location, hub_weights, locate
+from porting.locations import Location, locate
 from porting.preprocessing import DARKNET, Preprocessing, combine, contradictions
 from porting.state import CanonicalStateDict, check_leaky_slope, check_num_classes
 from porting.torch_flax import (
@@ -83,7 +83,7 @@ def _candidates(config: DarknetConfig | None, meta: Mapping[str, Any], where: st
     """The architectures to try: the one the weights record, else the caller's, else every known one."""
     if meta.get("model_config") is None:
         return [config] if config is not None else list(ARCHS.values())
-    recorded = layouts.config_from_json(meta["model_config"])
+    recorded = DarknetConfig.from_dict(meta["model_config"])
     if config is not None and config.with_slope(DARKNET_LEAKY_SLOPE) != recorded.with_slope(DARKNET_LEAKY_SLOPE):
         raise PortingError(
             f"{where} records a {arch_name(recorded)} network, not the {arch_name(config)} asked for (config= / "
@@ -119,7 +119,7 @@ def _read(location: Location, config: DarknetConfig | None, source: str) -> Load
         return Loaded(weights.state, weights.num_classes, DARKNET, "darknet", tuple(notes), cfg, location)
     if location.kind == "train_step" or fmt in ("msgpack", "orbax"):
         if location.kind == "train_step":
-            variables, meta = layouts.read_train_step(where)
+            variables, meta = runs.read_train_step(where)
             kind = TRAIN_FLAX
         else:
             variables, meta, more = files.read_flax_file(where)
@@ -127,11 +127,11 @@ def _read(location: Location, config: DarknetConfig | None, source: str) -> Load
             kind = "flax_msgpack" if fmt == "msgpack" else "orbax"
         cfg, state = _first_fit(_candidates(config, meta, where), lambda c: canonical_from_flax(variables, config=c))
     else:
-        raw, meta = files.read_torch_file(hub_weights(where) if location.kind == "hub_dir" else where)
+        raw, meta = files.read_torch_file(hub.hub_weights(where) if location.kind == "hub_dir" else where)
         if location.kind == "hub_dir":
-            hub = layouts.hub_meta(where)
-            record = combine([(f"{where} weights", _record(meta)), (f"{where} config", _record(hub))], where)
-            meta = {**meta, **hub, "preprocessing": record.to_json()}
+            recorded = hub.hub_meta(where)
+            record = combine([(f"{where} weights", _record(meta)), (f"{where} config", _record(recorded))], where)
+            meta = {**meta, **recorded, "preprocessing": record.to_json()}
         unwrapped, stripped = strip_wrapper_prefixes(raw)
         notes += [f"stripped the {p!r} prefix from every key" for p in stripped]
         kind = source

@@ -12,13 +12,19 @@ from collections.abc import Iterator
 from darknet_arch import ARCHS
 from porting.api import arch_name
 from porting.convert import DIRECTIONS, check_conversion, convert
-from porting.errors import STOP_SIGNALS, PortingError, Stopped, pending_stop, raise_if_stopped
+from porting.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_OK,
+    SIGNAL_EXIT_BASE,
+    STOP_SIGNALS,
+    PortingError,
+    Stopped,
+    pending_stop,
+    raise_if_stopped,
+)
 from porting.files import SIDE_HELP
 from porting.preprocessing import FIELDS, parse_preprocessing, read_class_names
 from porting.torch_flax import SOURCES
-
-EXIT_ERROR = 2
-SIGNAL_EXIT_BASE = 128
 
 
 @contextlib.contextmanager
@@ -133,12 +139,12 @@ def main(argv: list[str] | None = None) -> int:
             raise_if_stopped()
     except (PortingError, OSError) as exc:
         print(f"port-weights: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_BAD_INPUT
     except Stopped as stop:
         print(f"port-weights: stopped by {stop}; nothing was written ({args.dst} as it was, no temporary left)",
               file=sys.stderr)
         return SIGNAL_EXIT_BASE + stop.signum
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The one error type every bad-weights case raises, the one place other libraries' errors become it, and stops."""
+"""The one error type every bad-weights case raises, the one place other libraries' errors become it, stops, and
+every command's exit codes."""
 
 from __future__ import annotations
 
@@ -18,6 +19,14 @@ class PortingError(ValueError):
 MAX_SHOWN_CHARS = 80
 # The signals that stop a command cleanly: it exits with 128 + the signal's number, as a shell reports a kill.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# Every command's exit codes, one meaning each (docs/reliability.md lists them).
+EXIT_OK = 0
+EXIT_ERROR = 1  # an unexpected exception (a bug, an OSError nobody anticipated): its traceback is printed
+EXIT_BAD_INPUT = 2  # a refusal: one message naming the input and the fix, nothing changed
+EXIT_NONFINITE = 3  # training stopped by non-finite steps (a checkpoint was saved first)
+EXIT_CHECKPOINT = 4  # a checkpoint that failed to save or could not be restored
+EXIT_PEER_FAILED = 5  # multi-process training: another process failed (its message is printed)
+SIGNAL_EXIT_BASE = 128  # stopped by a signal: 128 + its number (143 SIGTERM, 130 SIGINT)
 
 
 class LayoutMismatch(PortingError):

@@ -29,7 +29,7 @@ from darknet_arch import ARCHS, DarknetConfig
 from porting.api import load_flax_variables
 from porting.atomic import check_destination, write_bytes
 from porting.errors import PortingError
-from porting.preprocessing import Preprocessing
+from porting.preprocessing import DEFAULT_IMAGE_SIZE, TRAINER_DEFAULTS, Preprocessing
 from porting.serve_predict import (
     INPUT_NAME,
     OUTPUT_NAMES,
@@ -123,9 +123,6 @@ def serving_preprocessing(weights: SourceWeights) -> tuple[dict[str, Any], list[
     x/255, ImageNet mean and std, the whole image resized bilinearly; 256 px), class names 0, 1, ..., each with a
     note; the record's leaky slope is the model's.
     """
-    from porting.preprocessing import TRAINER_DEFAULTS
-    from train.options import DEFAULT_IMAGE_SIZE
-
     n, record = weights.num_classes, weights.preprocessing
     if n is None:
         raise ExportError(f"{weights.source['path']} has no classifier head: an exported model returns logits and "

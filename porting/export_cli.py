@@ -9,12 +9,11 @@ import argparse
 import sys
 
 from darknet_arch import ARCHS
-from porting.cli import EXIT_ERROR, SIGNAL_EXIT_BASE, signals_raise
-from porting.errors import PortingError, Stopped, raise_if_stopped
+from porting.cli import signals_raise
+from porting.errors import EXIT_BAD_INPUT, EXIT_OK, SIGNAL_EXIT_BASE, PortingError, Stopped, raise_if_stopped
 from porting.export import DEFAULT_PLATFORMS, DEFAULT_TARGETS, GATE_REL, PLATFORMS, TARGETS, export
 from porting.locations import ACCEPTED
-from porting.preprocessing import FIELDS, TRAINER_DEFAULTS, parse_preprocessing, read_class_names
-from train.options import DEFAULT_IMAGE_SIZE
+from porting.preprocessing import DEFAULT_IMAGE_SIZE, FIELDS, TRAINER_DEFAULTS, parse_preprocessing, read_class_names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,11 +66,11 @@ def main(argv: list[str] | None = None) -> int:
             raise_if_stopped()
     except (PortingError, OSError) as exc:
         print(f"darknet53-export: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_BAD_INPUT
     except Stopped as stop:
         print(f"darknet53-export: stopped by {stop}; nothing was written", file=sys.stderr)
         return SIGNAL_EXIT_BASE + stop.signum
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ Formats: PyTorch `.pt`/`.pth` (torch.load with weights_only=True only) and `.saf
 `.weights` / `.conv.NN`. Metadata {"num_classes", "source_format", "preprocessing"} (the record of
 porting.preprocessing) goes into the safetensors header, the msgpack `meta` entry, `porting_meta.json` inside an
 orbax directory, and a `<file>.meta.json` sidecar next to a .pt/.pth (whose payload stays a plain state_dict that
-`load_state_dict` takes). A train.torch checkpoint's own fields are read as metadata too (porting.layouts).
+`load_state_dict` takes). A train.torch checkpoint's own fields are read as metadata too (porting.runs).
 
 Over 300 lines: the readers and writers of the five formats are kept side by side so that each pair stays symmetric.
 """
@@ -25,8 +25,8 @@ from typing import Any
 
 from porting.atomic import atomic_write, remove_temporaries, write_bytes, write_file
 from porting.errors import PortingError, failing_as, parse_json
-from porting.layouts import trainer_meta
 from porting.preprocessing import Preprocessing, combine
+from porting.runs import trainer_meta
 from porting.state import check_leaky_slope, check_num_classes
 
 TORCH_SUFFIXES = (".pt", ".pth")
@@ -41,7 +41,7 @@ META_KEY = "meta"
 # What port-weights writes; files written before the preprocessing record held a top-level "leaky_slope" instead.
 META_FIELDS = ("num_classes", "source_format", "preprocessing")
 LEGACY_SLOPE = "leaky_slope"
-# What a training checkpoint's metadata adds (porting.layouts.trainer_meta); read, never written.
+# What a training checkpoint's metadata adds (porting.runs.trainer_meta); read, never written.
 TRAINER_FIELDS = ("model_config", "run_config")
 # The side (framework) each format belongs to; a direction such as torch2flax names two sides.
 FORMAT_SIDES = {"torch": "torch", "safetensors": "torch", "msgpack": "flax", "orbax": "flax", "darknet": "darknet"}

@@ -9,21 +9,10 @@ import dataclasses
 import os
 from pathlib import Path
 
-from porting import files
+from porting import files, runs
 from porting.errors import PortingError, parse_json
+from porting.hub import HUB_CONFIG, HUB_CONFIG_KEYS, HUB_WEIGHTS, hub_weights
 
-# train.flax's run layout (train.checkpointing) and train.torch's (train.torch), mirrored so that finding weights
-# needs neither trainer's dependencies; tests/test_porting_locations.py checks them against the trainers' own.
-RUN_CHECKPOINTS = "checkpoints"
-TORCH_RUN_CHECKPOINTS = "torch_checkpoints"
-STATE_ITEM, META_ITEM = "state", "meta"
-TORCH_LATEST, TORCH_BEST = "latest.pt", "best.pt"
-RUN_CONFIG = "config.json"  # a run's TrainConfig; a Hub directory's config.json has "architecture" instead
-RUN_CONFIG_KEYS = ("data", "arch", "workdir")  # fields every trainer's config.json records
-# A Hugging Face Hub model repository as timm writes it (timm.models.save_for_hf): config.json beside the weights.
-HUB_CONFIG = "config.json"
-HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
-HUB_CONFIG_KEYS = ("architecture", "pretrained_cfg")
 # `<run>/best` and `<run>/latest` name a run's best (by validation macro F1) and newest checkpoint.
 SELECTORS = ("best", "latest")
 
@@ -86,11 +75,6 @@ def _locate(given: str) -> Location:
     raise nothing_matches(given, "does not exist")
 
 
-def hub_weights(directory: str | os.PathLike) -> Path | None:
-    """The weights file of a Hub-layout directory (model.safetensors first), None if it has none."""
-    return next((Path(directory) / n for n in HUB_WEIGHTS if (Path(directory) / n).is_file()), None)
-
-
 def _is_hub_dir(d: Path) -> bool:
     config = d / HUB_CONFIG
     if not config.is_file():
@@ -113,11 +97,11 @@ def _json_object(path: Path) -> dict | None:
 def _is_run_config(path: Path) -> bool:
     """Whether `path` is a trainer's config.json (a JSON object with the fields every run records)."""
     raw = _json_object(path)
-    return raw is not None and all(k in raw for k in RUN_CONFIG_KEYS)
+    return raw is not None and all(k in raw for k in runs.RUN_CONFIG_KEYS)
 
 
 def _is_train_step(d: Path) -> bool:
-    return d.name.isdigit() and (d / STATE_ITEM).is_dir() and (d / META_ITEM).is_dir()
+    return d.name.isdigit() and (d / runs.STATE).is_dir() and (d / runs.META).is_dir()
 
 
 def _train_steps(d: Path) -> list[Path]:
@@ -132,37 +116,35 @@ def _locate_dir(given: str, d: Path, selector: str | None) -> Location:
                 f"{given!r} has a Hub-layout {HUB_CONFIG} but no weights: expected {' or '.join(HUB_WEIGHTS)} beside it"
             )
         return Location(given, str(d), "hub_dir", files.format_of(weights))
-    flax_run, torch_run = (d / RUN_CHECKPOINTS).is_dir(), (d / TORCH_RUN_CHECKPOINTS).is_dir()
+    flax_run, torch_run = (d / runs.CHECKPOINT_DIR).is_dir(), (d / runs.TORCH_CHECKPOINT_DIR).is_dir()
     if flax_run and torch_run:
         raise PortingError(
-            f"{given!r} holds both {RUN_CHECKPOINTS}/ (train.flax) and {TORCH_RUN_CHECKPOINTS}/ (train.torch); name "
-            "one of them"
+            f"{given!r} holds both {runs.CHECKPOINT_DIR}/ (train.flax) and {runs.TORCH_CHECKPOINT_DIR}/ (train.torch); "
+            "name one of them"
         )
     if flax_run:
-        return _locate_step(given, d / RUN_CHECKPOINTS, selector)
-    if torch_run or d.name == TORCH_RUN_CHECKPOINTS:
-        return _locate_torch_run(given, d / TORCH_RUN_CHECKPOINTS if torch_run else d, selector)
+        return _locate_step(given, d / runs.CHECKPOINT_DIR, selector)
+    if torch_run or d.name == runs.TORCH_CHECKPOINT_DIR:
+        return _locate_torch_run(given, d / runs.TORCH_CHECKPOINT_DIR if torch_run else d, selector)
     if _is_train_step(d) and selector is None:
         return Location(given, str(d), "train_step", "orbax", int(d.name))
     if _train_steps(d):
         return _locate_step(given, d, selector)
     if selector is not None:
         raise nothing_matches(given, f"names a {selector} checkpoint, but {str(d)!r} is not a training run")
-    if (d / RUN_CONFIG).is_file():
-        if _is_run_config(d / RUN_CONFIG):
+    if (d / runs.RUN_CONFIG).is_file():
+        if _is_run_config(d / runs.RUN_CONFIG):
             raise nothing_matches(given, "is a training run folder without checkpoints (none was saved yet)")
-        raise nothing_matches(given, f"holds a {RUN_CONFIG} that is neither a training run's nor a timm/Hub model's "
-                                     f"(one with {' or '.join(HUB_CONFIG_KEYS)})")  # fmt: skip
+        raise nothing_matches(given, f"holds a {runs.RUN_CONFIG} that is neither a training run's nor a timm/Hub "
+                                     f"model's (one with {' or '.join(HUB_CONFIG_KEYS)})")  # fmt: skip
     if files.is_orbax_dir(d):
         return Location(given, str(d), "orbax", "orbax")
     raise nothing_matches(given, "is a folder that holds no checkpoint or weights file porting can read")
 
 
 def _locate_step(given: str, checkpoints: Path, selector: str | None) -> Location:
-    """The best (default) or latest step of a train.flax checkpoints/ folder, as train.checkpointing ranks them."""
-    from porting.layouts import checkpoint_steps  # needs the train extra; only run folders get here
-
-    latest, best, scored = checkpoint_steps(checkpoints)
+    """The best (default) or latest step of a train.flax checkpoints/ folder, as porting.runs ranks them."""
+    latest, best, scored = runs.ranked_steps(checkpoints)
     if latest is None:
         raise nothing_matches(given, f"is a training run whose {checkpoints} holds no finished checkpoint")
     step = latest if selector == "latest" else best
@@ -174,7 +156,7 @@ def _locate_step(given: str, checkpoints: Path, selector: str | None) -> Locatio
 
 
 def _locate_torch_run(given: str, checkpoints: Path, selector: str | None) -> Location:
-    names = (TORCH_LATEST,) if selector == "latest" else (TORCH_BEST, TORCH_LATEST)
+    names = (runs.TORCH_LATEST,) if selector == "latest" else (runs.TORCH_BEST, runs.TORCH_LATEST)
     for name in names:
         if (checkpoints / name).is_file():
             note = f"{given}: read {checkpoints / name}"

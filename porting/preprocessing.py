@@ -3,9 +3,9 @@
 One record per weights file (docs/porting.md, "Preprocessing"): how uint8 RGB pixels become the network's input
 (scale, then per-channel mean/std), the square size and resize (interpolation, crop) it was trained or evaluated
 at, the class names in label order and the LeakyReLU slope. A field that is None is unknown. The trainers write it
-into every checkpoint (train.run.preprocessing), port-weights into every format it writes, and formats that define
-one imply it (Darknet: RGB in [0, 1], slope 0.1; timm: its pretrained_cfg). Records from several places about the
-same weights are combined with `combine`, which refuses any field on which two of them disagree.
+into every checkpoint (porting.runs.trainer_preprocessing), port-weights into every format it writes, and formats
+that define one imply it (Darknet: RGB in [0, 1], slope 0.1; timm: its pretrained_cfg). Records from several places
+about the same weights are combined with `combine`, which refuses any field on which two of them disagree.
 
 Over 300 lines: the schema, its validation, the combination rule and the resize the record names are one contract.
 """
@@ -26,10 +26,11 @@ from porting.state import check_leaky_slope
 
 UINT8_RGB = "uint8 RGB"  # the only input the models take: 8-bit RGB images, channels last
 PIXEL_SCALE = 1.0 / 255.0  # uint8 -> [0, 1]
-# torchvision's / timm's ImageNet statistics (timm.data.constants.IMAGENET_DEFAULT_MEAN/STD); train.options holds
-# the same numbers (tests/test_porting_preprocessing.py checks both).
+# torchvision's / timm's ImageNet statistics (timm.data.constants.IMAGENET_DEFAULT_MEAN/STD).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Plain [0, 1] input after the scale: what Darknet's own weights take.
+UNIT_MEAN, UNIT_STD = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
 # PIL's resampling filters under the names timm uses (timm.data.transforms).
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 # timm's evaluation crops: "squash" resizes both sides to floor(size / crop_pct) (with crop_pct 1: the whole image
@@ -312,8 +313,11 @@ def parse_preprocessing(text: str) -> Preprocessing:
 
 # What a Darknet .weights file implies (docs/darknet-weights.md): RGB in [0, 1], no mean or std, slope 0.1. It
 # records no size, resize, or class names.
-DARKNET = Preprocessing(input=UINT8_RGB, scale=PIXEL_SCALE, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+DARKNET = Preprocessing(input=UINT8_RGB, scale=PIXEL_SCALE, mean=UNIT_MEAN, std=UNIT_STD,
                         leaky_slope=DARKNET_LEAKY_SLOPE)  # fmt: skip
+# The trainers' square input side on real data and accelerators (the competition's 256 px), and an export's when
+# nothing records one; `--data demo` on a CPU uses train.data.DEMO_IMAGE_SIZE.
+DEFAULT_IMAGE_SIZE = 256
 # What our trainers' checkpoints imply where their record is silent (records written before a field existed): uint8
 # RGB / 255, ImageNet mean/std, the whole image resized bilinearly (train.data.decode).
 TRAINER_DEFAULTS = Preprocessing(input=UINT8_RGB, scale=PIXEL_SCALE, mean=IMAGENET_MEAN, std=IMAGENET_STD,

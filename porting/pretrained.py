@@ -16,7 +16,8 @@ from typing import Any
 from darknet_arch import DARKNET_LEAKY_SLOPE, SEED_LEAKY_SLOPE, DarknetConfig
 from porting.api import Loaded, load_canonical
 from porting.errors import PortingError, failing_as
-from porting.locations import HUB_CONFIG, HUB_WEIGHTS, SELECTORS, Location, locate
+from porting.hub import HUB_CONFIG, HUB_WEIGHTS
+from porting.locations import SELECTORS, Location, locate
 from porting.preprocessing import Preprocessing
 from porting.torch_flax import canonical_to_flax, canonical_to_torch
 

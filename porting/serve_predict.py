@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from porting.atomic import write_bytes
-from porting.errors import PortingError, parse_json, shown
+from porting.errors import EXIT_BAD_INPUT, EXIT_OK, PortingError, parse_json, shown
 from porting.preprocessing import CROP_MODES, INTERPOLATIONS, MAX_IMAGE_SIZE, MIN_CROP_PCT, Preprocessing, to_rgb
 
 # The contract every artefact's sidecar follows (written by porting.export).
@@ -34,7 +34,6 @@ INPUT_DTYPE, INPUT_LAYOUT, INPUT_COLOR, OUTPUT_DTYPE = "uint8", "NHWC", "RGB", "
 RUNTIMES = ("jax", "onnxruntime")
 SIDECAR_FIELDS = ("format", "format_version", "runtime", "input", "outputs", "class_names", "preprocessing")
 DEFAULT_BATCH_SIZE = 8
-EXIT_BAD_INPUT = 2
 
 # The evaluation decode of train.data.decode (decode_image without augmentation) for the trainers' whole-image
 # resize, restated here because train.data imports grain on import (its mode conversion is the shared
@@ -319,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"darknet53-serve-predict: error: {e.filename!r}: {e.strerror or e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"wrote {len(paths)} predictions to {args.out}")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -88,14 +88,14 @@ def demo(tmp_path_factory) -> dict:
 
 
 def checkpoint_model(workdir: Path) -> tuple[dict, dict, object]:
-    """(variables, meta, config) of the run's best checkpoint, read with train.checkpointing directly."""
-    from train.checkpointing import checkpoint_steps, read_meta, restore_variables
-    from train.predict import model_config_from_json
+    """(variables, meta, config) of the run's best checkpoint, read with the run format's own readers directly."""
+    from darknet_arch import DarknetConfig
+    from porting.runs import checkpoint_steps, restore_variables
 
     directory = workdir / "checkpoints"
-    _, best = checkpoint_steps(directory)
-    step, meta = read_meta(directory, best)
-    return restore_variables(directory, step), {**meta, "step": step}, model_config_from_json(meta["model_config"])
+    _, step = checkpoint_steps(directory)
+    variables, meta = restore_variables(directory, step)
+    return variables, {**meta, "step": step}, DarknetConfig.from_dict(meta["model_config"])
 
 
 def test_the_docs_commands_export_the_demo_run_and_every_artefact_predicts_what_the_checkpoint_does(demo) -> None:

@@ -1,4 +1,4 @@
-"""porting.locate: which kind of location each path is, the trainers' layout names it mirrors, and the refusals.
+"""porting.locate: which kind of location each path is, and the refusals.
 (Real run folders are read in tests/test_porting_runs.py.)"""
 
 from __future__ import annotations
@@ -11,18 +11,7 @@ from porting_helpers import TINY
 
 import porting
 import torch_ref
-from porting import locations
 from porting.locations import locate
-
-
-def test_the_mirrored_layout_names_are_the_trainers():
-    import train.torch as train_torch
-    from train import checkpointing
-
-    assert locations.RUN_CHECKPOINTS == checkpointing.CHECKPOINT_DIR
-    assert (locations.STATE_ITEM, locations.META_ITEM) == (checkpointing.STATE, checkpointing.META)
-    assert locations.TORCH_RUN_CHECKPOINTS == train_torch.CHECKPOINT_DIR
-    assert (locations.TORCH_LATEST, locations.TORCH_BEST) == (train_torch.LATEST, train_torch.BEST)
 
 
 def test_files_port_weights_outputs_and_hub_directories_are_told_apart(tmp_path):

@@ -12,7 +12,7 @@ from PIL import Image
 
 import porting
 from porting import PortingError, Preprocessing
-from porting.layouts import hub_meta
+from porting.hub import hub_meta
 from porting.preprocessing import (
     DARKNET,
     FIELDS,
@@ -84,20 +84,16 @@ def test_combine_fills_from_each_source_and_refuses_every_disagreement():
     assert "image_size" not in message
 
 
-def test_the_constants_are_the_trainers_and_timms():
+def test_the_constants_are_timms_and_the_trainers_record_is_complete():
     import timm.data.constants as timm_constants
 
-    from train import options, run
+    from porting.runs import trainer_preprocessing
 
-    assert (IMAGENET_MEAN, IMAGENET_STD) == (options.IMAGENET_MEAN, options.IMAGENET_STD)
     assert (IMAGENET_MEAN, IMAGENET_STD) == (timm_constants.IMAGENET_DEFAULT_MEAN, timm_constants.IMAGENET_DEFAULT_STD)
-    assert PIXEL_SCALE == 1 / options.PIXEL_SCALE
-    assert TRAINER_DEFAULTS.interpolation == run.RESIZE_INTERPOLATION
-    # What the trainers write today agrees with what porting fills into records that lack a field.
-    from train.options import get_config
-
-    written = Preprocessing.from_json(run.preprocessing(get_config(data="demo", image_size=32), ["x"]), "run")[0]
-    assert contradictions([("train.run", written), ("porting", TRAINER_DEFAULTS)]) == []
+    assert PIXEL_SCALE * 255 == 1
+    written = Preprocessing.from_json(trainer_preprocessing((IMAGENET_MEAN, IMAGENET_STD), 32, ["x"], 0.1), "run")[0]
+    assert written.known() == FIELDS  # every field a reader needs, so none is filled by a guess
+    assert contradictions([("the trainers", written), ("porting", TRAINER_DEFAULTS)]) == []
 
 
 def _image(w: int, h: int, seed: int) -> Image.Image:

@@ -18,7 +18,6 @@ import torch
 from PIL import Image
 from porting_helpers import TINY, randomize_torch_state
 
-import flax_darknet
 import porting
 import torch_ref
 from porting.locations import HUB_CONFIG
@@ -59,14 +58,14 @@ def test_from_pretrained_on_a_timm_directory_gives_timms_logits(timm_dir):
     with torch.no_grad():
         want = reference(torch.stack([transform(img) for img in _images()])).numpy()
 
-    flax = flax_darknet.from_pretrained(timm_dir)
+    flax = porting.flax_from_pretrained(timm_dir)
     assert flax.preprocessing.class_names == tuple(NAMES) and flax.preprocessing.leaky_slope == 0.01
     assert (flax.preprocessing.image_size, flax.preprocessing.interpolation) == (SIZE, "bicubic")
     x = np.stack([flax.preprocessing.prepare(img) for img in _images()])
     got = np.asarray(flax.model.apply(flax.variables, x))
     assert np.max(np.abs(got - want)) <= REL_TOL * np.max(np.abs(want))
 
-    pt = torch_ref.from_pretrained(timm_dir)
+    pt = porting.torch_from_pretrained(timm_dir)
     with torch.no_grad():
         got = pt.model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
     assert np.max(np.abs(got - want)) <= REL_TOL * np.max(np.abs(want))
@@ -91,27 +90,27 @@ def test_a_hub_directory_without_weights_or_of_another_network_is_refused(tmp_pa
     empty.mkdir()
     (empty / HUB_CONFIG).write_text(json.dumps({"architecture": "darknet53", "pretrained_cfg": {}}))
     with pytest.raises(porting.PortingError, match=r"config\.json but no weights: expected model\.safetensors"):
-        flax_darknet.from_pretrained(empty)
+        porting.flax_from_pretrained(empty)
     other = _tiny_hub_dir(tmp_path / "csp", {"architecture": "cspdarknet53", "pretrained_cfg": {}})
     with pytest.raises(porting.PortingError, match="holds a 'cspdarknet53' model"):
-        torch_ref.from_pretrained(other)
+        porting.torch_from_pretrained(other)
     mislabelled = _tiny_hub_dir(tmp_path / "tiny_as_d53", {"architecture": "darknet53", "pretrained_cfg": {}})
     with pytest.raises(porting.PortingError, match=r"size mismatch for conv1\.0\.weight"):
-        flax_darknet.from_pretrained(mislabelled)
+        porting.flax_from_pretrained(mislabelled)
     names = _tiny_hub_dir(tmp_path / "names", {"architecture": "tiny", "label_names": ["x", "y"], "pretrained_cfg": {}})
     with pytest.raises(porting.PortingError, match="2 class names for a 3-class head"):
-        torch_ref.from_pretrained(names)
+        porting.torch_from_pretrained(names)
     heads = _tiny_hub_dir(tmp_path / "heads", {"architecture": "tiny", "num_classes": 7, "pretrained_cfg": {}})
     with pytest.raises(porting.PortingError, match="records 7 classes, but its head has 3"):
-        torch_ref.from_pretrained(heads)
+        porting.torch_from_pretrained(heads)
 
 
 def test_a_record_without_a_slope_needs_one(tmp_path):
     pt = tmp_path / "plain.pt"
     torch.save(torch_ref.Darknet53(3, config=TINY).state_dict(), pt)
     with pytest.raises(porting.PortingError, match=r"records no leaky slope.*pass leaky_slope="):
-        torch_ref.from_pretrained(pt)
-    assert torch_ref.from_pretrained(pt, leaky_slope=0.01).model.config.leaky_slope == 0.01
+        porting.torch_from_pretrained(pt)
+    assert porting.torch_from_pretrained(pt, leaky_slope=0.01).model.config.leaky_slope == 0.01
 
 
 def _offline(code: str, cache: Path) -> subprocess.CompletedProcess:
@@ -144,10 +143,10 @@ def test_a_cached_hub_id_loads_offline_with_its_record(tmp_path):
     x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     code = (
-        "import sys, numpy as np, torch, torch_ref\n"
+        "import sys, numpy as np, torch, porting\n"
         f"x = torch.from_numpy(np.load({str(tmp_path / 'x.npy')!r}))\n"
         "for name in ('someone/tiny-darknet', 'hf-hub:someone/tiny-darknet'):\n"
-        "    p = torch_ref.from_pretrained(name)\n"
+        "    p = porting.torch_from_pretrained(name)\n"
         "    print(p.location.given, p.preprocessing.class_names, p.model.config.leaky_slope)\n"
         f"    np.save({str(tmp_path / 'y.npy')!r}, p.model(x).detach().numpy())\n"
         "print('jax imported:', 'jax' in sys.modules)\n"
@@ -155,6 +154,6 @@ def test_a_cached_hub_id_loads_offline_with_its_record(tmp_path):
     proc = _offline(code, tmp_path / "cache")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "hf-hub:someone/tiny-darknet ('a', 'b', 'c') 0.1" in proc.stdout
-    assert "jax imported: False" in proc.stdout  # torch_ref's from_pretrained stays framework-pure
-    want = torch_ref.from_pretrained(repo / "snapshots" / commit).model(torch.from_numpy(x)).detach().numpy()
+    assert "jax imported: False" in proc.stdout  # porting.torch_from_pretrained imports no jax
+    want = porting.torch_from_pretrained(repo / "snapshots" / commit).model(torch.from_numpy(x)).detach().numpy()
     np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), want)

@@ -69,11 +69,11 @@ def test_torch_flax_torch_darknet_flax_keeps_what_each_format_can_hold(tmp_path,
 @pytest.mark.parametrize("torch_name", ["m.pt", "m.safetensors"])
 @pytest.mark.parametrize("flax_name", ["m.msgpack", "m_orbax"])
 def test_a_trainers_record_survives_torch_flax_torch_in_every_format(tmp_path, state_dict, torch_name, flax_name):
+    from porting.runs import trainer_preprocessing
     from train.options import get_config
-    from train.run import preprocessing
 
-    trained = Preprocessing.from_json(preprocessing(get_config(data="demo", image_size=32, arch="tiny"),
-                                                    list(NAMES)), "train.run")[0]  # fmt: skip
+    config = get_config(data="demo", image_size=32, arch="tiny")
+    trained = Preprocessing.from_json(trainer_preprocessing(config.mean_std, 32, list(NAMES), 0.1), "trainer")[0]
     src = tmp_path / "src.pt"
     torch.save({"model": state_dict, "preprocessing": trained.to_json(), "class_names": list(NAMES),
                 "config": get_config(data="demo", image_size=32, arch="tiny").to_json()}, src)  # train.torch's payload

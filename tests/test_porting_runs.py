@@ -3,13 +3,16 @@ with no other flags gives a .pt on which torch_ref reproduces the run's logits; 
 same way by port-weights, load_flax_variables, --init-from and train.predict; a path that names no weights gets the
 same message from all four; contradicting flags and class names are refused with nothing written.
 
-The references are the trainers' own readers (train.checkpointing, train.state, train.steps), not porting.
+The references are the run format's own readers (porting.runs) with the trainer's model and normalisation (train.state,
+train.steps), not porting's locator and converters.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -18,16 +21,16 @@ import torch
 
 import porting
 import torch_ref
+from porting import runs as ckpt
 from porting.cli import main as port_weights
 from tests.train_helpers import SIZE, TINY, run_module, tiny_cli_args
-from train import checkpointing as ckpt
 from train.data import MASK_CLASS_NAMES, load_splits
 from train.data.decode import decode_image
 from train.loop import load_init_variables
 from train.options import IMAGENET_MEAN, IMAGENET_STD, ConfigError, TrainConfig
 from train.predict import Predictor
 from train.predict import main as predict_main
-from train.state import create_model, create_train_state, make_optimizer, make_schedule
+from train.state import create_model, create_train_state, make_optimizer, make_schedule, state_tree
 from train.steps import normalize
 
 pytestmark = pytest.mark.slow  # each module trains a tiny demo run first (about a minute on 2 cores)
@@ -53,7 +56,7 @@ def _run_logits(run, images: np.ndarray, step: int | None = None) -> np.ndarray:
     directory = run / ckpt.CHECKPOINT_DIR
     step = ckpt.checkpoint_steps(directory)[1] if step is None else step
     model = create_model(TINY, CLASSES, "fp32")
-    return np.asarray(model.apply(ckpt.restore_variables(directory, step), normalize(images)))
+    return np.asarray(model.apply(ckpt.restore_variables(directory, step)[0], normalize(images)))
 
 
 def _rel(got: np.ndarray, want: np.ndarray) -> float:
@@ -68,7 +71,7 @@ def test_flax2torch_of_a_run_folder_with_no_flags_reproduces_the_runs_logits(run
     assert record["leaky_slope"] == 0.1 and record["class_names"] == list(MASK_CLASS_NAMES)
     assert (record["image_size"], record["mean"], record["std"]) == (SIZE, list(IMAGENET_MEAN), list(IMAGENET_STD))
     # A PyTorch user: torch_ref with what the file records, the input made by the record.
-    pretrained = torch_ref.from_pretrained(pt)
+    pretrained = porting.torch_from_pretrained(pt)
     x = torch.from_numpy(pretrained.preprocessing.normalize(images).transpose(0, 3, 1, 2).copy())
     with torch.no_grad():
         got = pretrained.model(x).numpy()
@@ -84,7 +87,7 @@ def test_flax2torch_of_a_run_folder_with_no_flags_reproduces_the_runs_logits(run
 def test_every_spelling_of_a_run_is_read_the_same_way_by_every_reader(run, tmp_path):
     directory = run / ckpt.CHECKPOINT_DIR
     latest, best = ckpt.checkpoint_steps(directory)
-    want = ckpt.restore_variables(directory, best)
+    want = ckpt.restore_variables(directory, best)[0]
     spellings = [run, directory, directory / str(best), run / "best", run / "latest", directory / "latest"]
     for i, where in enumerate(spellings):
         step = latest if where.name == "latest" else best
@@ -123,7 +126,28 @@ def test_a_path_naming_no_weights_gets_the_same_message_from_every_reader(tmp_pa
     assert "File name too long" in capsys.readouterr().err
 
 
-def test_best_and_latest_are_the_steps_train_checkpointing_ranks(run, tmp_path):
+def test_the_porting_layer_alone_reads_a_run_with_the_trainers_packages_unimportable(run, tmp_path):
+    """The run format is porting's: a user with only the porting extra (no train, optax or grain) reads a run."""
+    code = (
+        "import sys\n"
+        "for name in ('train', 'optax', 'grain'):\n"
+        "    sys.modules[name] = None  # `import name` now raises ImportError\n"
+        "import numpy as np, porting\n"
+        f"result = porting.load_flax_variables({str(run)!r})\n"
+        f"np.save({str(tmp_path / 'bias.npy')!r}, result.variables['params']['fc']['bias'])\n"
+        "print(result.location.step, result.preprocessing.image_size, sorted(m for m in sys.modules if m.split('.')[0] "
+        "in ('train', 'optax', 'grain') and sys.modules[m] is not None))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    directory = run / ckpt.CHECKPOINT_DIR
+    best = ckpt.checkpoint_steps(directory)[1]
+    assert proc.stdout.split() == [str(best), str(SIZE), "[]"]
+    want = ckpt.restore_variables(directory, best)[0]["params"]["fc"]["bias"]
+    np.testing.assert_array_equal(np.load(tmp_path / "bias.npy"), want)
+
+
+def test_best_and_latest_are_the_steps_the_run_format_ranks(run, tmp_path):
     """Two steps written by the trainer's own Checkpointer: step 1 the best by macro F1, step 2 the latest."""
     _, meta = ckpt.read_meta(run / ckpt.CHECKPOINT_DIR)
     config = TrainConfig(data="demo", workdir=str(tmp_path), arch="tiny")
@@ -132,13 +156,14 @@ def test_best_and_latest_are_the_steps_train_checkpointing_ranks(run, tmp_path):
     saver = ckpt.Checkpointer(tmp_path, keep=2, async_save=False)
     for step, f1 in ((1, 0.9), (2, 0.1)):
         params = jax.tree.map(lambda p, s=step: p + s, state.params)
-        saver.save(step, state.replace(step=jax.numpy.int32(step), params=params), meta, metrics={"macro_f1": f1})
+        saved = state.replace(step=jax.numpy.int32(step), params=params)
+        saver.save(step, state_tree(saved), ckpt.RunMeta.from_json(meta), val={"macro_f1": f1})
     saver.close()
     directory = tmp_path / ckpt.CHECKPOINT_DIR
     for where, step in ((tmp_path, 1), (directory, 1), (tmp_path / "best", 1), (tmp_path / "latest", 2)):
         result = porting.load_flax_variables(where)
         assert result.location.step == step, where
-        want = ckpt.restore_variables(directory, step)
+        want = ckpt.restore_variables(directory, step)[0]
         np.testing.assert_array_equal(result.variables["params"]["fc"]["bias"], want["params"]["fc"]["bias"])
 
 
@@ -149,7 +174,7 @@ def test_a_run_stopped_before_its_first_evaluation_is_read_at_its_newest_step_wi
     state = create_train_state(jax.random.PRNGKey(0), create_model(TINY, CLASSES, "fp32"), SIZE,
                                make_optimizer(config, make_schedule(config, 1, 1)))  # fmt: skip
     saver = ckpt.Checkpointer(tmp_path, keep=2, async_save=False)
-    saver.save(3, state.replace(step=jax.numpy.int32(3)), meta)  # no metrics: not scored
+    saver.save(3, state_tree(state.replace(step=jax.numpy.int32(3))), ckpt.RunMeta.from_json(meta))  # not scored
     saver.close()
     assert ckpt.checkpoint_steps(tmp_path / ckpt.CHECKPOINT_DIR) == (3, 3)
     for where in (tmp_path, tmp_path / "best"):

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import csv
-import dataclasses
 import shutil
 
 import jax
 import numpy as np
 import pytest
 
+from porting.runs import Checkpointer, RunMeta
 from tests.train_helpers import SIZE, TINY
-from train.checkpointing import Checkpointer
 from train.data import MASK_CLASS_NAMES, load_splits
 from train.options import TrainConfig
 from train.predict import Predictor, main
-from train.state import create_model, create_train_state, make_optimizer, make_schedule
+from train.state import create_model, create_train_state, make_optimizer, make_schedule, state_tree
 
 
 @pytest.fixture(scope="module")
@@ -25,14 +24,10 @@ def checkpoint(tmp_path_factory):
     config = TrainConfig(data="demo", workdir=str(workdir), arch="tiny", image_size=SIZE, batch_size=8)
     tx = make_optimizer(config, make_schedule(config, 1, 1))
     state = create_train_state(jax.random.PRNGKey(0), create_model(TINY, 18, "fp32"), SIZE, tx)
-    meta = {
-        "config": config.to_json(),
-        "class_names": list(MASK_CLASS_NAMES),
-        "image_size": SIZE,
-        "model_config": dataclasses.asdict(TINY),
-    }
+    meta = RunMeta(config=config.to_json(), class_names=list(MASK_CLASS_NAMES), data_fingerprint="", preprocessing={},
+                   model_config=TINY.to_dict(), data_state=None, loop={}, val=None)  # fmt: skip
     c = Checkpointer(workdir, keep=1)
-    c.save(7, state, meta, metrics={"macro_f1": 0.5})
+    c.save(7, state_tree(state), meta, val={"macro_f1": 0.5})
     c.close()
     return workdir
 

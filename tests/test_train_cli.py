@@ -9,9 +9,9 @@ import shutil
 import numpy as np
 import pytest
 
+from porting.runs import CHECKPOINT_DIR, checkpoint_steps, read_meta
 from tests.train_helpers import once_per_session, run_module, subprocess_env, tiny_cli_args
 from train import flax as train_flax
-from train.checkpointing import CHECKPOINT_DIR, checkpoint_steps, read_meta
 from train.data import load_splits
 from train.logging_utils import read_metrics
 from train.predict import main as predict_main

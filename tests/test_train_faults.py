@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from porting.runs import CHECKPOINT_DIR, TMP_MARKER, UNREADABLE_SUFFIX, read_meta
 from tests.train_helpers import TINY_RUN_FLAGS, run_module, tiny_cli_args
 from train import flax as train_flax
 from train import predict as predict_cli
 from train import run
 from train import workdir as workdir_lib
-from train.checkpointing import CHECKPOINT_DIR, TMP_MARKER, UNREADABLE_SUFFIX, read_meta
 from train.logging_utils import METRICS_FILE, read_metrics
 
 RUN = TINY_RUN_FLAGS  # conftest's tiny_run was trained with these: a resume must repeat them
@@ -134,9 +134,9 @@ def test_resume_falls_back_from_a_corrupt_latest_checkpoint(run_copy, capsys):
 
 def test_a_flipped_byte_in_a_checkpoint_is_an_error_naming_the_step_never_other_weights(run_copy, finished, capsys):
     import porting
-    from train.checkpointing import restore_variables
+    from porting.runs import restore_variables
 
-    want = restore_variables(finished / CHECKPOINT_DIR, 2)
+    want = restore_variables(finished / CHECKPOINT_DIR, 2)[0]
     data = max((p for p in (run_copy / CHECKPOINT_DIR / "2" / "state").rglob("*") if p.is_file()),
                key=lambda p: p.stat().st_size)  # fmt: skip
     raw = bytearray(data.read_bytes())

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from porting.runs import CHECKPOINT_DIR, read_meta, restore_variables
 from tests.train_helpers import REPO, subprocess_env, tiny_cli_args
-from train.checkpointing import CHECKPOINT_DIR, read_meta, restore_variables
 
 K = 2  # steps between the checkpoints compared; the runs train 2K steps
 # A small learning rate from the first step: the first steps of a fresh network amplify float rounding (the
@@ -69,7 +69,7 @@ def two_processes(per_process_args: list[list[str]], devices: int = 2) -> list[s
 def variables(workdir: Path, step: int) -> dict[str, np.ndarray]:
     from flax import traverse_util
 
-    return traverse_util.flatten_dict(restore_variables(workdir / CHECKPOINT_DIR, step), sep="/")
+    return traverse_util.flatten_dict(restore_variables(workdir / CHECKPOINT_DIR, step)[0], sep="/")
 
 
 def assert_close(a: dict[str, np.ndarray], b: dict[str, np.ndarray], what: str) -> None:

@@ -15,8 +15,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from porting.runs import CHECKPOINT_DIR, TMP_MARKER, read_meta
 from tests.train_helpers import REPO, run_module, subprocess_env, tiny_cli_args
-from train.checkpointing import CHECKPOINT_DIR, TMP_MARKER, read_meta
 
 TOTAL = 8
 ARGS = ("--steps", str(TOTAL), "--batch-size", "16", "--checkpoint-every", "1", "--log-every", "1")

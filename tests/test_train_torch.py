@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from porting.runs import TORCH_BEST, TORCH_CHECKPOINT_DIR, TORCH_LATEST
 from tests.train_helpers import run_module, tiny_cli_args
 from train.logging_utils import read_metrics
 from train.metrics import summarize
-from train.torch import CHECKPOINT_DIR, lr_at
+from train.torch import lr_at
 
 
 @pytest.mark.slow
@@ -22,7 +23,8 @@ def test_train_torch_runs_the_demo_and_writes_the_shared_metrics(tmp_path):
     expected_keys = set(summarize(np.eye(18, dtype=int), 0.0)) | {"kind", "step", "epoch"}
     assert set(val[-1]) == expected_keys
     assert val[-1]["accuracy"] > 3 / 18  # learning: well above chance after two epochs
-    assert (workdir / CHECKPOINT_DIR / "latest.pt").is_file() and (workdir / CHECKPOINT_DIR / "best.pt").is_file()
+    assert (workdir / TORCH_CHECKPOINT_DIR / TORCH_LATEST).is_file()
+    assert (workdir / TORCH_CHECKPOINT_DIR / TORCH_BEST).is_file()
     assert (workdir / "curves.png").is_file() and (workdir / "config.json").is_file()
 
 

@@ -24,6 +24,8 @@ import threading
 import time
 from typing import Any
 
+from porting.errors import EXIT_PEER_FAILED
+
 DEFAULT_TIMEOUT_S = 300
 _PROBE_INTERVAL_S = 0.5
 # How often each process looks for a failure reported by another, and how long a failing process lingers so
@@ -31,7 +33,6 @@ _PROBE_INTERVAL_S = 0.5
 FAILURE_POLL_S = 0.5
 FAILURE_LINGER_S = 3 * FAILURE_POLL_S
 # Exit code of a process stopped because another process failed (its own failures keep their usual codes).
-EXIT_PEER_FAILED = 5
 _KEY_PREFIX = "darknet53"
 
 # Environment variables by which JAX's own cluster detection recognises a multi-process launch.

@@ -8,19 +8,19 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
-# Exit codes (documented in docs/training.md; EXIT_PEER_FAILED in docs/multihost.md).
-EXIT_OK = 0
-EXIT_ERROR = 1  # an unexpected exception (a bug, an OSError): the traceback is printed
-EXIT_BAD_INPUT = 2
-EXIT_NONFINITE = 3
-EXIT_CHECKPOINT = 4
-EXIT_PEER_FAILED = 5  # multi-process: another process failed (its message is printed)
-SIGNAL_EXIT_BASE = 128  # stopped by a signal after saving: 128 + signal number (143 SIGTERM, 130 SIGINT)
+from porting.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_CHECKPOINT,
+    EXIT_ERROR,
+    EXIT_NONFINITE,
+    EXIT_OK,
+    SIGNAL_EXIT_BASE,
+)
 
 
 def _run(config: Any, is_main: bool = True) -> tuple[int, str | None, bool]:
     """Train; (exit code, error message or None, whether every process stops the same way)."""
-    from train.checkpointing import CheckpointError
+    from porting.runs import CheckpointError
     from train.data import DataError
     from train.distributed import DistributedError
     from train.loop import train

@@ -19,7 +19,7 @@ import numpy as np
 
 from darknet_arch import DarknetConfig
 from flax_darknet import remat_compiler_options
-from train import checkpointing as ckpt
+from porting import runs as ckpt
 from train import distributed, run
 from train import metrics as metrics_lib
 from train import workdir as workdir_lib
@@ -38,7 +38,15 @@ from train.options import (
     resolved_as_saved,
 )
 from train.sharding import Topology, check_batch_size, make_topology, place_batch, replicate, to_host
-from train.state import TrainState, create_model, create_train_state, make_optimizer, make_schedule, variable_shapes
+from train.state import (
+    TrainState,
+    create_model,
+    create_train_state,
+    make_optimizer,
+    make_schedule,
+    state_tree,
+    variable_shapes,
+)
 from train.steps import eval_step, state_donation, train_step
 
 DEFAULT_COMPILE_CACHE = Path.home() / ".cache" / "darknet53-jax" / "xla"
@@ -140,7 +148,7 @@ def restore_newest(directory: Path, candidates: list[tuple[int, dict]], target: 
     errors = []
     for step, meta in candidates:
         try:
-            state = ckpt.restore_state(directory, step, target)
+            state = target.replace(**ckpt.restore_tree(directory, step, state_tree(target)))
         except ckpt.CheckpointError as e:
             errors.append(str(e))
             print(f"warning: --resume skips checkpoint step {step}: {e}", file=sys.stderr)
@@ -292,20 +300,23 @@ def _train(start: RunStart, topology: Topology, verbose: bool, t_entry: float) -
     eval_fn = jax.jit(functools.partial(eval_step, mean_std=config.mean_std))
     logger = RunLogger(workdir, enabled=is_main)
     tracker = run.StepTracker(loop, config, steps_per_epoch, total_steps, logger, verbose=verbose)
-    preprocessing, fingerprint = run.preprocessing(config, class_names), run.data_fingerprint(splits)
+    preprocessing = ckpt.trainer_preprocessing(
+        config.mean_std, config.image_size, class_names, model_config.leaky_slope
+    )
+    fingerprint = run.data_fingerprint(splits)
 
     def save(val: dict | None = None) -> None:
-        meta = {
-            "config": config.to_json(),
-            "class_names": class_names,
-            "data_fingerprint": fingerprint,
-            "preprocessing": preprocessing,
-            "model_config": dataclasses.asdict(model_config),
-            "data_state": ckpt.encode_data_state(train_iter.get_state()),
-            "loop": dataclasses.asdict(loop),
-            "val": None if val is None else {k: val[k] for k in ("loss", "accuracy", "macro_f1")},
-        }
-        checkpointer.save(loop.step, state, meta, metrics=None if val is None else {ckpt.BEST_METRIC: val["macro_f1"]})
+        meta = ckpt.RunMeta(
+            config=config.to_json(),
+            class_names=class_names,
+            data_fingerprint=fingerprint,
+            preprocessing=preprocessing,
+            model_config=model_config.to_dict(),
+            data_state=train_iter.get_state(),
+            loop=dataclasses.asdict(loop),
+            val=ckpt.val_record(val),
+        )
+        checkpointer.save(loop.step, state_tree(state), meta, val)
 
     # Multi-process runs leave SIGTERM to JAX's preemption service, which agrees on one step for every process
     # (orbax's reached_preemption); SIGINT there is a failure of the one process, which stops the others.
@@ -319,7 +330,7 @@ def _train(start: RunStart, topology: Topology, verbose: bool, t_entry: float) -
                 batch = next(train_iter)
                 state, m = train_fn(state, place_batch(batch, topology))
                 loop.step += 1
-                preempted = multi and checkpointer.manager.reached_preemption(loop.step)
+                preempted = multi and checkpointer.reached_preemption(loop.step)
                 signum = signal.SIGTERM if preempted else flag.signum
                 stop = tracker.record(*pending) if pending is not None else False
                 pending = (loop.step, m)

@@ -22,23 +22,18 @@ from collections.abc import Sequence
 from typing import Any
 
 from darknet_arch import ARCHS, REMAT_MODES, DarknetConfig
-from porting.preprocessing import MAX_IMAGE_SIZE
+from porting.preprocessing import DEFAULT_IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, MAX_IMAGE_SIZE, UNIT_MEAN, UNIT_STD
 
-# Full-size training input on real data and on accelerators; `--data demo` on a CPU uses train.data.DEMO_IMAGE_SIZE.
-DEFAULT_IMAGE_SIZE = 256
 DEFAULT_WORKDIR_ROOT = "runs"
 DEMO_DATA = "demo"
 COMPILE_CACHE_DEFAULT, COMPILE_CACHE_OFF = "default", "none"
 OPTIMIZERS = ("sgd", "adamw")
 PRECISIONS = ("auto", "fp32", "bf16")
-# Inputs are normalised inside the step with ImageNet statistics (the torchvision/timm convention), on uint8 RGB.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-PIXEL_SCALE = 255.0
-# How the network's input is made from x / 255: minus mean, over std. "unit" is plain [0, 1] (Darknet's weights).
+# How the network's input is made from x * PIXEL_SCALE (porting.preprocessing): minus mean, over std. "unit" is
+# plain [0, 1] (Darknet's weights).
 INPUT_NORMS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
-    "unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+    "unit": (UNIT_MEAN, UNIT_STD),
 }
 DEFAULT_INPUT_NORM = "imagenet"
 

@@ -19,39 +19,16 @@ from typing import Any
 
 import numpy as np
 
-from darknet_arch import DarknetConfig, StageSpec
+from darknet_arch import DarknetConfig
+from porting.errors import EXIT_BAD_INPUT, EXIT_OK
+from porting.runs import CheckpointError
 from porting.serve_predict import predictions_csv
-from train.checkpointing import CheckpointError
 from train.data import NO_LABEL, DataError, Records, load_eval_folder, make_eval_iter
 from train.data.scan import is_image_name
 from train.logging_utils import atomic_write_text
 from train.options import DEFAULT_INPUT_NORM, INPUT_NORMS
 
 EVAL_CSV = "info.csv"
-EXIT_BAD_INPUT = 2
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, int]:
-    """A train.flax run location porting.locate accepts (a workdir: its best step; its checkpoints/ folder; a step
-    folder; <run>/best, <run>/latest) -> (checkpoint folder, step)."""
-    import porting
-
-    try:
-        location = porting.locate(path)
-    except porting.PortingError as e:
-        raise CheckpointError(f"--checkpoint {e}") from e
-    if location.kind != "train_step":
-        raise CheckpointError(f"--checkpoint {path}: no checkpoint of a train.flax run (it names a {location.format} "
-                              "location; Predictor.from_checkpoint reads those)")  # fmt: skip
-    return Path(location.path).parent, int(location.step)
-
-
-def model_config_from_json(d: dict[str, Any]) -> DarknetConfig:
-    """Inverse of dataclasses.asdict(DarknetConfig)."""
-    d = dict(d)
-    d["stages"] = tuple(StageSpec(**s) for s in d["stages"])
-    d["feature_stages"] = tuple(d["feature_stages"])
-    return DarknetConfig(**d)
 
 
 @dataclasses.dataclass
@@ -213,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e.filename!r}: {e.strerror or e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"wrote {n} predictions to {out}")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

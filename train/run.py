@@ -15,13 +15,11 @@ from typing import Any
 from train.data import DataSplits, load_splits, make_eval_iter, make_train_iter
 from train.data.pipeline import records_fingerprint
 from train.logging_utils import Progress, RunLogger, atomic_write_text, epoch_of
-from train.options import PIXEL_SCALE, TrainConfig, dumps
+from train.options import TrainConfig, dumps
 from train.workdir import CONFIG_FILE, WorkdirError
 
 DATA_SUMMARY_FILE = "data_summary.json"
 SUMMARY_FILE = "summary.json"
-# How the trainers feed images to the network: uint8 RGB, resized to the square side, then (x / 255 - mean) / std.
-RESIZE_INTERPOLATION = "bilinear"
 
 
 class NonFiniteError(RuntimeError):
@@ -34,22 +32,6 @@ class Interrupted(RuntimeError):
     def __init__(self, signum: int, step: int) -> None:
         super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved")
         self.signum, self.step = signum, step
-
-
-def preprocessing(config: TrainConfig, class_names: list[str]) -> dict[str, Any]:
-    """What the weights expect as input, recorded beside them in every checkpoint."""
-    return {
-        "input": "uint8 RGB",
-        "scale": 1.0 / PIXEL_SCALE,
-        "mean": list(config.mean_std[0]),
-        "std": list(config.mean_std[1]),
-        "image_size": config.image_size,
-        "interpolation": RESIZE_INTERPOLATION,
-        "crop_pct": 1.0,  # the whole image, resized to the square (timm's "squash")
-        "crop_mode": "squash",
-        "class_names": list(class_names),
-        "leaky_slope": config.model_config.leaky_slope,
-    }
 
 
 def data_fingerprint(splits: DataSplits) -> str:

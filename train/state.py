@@ -23,6 +23,12 @@ class TrainState(train_state.TrainState):
     ema: Any = None  # {"params", "batch_stats"} averaged over steps (--ema-decay), or None
 
 
+def state_tree(state: TrainState) -> dict[str, Any]:
+    """The array part of a TrainState, as a run checkpoint holds it (apply_fn and tx are code: rebuilt)."""
+    tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state, "batch_stats": state.batch_stats}
+    return tree if state.ema is None else {**tree, "ema": state.ema}
+
+
 def compute_dtype(precision: str, platform: str | None = None) -> Any:
     """'bf16' -> bfloat16, 'fp32' -> float32, 'auto' -> bfloat16 on accelerators and float32 on CPU."""
     if precision == "auto":

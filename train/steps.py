@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from train.options import IMAGENET_MEAN, IMAGENET_STD, PIXEL_SCALE
+from porting.preprocessing import IMAGENET_MEAN, IMAGENET_STD, PIXEL_SCALE
 from train.state import TrainState, learning_rate
 
 # Backends (jax.default_backend()) where the jitted train step donates its input state, updating it in place.
@@ -31,7 +31,7 @@ def normalize(
     std: Sequence[float] = IMAGENET_STD,
 ) -> jax.Array:
     """uint8 (or float 0..255) RGB NHWC -> (x / 255 - mean) / std in `dtype`; the same as train.torch and predict."""
-    x = images.astype(jnp.float32) / PIXEL_SCALE
+    x = images.astype(jnp.float32) * PIXEL_SCALE
     x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
     return x.astype(dtype)
 

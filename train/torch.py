@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -22,14 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from porting import runs
+from porting.errors import EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_OK, SIGNAL_EXIT_BASE
+from porting.preprocessing import IMAGENET_MEAN, IMAGENET_STD, PIXEL_SCALE
 from train import metrics as metrics_lib
 from train import run
 from train import workdir as workdir_lib
 from train.logging_utils import RunLogger
 from train.options import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    PIXEL_SCALE,
     ConfigError,
     TrainConfig,
     build_parser,
@@ -39,11 +38,6 @@ from train.options import (
     resolve,
     validate,
 )
-
-CHECKPOINT_DIR = "torch_checkpoints"
-LATEST, BEST = "latest.pt", "best.pt"
-EXIT_BAD_INPUT, EXIT_NONFINITE = 2, 3
-SIGNAL_EXIT_BASE = 128
 
 
 def lr_at(config: TrainConfig, steps_per_epoch: int, total_steps: int, step: int) -> float:
@@ -79,7 +73,7 @@ def normalize(
     """uint8 (or float 0..255) RGB NCHW -> (x / 255 - mean) / std in float32 (train.steps.normalize's numbers)."""
     mean_t = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
-    return (images.float() / PIXEL_SCALE - mean_t) / std_t
+    return (images.float() * PIXEL_SCALE - mean_t) / std_t
 
 
 def to_tensor(
@@ -165,7 +159,7 @@ def train_torch(config: TrainConfig, *, compile_model: bool = False, verbose: bo
     if config.init_from:
         raise ConfigError("--init-from is supported by train.flax only; convert with port-weights and use train.flax")
     splits = run.load_run_splits(config)  # before the workdir is touched
-    lock = workdir_lib.prepare_workdir(config, CHECKPOINT_DIR)
+    lock = workdir_lib.prepare_workdir(config, runs.TORCH_CHECKPOINT_DIR)
     try:
         return _train_torch(config, splits, compile_model, verbose)
     finally:
@@ -179,7 +173,7 @@ def _train_torch(config: TrainConfig, splits: Any, compile_model: bool, verbose:
     say = print if verbose else (lambda *a, **k: None)
     class_names = list(splits.class_names)
     workdir = Path(config.workdir)
-    ckpt_dir = workdir / CHECKPOINT_DIR
+    ckpt_dir = workdir / runs.TORCH_CHECKPOINT_DIR
     torch.manual_seed(config.seed)
     dev = Device.pick(config)
     train_iter, eval_iter = run.make_run_iterators(config, splits, batch_size=config.batch_size)
@@ -194,12 +188,12 @@ def _train_torch(config: TrainConfig, splits: Any, compile_model: bool, verbose:
     loop, last_val = run.LoopState(), None
     if config.resume:
         try:  # weights_only: tensors and plain data only, so no code in the file ever runs
-            saved = torch.load(ckpt_dir / LATEST, map_location=dev.device, weights_only=True)
+            saved = torch.load(ckpt_dir / runs.TORCH_LATEST, map_location=dev.device, weights_only=True)
             saved_config = TrainConfig.from_json(saved["config"])
         except Exception as e:
             raise run.WorkdirError(
-                f"--resume: {ckpt_dir / LATEST} is not a checkpoint this trainer wrote ({type(e).__name__}: {e}); "
-                "nothing in it was run. Start a new run, or --overwrite this one"
+                f"--resume: {ckpt_dir / runs.TORCH_LATEST} is not a checkpoint this trainer wrote "
+                f"({type(e).__name__}: {e}); nothing in it was run. Start a new run, or --overwrite this one"
             ) from e
         diffs = config_differences(saved_config, config)
         if diffs:
@@ -217,25 +211,22 @@ def _train_torch(config: TrainConfig, splits: Any, compile_model: bool, verbose:
     say(dumps(config))
     say(f"data: {len(splits.train)} train / {len(splits.val)} val, {spe} steps per epoch, {total} steps; {dev}")
 
+    preprocessing = runs.trainer_preprocessing(config.mean_std, config.image_size, class_names,
+                                               config.model_config.leaky_slope)  # fmt: skip
+
     def save(name: str, val: dict | None = None) -> None:
-        payload = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "config": config.to_json(),
-            "class_names": class_names,
-            "data_fingerprint": run.data_fingerprint(splits),
-            "preprocessing": run.preprocessing(config, class_names),
-            "data_state": train_iter.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "loop": dataclasses.asdict(loop),
-            "val": None if val is None else {k: val[k] for k in ("loss", "accuracy", "macro_f1")},
-        }
-        tmp = ckpt_dir / f".{name}.tmp{os.getpid()}"
-        try:
-            torch.save(payload, tmp)
-            os.replace(tmp, ckpt_dir / name)
-        finally:
-            tmp.unlink(missing_ok=True)
+        meta = runs.RunMeta(
+            config=config.to_json(),
+            class_names=class_names,
+            data_fingerprint=run.data_fingerprint(splits),
+            preprocessing=preprocessing,
+            model_config=config.model_config.to_dict(),
+            data_state=train_iter.get_state(),
+            loop=dataclasses.asdict(loop),
+            val=runs.val_record(val),
+        )
+        runs.save_torch_checkpoint(ckpt_dir / name, model.state_dict(), optimizer.state_dict(), meta,
+                                   torch_rng=torch.get_rng_state())  # fmt: skip
 
     logger = RunLogger(workdir)
     tracker = run.StepTracker(loop, config, spe, total, logger, verbose=verbose)
@@ -249,18 +240,18 @@ def _train_torch(config: TrainConfig, splits: Any, compile_model: bool, verbose:
                 m = train_step(model, forward, optimizer, dev, next(train_iter), config)
                 loop.step += 1
                 if tracker.record(loop.step, m):
-                    save(LATEST)
+                    save(runs.TORCH_LATEST)
                     raise tracker.nonfinite_error(workdir)
                 end_of_epoch = loop.step % spe == 0 or loop.step == total
                 periodic = config.checkpoint_every is not None and loop.step % config.checkpoint_every == 0
                 if end_of_epoch:
                     last_val = evaluate(model, eval_iter, dev, class_names)
                     is_best = tracker.end_epoch(last_val, class_names)
-                    save(LATEST, last_val)
+                    save(runs.TORCH_LATEST, last_val)
                     if is_best:
-                        save(BEST, last_val)
+                        save(runs.TORCH_BEST, last_val)
                 elif periodic or flag.signum is not None:
-                    save(LATEST)
+                    save(runs.TORCH_LATEST)
                 if flag.signum is not None:
                     raise run.Interrupted(flag.signum, loop.step)
     finally:
@@ -299,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"done: {summary['steps']} steps in {summary['train_seconds']:.1f} s; final val accuracy "
         f"{final.get('accuracy', float('nan')):.4f}, macro F1 {final.get('macro_f1', float('nan')):.4f}"
     )
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from porting.errors import EXIT_BAD_INPUT, EXIT_OK
+
 from .errors import DataError
 from .splits import load_splits
 
@@ -53,10 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     summary = splits.summary()
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

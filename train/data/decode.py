@@ -14,14 +14,15 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from porting.preprocessing import BACKGROUND_RGB as BACKGROUND_RGB  # re-exported: train.data names it
-from porting.preprocessing import to_rgb
+from porting.preprocessing import TRAINER_DEFAULTS, to_rgb
 
 from .errors import DataError
 
 # EXIF tag 0x0112; values 5..8 swap width and height.
 EXIF_ORIENTATION_TAG = 0x0112
 _TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
-RESAMPLE = Image.Resampling.BILINEAR  # antialiased when shrinking (Pillow scales the filter support)
+# The trainers' resize (bilinear), antialiased when shrinking (Pillow scales the filter support)
+RESAMPLE = Image.Resampling[TRAINER_DEFAULTS.interpolation.upper()]
 # Attempts at a crop of the sampled area and aspect before falling back to the largest fitting one.
 _CROP_ATTEMPTS = 10
 
