@@ -20,7 +20,7 @@ from bench.flax_cases import trainer_optimizer as trainer_optimizer
 from flax_darknet import Darknet53
 from flax_darknet import nnx as dnnx
 from train.state import zero_init_residual
-from train.steps import global_norm, normalize
+from train.steps import normalize
 
 
 def nnx_train_step(
@@ -37,7 +37,7 @@ def nnx_train_step(
 
     before = nnx.as_pure(nnx.state((model, optimizer)))  # arrays, not references: what a skipped step restores
     (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-    grad_norm = global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     optimizer.update(model, grads)
     after = nnx.as_pure(nnx.state((model, optimizer)))

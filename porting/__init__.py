@@ -4,7 +4,7 @@ See docs/porting.md. `load_flax_variables(path)` reads any weights location (a r
 directory, any file) with its preprocessing record; `convert(src, dst)` is what the `port-weights` command runs.
 """
 
-from porting.api import Loaded, PortResult, fresh_head, load_canonical, load_flax_variables
+from porting.api import Loaded, LoadOptions, fresh_head, load, load_flax_variables
 from porting.convert import DIRECTIONS, check_conversion, compare_models, convert, direction_of
 from porting.darknet import (
     DEFAULT_HEADER,
@@ -40,9 +40,9 @@ __all__ = [
     "DarknetHeader",
     "DarknetWeights",
     "FlaxPretrained",
+    "LoadOptions",
     "Loaded",
     "Location",
-    "PortResult",
     "PortingError",
     "Preprocessing",
     "TorchPretrained",
@@ -61,7 +61,7 @@ __all__ = [
     "flax_to_torch_state_dict",
     "format_of",
     "fresh_head",
-    "load_canonical",
+    "load",
     "load_flax_variables",
     "locate",
     "parse_header",

@@ -5,6 +5,7 @@ and the head, slope and class names the caller asks for.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -54,23 +55,24 @@ class Loaded:
     def leaky_slope(self) -> float | None:
         return self.preprocessing.leaky_slope
 
+    @functools.cached_property
+    def variables(self) -> dict[str, Any]:
+        """The weights as Flax variables {"params", "batch_stats"} (numpy, Flax layout)."""
+        return canonical_to_flax(self.state, self.config)
+
 
 @dataclasses.dataclass(frozen=True)
-class PortResult:
-    """Flax variables read from any weights location, plus what the user must know about them."""
+class LoadOptions:
+    """What a caller states about the weights it reads; each statement is checked against what they record."""
 
-    variables: dict[str, Any]
-    num_classes: int | None
-    preprocessing: Preprocessing
-    source_format: str
-    notes: tuple[str, ...]
-    config: DarknetConfig = ARCHS["darknet53"]
-    location: Location | None = None
-    run_config: dict[str, Any] | None = None
-
-    @property
-    def leaky_slope(self) -> float | None:
-        return self.preprocessing.leaky_slope
+    config: DarknetConfig | None = None  # None: the recorded architecture, else the known one the tensors fit
+    source: str = "auto"  # the naming of a PyTorch file (porting.torch_flax.SOURCES)
+    num_classes: int | None = None  # None keeps the file's head (or none)
+    leaky_slope: float | None = None
+    class_names: Sequence[str] | None = None
+    preprocessing: Preprocessing | Mapping[str, Any] | None = None  # record fields
+    seed: int = 0  # of a freshly initialised head
+    reset_mismatched_head: bool = True  # a head of another width than num_classes: replace it (else an error)
 
 
 def arch_name(config: DarknetConfig) -> str:
@@ -183,36 +185,26 @@ def given_preprocessing(
     return given
 
 
-def load_canonical(
-    path: str | os.PathLike | Location,
-    *,
-    config: DarknetConfig | None = None,
-    source: str = "auto",
-    num_classes: int | None = None,
-    leaky_slope: float | None = None,
-    class_names: Sequence[str] | None = None,
-    preprocessing: Preprocessing | Mapping[str, Any] | None = None,
-    seed: int = 0,
-    reset_mismatched_head: bool = True,
-) -> Loaded:
-    """The weights any location names (porting.locations.ACCEPTED) as a canonical state dict, with their record.
+def load(path: str | os.PathLike | Location, options: LoadOptions = LoadOptions()) -> Loaded:
+    """The weights any location names (porting.locations.ACCEPTED) in canonical form, with their record.
 
-    config None: the architecture the location records, else the known one (darknet_arch.ARCHS) the tensors fit.
-    num_classes None keeps the file's head (or none); a head-less file gets a fresh head (see fresh_head), and a head
-    of another width is replaced by one (its class names dropped, with a note) unless reset_mismatched_head=False.
-    leaky_slope, class_names and preprocessing (record fields) add to what the weights record or their format
+    options.config None: the architecture the location records, else the known one (darknet_arch.ARCHS) the tensors
+    fit. num_classes None keeps the file's head (or none); a head-less file gets a fresh head (see fresh_head), and a
+    head of another width is replaced by one (its class names dropped, with a note) unless reset_mismatched_head is
+    False. leaky_slope, class_names and preprocessing (record fields) add to what the weights record or their format
     implies; one that contradicts it is a PortingError, as are class names whose count differs from the head.
     """
-    num_classes = check_num_classes(num_classes, "num_classes (--num-classes)")
-    leaky_slope = check_leaky_slope(leaky_slope, "leaky_slope (--leaky-slope)")
-    given = given_preprocessing(preprocessing, leaky_slope, class_names)
+    config, seed = options.config, options.seed
+    num_classes = check_num_classes(options.num_classes, "num_classes (--num-classes)")
+    leaky_slope = check_leaky_slope(options.leaky_slope, "leaky_slope (--leaky-slope)")
+    given = given_preprocessing(options.preprocessing, leaky_slope, options.class_names)
     location = path if isinstance(path, Location) else locate(path)
-    loaded = _read(location, config, source)
+    loaded = _read(location, config, options.source)
     label, cfg = location.given, loaded.config
     state, classes, notes, head = dict(loaded.state), loaded.num_classes, list(loaded.notes), cfg.head_name()
     record = loaded.preprocessing
     if num_classes is not None and num_classes != classes:
-        if classes is not None and not reset_mismatched_head:
+        if classes is not None and not options.reset_mismatched_head:
             raise PortingError(
                 f"size mismatch for {head}.weight: {label}'s head has {classes} classes, {num_classes} were requested "
                 f"(expected shape ({num_classes}, {cfg.width}), got ({classes}, {cfg.width})); pass "
@@ -251,22 +243,7 @@ def load_canonical(
                   location, loaded.run_config)  # fmt: skip
 
 
-def load_flax_variables(
-    path: str | os.PathLike | Location,
-    *,
-    num_classes: int | None = None,
-    leaky_slope: float | None = None,
-    class_names: Sequence[str] | None = None,
-    preprocessing: Preprocessing | Mapping[str, Any] | None = None,
-    source: str = "auto",
-    seed: int = 0,
-    config: DarknetConfig | None = None,
-    reset_mismatched_head: bool = True,
-) -> PortResult:
-    """Flax variables from ANY weights location (a run, a step, orbax, a Hub directory, a file); see load_canonical."""
-    loaded = load_canonical(path, config=config, source=source, num_classes=num_classes, leaky_slope=leaky_slope,
-                            class_names=class_names, preprocessing=preprocessing, seed=seed,
-                            reset_mismatched_head=reset_mismatched_head)  # fmt: skip
-    variables = canonical_to_flax(loaded.state, loaded.config)
-    return PortResult(variables, loaded.num_classes, loaded.preprocessing, loaded.source_format, loaded.notes,
-                      loaded.config, loaded.location, loaded.run_config)  # fmt: skip
+def load_flax_variables(path: str | os.PathLike | Location, **options: Any) -> Loaded:
+    """The weights of ANY location (a run, a step, orbax, a Hub directory, a file), `.variables` in Flax layout;
+    `options` are LoadOptions' fields (see `load`)."""
+    return load(path, LoadOptions(**options))

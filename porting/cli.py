@@ -121,10 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         with signals_raise():
             class_names = None if args.class_names is None else read_class_names(args.class_names)
             preprocessing = None if args.preprocessing is None else parse_preprocessing(args.preprocessing)
-            result = convert(args.src, args.dst, direction=args.direction, num_classes=args.num_classes,
-                             leaky_slope=args.leaky_slope, class_names=class_names, preprocessing=preprocessing,
-                             source=args.source, seed=args.seed, force=args.force, reset_head=args.reset_head,
-                             config=config)  # fmt: skip
+            result = convert(args.src, args.dst, direction=args.direction, force=args.force,
+                             num_classes=args.num_classes, leaky_slope=args.leaky_slope, class_names=class_names,
+                             preprocessing=preprocessing, source=args.source, seed=args.seed,
+                             reset_mismatched_head=args.reset_head, config=config)  # fmt: skip
             head = "none" if result.num_classes is None else f"{result.num_classes} classes"
             print(f"wrote {args.dst} ({args.direction}, from {result.source_format}, {arch_name(result.config)}, "
                   f"head: {head}, leaky_slope: {result.leaky_slope})")  # fmt: skip

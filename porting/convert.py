@@ -5,14 +5,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from darknet_arch import DARKNET53, DARKNET_LEAKY_SLOPE, DarknetConfig
 from porting import atomic, files, keymap
-from porting.api import Loaded, load_canonical
+from porting.api import Loaded, LoadOptions, load
 from porting.darknet import write_darknet_weights
 from porting.errors import PortingError
 from porting.locations import Location, locate
@@ -65,27 +65,15 @@ def check_darknet_record(record: Preprocessing, dst: str) -> str:
 
 
 def convert(
-    src: str | os.PathLike,
-    dst: str | os.PathLike,
-    *,
-    direction: str | None = None,
-    num_classes: int | None = None,
-    leaky_slope: float | None = None,
-    class_names: Sequence[str] | None = None,
-    preprocessing: Preprocessing | Mapping[str, Any] | None = None,
-    source: str = "auto",
-    seed: int = 0,
-    force: bool = False,
-    reset_head: bool = False,
-    config: DarknetConfig | None = None,
+    src: str | os.PathLike, dst: str | os.PathLike, *, direction: str | None = None, force: bool = False, **options: Any
 ) -> Loaded:
     """Convert the weights SRC names (any location: porting.locations.ACCEPTED) to the file or directory DST.
 
     DST's format comes from its suffix (checked against `direction` if given); it is written atomically, never half,
-    with the preprocessing record: SRC's, plus leaky_slope / class_names / preprocessing, which must not contradict
-    it. A head-less SRC with num_classes gets a fresh head; a head of another width is an error unless reset_head.
-    A Darknet DST is refused for weights trained on other input or with another slope than Darknet's. config None:
-    SRC's recorded or inferred architecture. Returns what was written.
+    with the preprocessing record: SRC's, plus the leaky_slope / class_names / preprocessing `options` (LoadOptions
+    fields), which must not contradict it. A head-less SRC with num_classes gets a fresh head; a head of another width
+    is an error unless reset_mismatched_head=True. A Darknet DST is refused for weights trained on other input or
+    with another slope than Darknet's. config None: SRC's recorded or inferred architecture. Returns what was written.
     """
     dst = os.fspath(dst)
     location = locate(src)
@@ -93,16 +81,14 @@ def convert(
     atomic.check_destination(dst, force)
     if os.path.abspath(location.path) == os.path.abspath(dst):
         raise PortingError(f"SRC and DST are the same path {dst!r}")
-    loaded = load_canonical(location, config=config, source=source, num_classes=num_classes, leaky_slope=leaky_slope,
-                            class_names=class_names, preprocessing=preprocessing, seed=seed,
-                            reset_mismatched_head=reset_head)  # fmt: skip
+    loaded = load(location, LoadOptions(**{"reset_mismatched_head": False, **options}))
     cfg = loaded.config
     meta = {"num_classes": loaded.num_classes, "source_format": loaded.source_format,
             "preprocessing": loaded.preprocessing.to_json()}  # fmt: skip
     if dst_side == "torch":
         files.write_torch_file(dst, canonical_to_torch(loaded.state, cfg), meta, force)
     elif dst_side == "flax":
-        files.write_flax_file(dst, canonical_to_flax(loaded.state, cfg), meta, force)
+        files.write_flax_file(dst, loaded.variables, meta, force)
     else:
         note = check_darknet_record(loaded.preprocessing, dst)
         write_darknet_weights(dst, loaded.state, config=cfg, force=force)
@@ -164,9 +150,9 @@ def check_conversion(
 ) -> dict[str, tuple[float, float]]:
     """After a conversion: torch_ref runs the torch-side file, Flax the Flax-side one (Darknet: whichever is left)."""
     src_side, dst_side = DIRECTIONS[direction_of(src, dst)]
-    src_loaded = load_canonical(src, config=config, source=source)
+    src_loaded = load(src, LoadOptions(config=config, source=source))
     config = src_loaded.config
-    src_state, dst_state = src_loaded.state, load_canonical(dst, config=config).state
+    src_state, dst_state = src_loaded.state, load(dst, LoadOptions(config=config)).state
     torch_from_src = src_side == "torch" or dst_side == "flax"
     torch_state, flax_state = (src_state, dst_state) if torch_from_src else (dst_state, src_state)
     if (keymap.head_width(torch_state, config) is None) != (keymap.head_width(flax_state, config) is None):

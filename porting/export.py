@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from darknet_arch import ARCHS, DarknetConfig
-from porting.api import load_flax_variables
+from darknet_arch import ARCHS
+from porting.api import Loaded, load_flax_variables
 from porting.atomic import check_destination, write_bytes
 from porting.errors import PortingError
 from porting.preprocessing import DEFAULT_IMAGE_SIZE, TRAINER_DEFAULTS, Preprocessing
@@ -71,18 +71,6 @@ class ExportError(PortingError):
 
 
 @dataclasses.dataclass(frozen=True)
-class SourceWeights:
-    """Flax variables with their architecture and preprocessing record (porting.preprocessing)."""
-
-    variables: dict[str, Any]
-    config: DarknetConfig
-    num_classes: int | None
-    preprocessing: Preprocessing  # recorded with the weights, implied by their format, or given; None: unknown
-    source: dict[str, Any]  # path, format, step
-    notes: tuple[str, ...] = ()
-
-
-@dataclasses.dataclass(frozen=True)
 class ExportResult:
     """What export() wrote: artefact paths by target, each sidecar's content, and notes for the user."""
 
@@ -98,7 +86,7 @@ def read_weights(
     leaky_slope: float | None = None,
     class_names: Sequence[str] | None = None,
     preprocessing: Preprocessing | dict[str, Any] | None = None,
-) -> SourceWeights:
+) -> Loaded:
     """THE weights lookup of the export: porting's shared reader (porting.locations.ACCEPTED: a run folder, its
     checkpoints/, a step, <run>/best|latest, an orbax or Hub-layout directory, any weights file), in this one
     function so the export reads exactly what port-weights reads.
@@ -108,15 +96,16 @@ def read_weights(
     """
     if arch is not None and arch not in ARCHS:
         raise ExportError(f"unknown --arch {arch!r}; choose one of {sorted(ARCHS)}")
-    result = load_flax_variables(src, config=None if arch is None else ARCHS[arch], leaky_slope=leaky_slope,
-                                 class_names=class_names, preprocessing=preprocessing)  # fmt: skip
-    step = None if result.location is None else result.location.step
-    source = {"path": os.fspath(src), "format": result.source_format, "step": step}
-    return SourceWeights(result.variables, result.config, result.num_classes, result.preprocessing, source,
-                         result.notes)  # fmt: skip
+    return load_flax_variables(src, config=None if arch is None else ARCHS[arch], leaky_slope=leaky_slope,
+                               class_names=class_names, preprocessing=preprocessing)  # fmt: skip
 
 
-def serving_preprocessing(weights: SourceWeights) -> tuple[dict[str, Any], list[str], list[str]]:
+def source_record(weights: Loaded) -> dict[str, Any]:
+    """What a sidecar records of the weights' origin: the path given, its format and, for a run, the step."""
+    return {"path": weights.location.given, "format": weights.source_format, "step": weights.location.step}
+
+
+def serving_preprocessing(weights: Loaded) -> tuple[dict[str, Any], list[str], list[str]]:
     """(preprocessing without class names, class names, notes): the weights' record, its gaps filled.
 
     What the record does not say is taken from the trainers' preprocessing (porting.preprocessing.TRAINER_DEFAULTS:
@@ -125,7 +114,7 @@ def serving_preprocessing(weights: SourceWeights) -> tuple[dict[str, Any], list[
     """
     n, record = weights.num_classes, weights.preprocessing
     if n is None:
-        raise ExportError(f"{weights.source['path']} has no classifier head: an exported model returns logits and "
+        raise ExportError(f"{weights.location.given} has no classifier head: an exported model returns logits and "
                           "probabilities, so it needs trained head weights (port-weights --num-classes would add a "
                           "random head); export a run or a file with its head")  # fmt: skip
     defaults = TRAINER_DEFAULTS.replace(image_size=DEFAULT_IMAGE_SIZE, leaky_slope=weights.config.leaky_slope,
@@ -135,7 +124,7 @@ def serving_preprocessing(weights: SourceWeights) -> tuple[dict[str, Any], list[
     pre = filled.to_json()
     names = [str(x) for x in pre.pop("class_names")]
     shown = [f"{k} {pre[k]}" if k != "class_names" else f"class names 0..{n - 1}" for k in assumed]
-    notes = [f"{os.path.basename(os.path.normpath(weights.source['path']))} records no {', '.join(assumed)}: "
+    notes = [f"{os.path.basename(os.path.normpath(weights.location.given))} records no {', '.join(assumed)}: "
              f"exported with {', '.join(shown)} (--preprocessing, --class-names and --leaky-slope say otherwise)"
              ] if assumed else []  # fmt: skip
     if len(set(names)) != len(names):
@@ -186,7 +175,7 @@ def compare(got: Callable[[np.ndarray], np.ndarray], want: Callable[[np.ndarray]
             "relative_diff": relative, "top1_agreement": agree / total, "ok": True}  # fmt: skip
 
 
-def flax_logits(weights: SourceWeights, pre: dict[str, Any], precision: str = "fp32") -> Callable:
+def flax_logits(weights: Loaded, pre: dict[str, Any], precision: str = "fp32") -> Callable:
     """images -> the Flax model's logits, preprocessing as recorded (jitted; the whole batch at once)."""
     import jax
     import jax.numpy as jnp
@@ -204,7 +193,7 @@ def flax_logits(weights: SourceWeights, pre: dict[str, Any], precision: str = "f
     return lambda images: np.asarray(fn(weights.variables, images))
 
 
-def jax_program(weights: SourceWeights, pre: dict[str, Any], precision: str, platforms: Sequence[str]) -> Any:
+def jax_program(weights: Loaded, pre: dict[str, Any], precision: str, platforms: Sequence[str]) -> Any:
     """jax.export.Exported of uint8 (batch, S, S, C) -> (logits, probabilities), the weights as constants."""
     import jax
     import jax.numpy as jnp
@@ -234,7 +223,7 @@ def jax_program(weights: SourceWeights, pre: dict[str, Any], precision: str, pla
 
 
 def export_jax(
-    weights: SourceWeights, pre: dict[str, Any], precision: str, platforms: Sequence[str], images: np.ndarray
+    weights: Loaded, pre: dict[str, Any], precision: str, platforms: Sequence[str], images: np.ndarray
 ) -> tuple[bytes, dict[str, Any]]:
     """(serialised program, check): the deserialised program against the fp32 Flax model, gated when fp32."""
     import jax
@@ -252,7 +241,7 @@ def export_jax(
     return data, check
 
 
-def torch_serving_module(weights: SourceWeights, pre: dict[str, Any]) -> Any:
+def torch_serving_module(weights: Loaded, pre: dict[str, Any]) -> Any:
     """torch_ref wrapped to take uint8 NHWC images and return (logits, probabilities), preprocessing inside."""
     import torch
 
@@ -298,7 +287,7 @@ def onnx_bytes(module: Any, images: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def export_onnx(weights: SourceWeights, pre: dict[str, Any], images: np.ndarray) -> tuple[bytes, dict[str, Any]]:
+def export_onnx(weights: Loaded, pre: dict[str, Any], images: np.ndarray) -> tuple[bytes, dict[str, Any]]:
     """(ONNX bytes, check): onnxruntime on the model against torch_ref's logits, gated."""
     import onnx
     import onnxruntime as ort
@@ -325,7 +314,7 @@ def onnx_run(session: Any, images: np.ndarray) -> list[np.ndarray]:
     return session.run(list(OUTPUT_NAMES), {INPUT_NAME: images})
 
 
-def sidecar(target: str, weights: SourceWeights, pre: dict[str, Any], names: list[str], platforms: Sequence[str],
+def sidecar(target: str, weights: Loaded, pre: dict[str, Any], names: list[str], platforms: Sequence[str],
             check: dict[str, Any], artefact: bytes) -> dict[str, Any]:  # fmt: skip
     """The JSON written beside an artefact (porting.serve_predict reads it)."""
     file_name, runtime, precision = TARGETS[target]
@@ -334,7 +323,7 @@ def sidecar(target: str, weights: SourceWeights, pre: dict[str, Any], names: lis
             "artefact": file_name, "runtime": runtime, "precision": precision, "input": spec,
             "outputs": output_specs(len(names)), "class_names": names, "preprocessing": pre,
             "model": {"num_classes": weights.num_classes, "config": dataclasses.asdict(weights.config)},
-            "source": weights.source, "weights_sha256": weights_sha256(weights.variables),
+            "source": source_record(weights), "weights_sha256": weights_sha256(weights.variables),
             "artefact_sha256": hashlib.sha256(artefact).hexdigest(), "check": check}  # fmt: skip
     if runtime == "jax":
         meta.update(platforms=list(platforms), written_by=versions(JAX_DISTRIBUTIONS))

@@ -10,16 +10,17 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from darknet_arch import DARKNET_LEAKY_SLOPE, SEED_LEAKY_SLOPE, DarknetConfig
-from porting.api import Loaded, load_canonical
+from darknet_arch import DARKNET_LEAKY_SLOPE, SEED_LEAKY_SLOPE
+from porting.api import Loaded, LoadOptions, load
 from porting.errors import PortingError, failing_as
 from porting.hub import HUB_CONFIG, HUB_WEIGHTS
 from porting.locations import SELECTORS, Location, locate
 from porting.preprocessing import Preprocessing
-from porting.torch_flax import canonical_to_flax, canonical_to_torch
+from porting.torch_flax import canonical_to_torch
 
 HUB_PREFIX = "hf-hub:"  # timm's spelling of an explicit Hub id
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
@@ -108,8 +109,8 @@ def hub_location(
     return dataclasses.replace(location, given=label, notes=(*location.notes, f"{label}: read {location.path}"))
 
 
-def _loaded(name_or_path: str | os.PathLike, revision: str | None, cache_dir: str | None, **kwargs: Any) -> Loaded:
-    loaded = load_canonical(resolve(name_or_path, revision=revision, cache_dir=cache_dir), **kwargs)
+def _loaded(name_or_path: str | os.PathLike, revision: str | None, cache_dir: str | None, options: Any) -> Loaded:
+    loaded = load(resolve(name_or_path, revision=revision, cache_dir=cache_dir), LoadOptions(**options))
     if loaded.leaky_slope is None:
         raise PortingError(
             f"{loaded.location.given} records no leaky slope and its format implies none: pass leaky_slope= (the "
@@ -122,43 +123,31 @@ def _loaded(name_or_path: str | os.PathLike, revision: str | None, cache_dir: st
 def flax_from_pretrained(
     name_or_path: str | os.PathLike,
     *,
-    num_classes: int | None = None,
-    leaky_slope: float | None = None,
-    seed: int = 0,
-    config: DarknetConfig | None = None,
     revision: str | None = None,
     cache_dir: str | None = None,
-    **model_kwargs: Any,
+    model_kwargs: Mapping[str, Any] | None = None,
+    **options: Any,
 ) -> FlaxPretrained:
     """flax_darknet.Darknet53 (model_kwargs: dtype, remat, ...) with the weights of a Hub id or any local location.
 
-    num_classes of another width than the weights' head replaces it with a fresh one (seed), as timm's
-    create_model(pretrained=True, num_classes=...) does; leaky_slope is needed only where nothing records one.
+    `options` are porting.LoadOptions fields: num_classes of another width than the weights' head replaces it with a
+    fresh one (seed), as timm's create_model(pretrained=True, num_classes=...) does; leaky_slope is needed only where
+    nothing records one.
     """
     import flax_darknet
 
-    loaded = _loaded(name_or_path, revision, cache_dir, num_classes=num_classes, leaky_slope=leaky_slope, seed=seed,
-                     config=config)  # fmt: skip
-    model = flax_darknet.Darknet53(num_classes=loaded.num_classes, config=loaded.config, **model_kwargs)
-    variables = canonical_to_flax(loaded.state, loaded.config)
-    return FlaxPretrained(model, variables, loaded.preprocessing, loaded.location, loaded.notes)
+    loaded = _loaded(name_or_path, revision, cache_dir, options)
+    model = flax_darknet.Darknet53(num_classes=loaded.num_classes, config=loaded.config, **(model_kwargs or {}))
+    return FlaxPretrained(model, loaded.variables, loaded.preprocessing, loaded.location, loaded.notes)
 
 
 def torch_from_pretrained(
-    name_or_path: str | os.PathLike,
-    *,
-    num_classes: int | None = None,
-    leaky_slope: float | None = None,
-    seed: int = 0,
-    config: DarknetConfig | None = None,
-    revision: str | None = None,
-    cache_dir: str | None = None,
+    name_or_path: str | os.PathLike, *, revision: str | None = None, cache_dir: str | None = None, **options: Any
 ) -> TorchPretrained:
     """torch_ref.Darknet53 in eval mode with the weights of a Hub id or any local location; see flax_from_pretrained."""
     import torch_ref
 
-    loaded = _loaded(name_or_path, revision, cache_dir, num_classes=num_classes, leaky_slope=leaky_slope, seed=seed,
-                     config=config)  # fmt: skip
+    loaded = _loaded(name_or_path, revision, cache_dir, options)
     model = torch_ref.Darknet53(loaded.num_classes, config=loaded.config)
     model.load_state_dict(canonical_to_torch(loaded.state, loaded.config), strict=True)
     return TorchPretrained(model.eval(), loaded.preprocessing, loaded.location, loaded.notes)

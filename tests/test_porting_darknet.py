@@ -11,7 +11,7 @@ from porting_helpers import TINY, darknet_forward, darknet_layers, relative_max_
 import flax_darknet
 import torch_ref
 from darknet_arch import DARKNET53
-from porting import PortingError, darknet_float_count, load_canonical, load_flax_variables, read_darknet_weights
+from porting import PortingError, darknet_float_count, load_flax_variables, read_darknet_weights
 from porting.torch_flax import canonical_to_torch
 
 CLASSES = 5
@@ -59,7 +59,7 @@ def test_weights_file_in_torch_ref_matches_float64_darknet_forward(tmp_path, lay
     write_weights_file(path, layers)
     assert read_darknet_weights(path, config=TINY).header.seen == 0
     model = torch_ref.Darknet53(num_classes=CLASSES, config=TINY).eval()
-    model.load_state_dict(canonical_to_torch(load_canonical(path, config=TINY).state, TINY), strict=True)
+    model.load_state_dict(canonical_to_torch(load_flax_variables(path, config=TINY).state, TINY), strict=True)
     with torch.no_grad():
         x = torch.from_numpy(reference[0])
         logits, features = model(x).numpy(), {k: v.numpy() for k, v in model.forward_features(x).items()}
