@@ -29,7 +29,7 @@ FULL = {"batch_sizes": (128, 256), "image_size": 256, "arch": "darknet53", "warm
 QUICK = {"batch_sizes": (2,), "image_size": 32, "arch": "tiny", "warmup": 1, "steps": 1, "repeats": 2}
 DEFAULT_CASE_TIMEOUT_S = 300.0
 VERSIONED = ("jax", "jaxlib", "flax", "optax", "torch", "numpy")
-STEP = f"train.steps.train_step on a train.state.TrainState (Flax) and its PyTorch twin; {OPTIMIZER}"
+STEP = f"train.state.train_step on a train.state.TrainState (Flax) and its PyTorch twin; {OPTIMIZER}"
 
 
 def _positive_int(text: str) -> int:

@@ -1,8 +1,8 @@
-"""Flax cases: the product's own step (train.steps.train_step on a TrainState) and its inference (BN folded).
+"""Flax cases: the product's own step (train.state.train_step on a TrainState) and its inference (BN folded).
 
 The batch is synthetic uint8 NHWC with int32 labels, already on the device; the step normalises it
-(train.steps.normalize), as in the trainer. The step is jitted as train/loop.py does: state donated on accelerators
-(train.steps.state_donation).
+(train.state.normalize), as in the trainer. The step is jitted as train/loop.py does: state donated on accelerators
+(train.state.state_donation).
 """
 
 from __future__ import annotations
@@ -18,8 +18,15 @@ import optax
 from bench.common import DATA_SEED, NUM_CLASSES, TRAIN_CONFIG, CaseSpec, measure, time_windows
 from darknet_arch import ARCHS, DarknetConfig
 from flax_darknet import fold_for_inference
-from train.state import TrainState, create_model, create_train_state, make_optimizer
-from train.steps import normalize, state_donation, train_step
+from train.state import (
+    TrainState,
+    create_model,
+    create_train_state,
+    make_optimizer,
+    normalize,
+    state_donation,
+    train_step,
+)
 
 
 def enable_compilation_cache(cache_dir: str) -> None:

@@ -1,4 +1,4 @@
-"""The NNX twin of train.steps.train_step, documented in docs/model.md and checked by tests/test_nnx_train_step.py.
+"""The NNX twin of train.state.train_step, documented in docs/model.md and checked by tests/test_nnx_train_step.py.
 
 `nnx_train_step` has the same loss, normalisation and non-finite skip, on an `nnx.Optimizer`; `JittedNNXStep`
 runs it through `jax.jit` at the linen step's cost. The harness that timed it against the linen step and measured
@@ -19,14 +19,13 @@ from bench.flax_cases import synthetic_batch as synthetic_batch
 from bench.flax_cases import trainer_optimizer as trainer_optimizer
 from flax_darknet import Darknet53
 from flax_darknet import nnx as dnnx
-from train.state import zero_init_residual
-from train.steps import normalize
+from train.state import normalize, zero_init_residual
 
 
 def nnx_train_step(
     model: dnnx.Darknet53, optimizer: nnx.Optimizer, batch: dict[str, jax.Array], label_smoothing: float = 0.0
 ) -> dict[str, jax.Array]:
-    """One optimizer step on an NNX Darknet53 in train mode, in place; the twin of train.steps.train_step."""
+    """One optimizer step on an NNX Darknet53 in train mode, in place; the twin of train.state.train_step."""
     images = normalize(batch["image"])
     labels = batch["label"]
 

@@ -68,7 +68,7 @@ def test_quick_run_measures_every_cpu_mode_and_names_what_it_skipped(quick_run) 
     md = result["_markdown"]
     assert all(f"| {name} |" in md for name in expected)
     # The report says which step and optimizer both sides ran.
-    assert "train.steps.train_step" in md and "Nesterov" in md and "make_torch_optimizer" in md
+    assert "train.state.train_step" in md and "Nesterov" in md and "make_torch_optimizer" in md
     assert "## Headline figures" in md and "skipped" in md
 
 

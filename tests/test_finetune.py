@@ -12,8 +12,7 @@ from tests.train_helpers import SIZE, TINY, random_batch, tiny_cli_args
 from train import flax as train_flax
 from train.finetune import frozen_modules, unit_names
 from train.options import ConfigError, TrainConfig, validate
-from train.state import create_model, create_train_state, make_optimizer
-from train.steps import train_step
+from train.state import create_model, create_train_state, make_optimizer, train_step
 
 LR = 0.1
 

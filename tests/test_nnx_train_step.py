@@ -1,4 +1,4 @@
-"""The documented NNX training step (bench.nnx_remat) gives train.steps.train_step's parameters after 3 steps.
+"""The documented NNX training step (bench.nnx_remat) gives train.state.train_step's parameters after 3 steps.
 
 Both start from the same weights, take the trainer's own optimizer (train.state.make_optimizer: SGD with
 Nesterov momentum and masked weight decay) and the same uint8 batch three times, in float32 on the CPU.
@@ -17,8 +17,7 @@ from bench.nnx_remat import trainer_optimizer as make_tx
 from darknet_arch import TINY
 from flax_darknet import Darknet53
 from flax_darknet import nnx as dnnx
-from train.state import TrainState
-from train.steps import train_step
+from train.state import TrainState, train_step
 
 SIZE = 32
 BATCH = 4

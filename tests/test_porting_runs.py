@@ -3,8 +3,8 @@ with no other flags gives a .pt on which torch_ref reproduces the run's logits; 
 same way by port-weights, load_flax_variables, --init-from and train.predict; a path that names no weights gets the
 same message from all four; contradicting flags and class names are refused with nothing written.
 
-The references are the run format's own readers (porting.runs) with the trainer's model and normalisation (train.state,
-train.steps), not porting's locator and converters.
+The references are the run format's own readers (porting.runs) with the trainer's model and normalisation (train.state),
+not porting's locator and converters.
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ from train.loop import load_init_variables
 from train.options import IMAGENET_MEAN, IMAGENET_STD, ConfigError, TrainConfig
 from train.predict import Predictor
 from train.predict import main as predict_main
-from train.state import create_model, create_train_state, make_optimizer, make_schedule, state_tree
-from train.steps import normalize
+from train.state import create_model, create_train_state, make_optimizer, make_schedule, normalize, state_tree
 
 pytestmark = pytest.mark.slow  # each module trains a tiny demo run first (about a minute on 2 cores)
 

@@ -21,7 +21,6 @@ from tests.train_helpers import TINY_RUN_FLAGS, run_module, tiny_cli_args
 from train import flax as train_flax
 from train import predict as predict_cli
 from train import run
-from train import workdir as workdir_lib
 from train.logging_utils import METRICS_FILE, read_metrics
 
 RUN = TINY_RUN_FLAGS  # conftest's tiny_run was trained with these: a resume must repeat them
@@ -43,7 +42,7 @@ def finished(tiny_run) -> Path:
 @pytest.fixture
 def run_copy(finished, tmp_path) -> Path:
     copy = tmp_path / "run"
-    shutil.copytree(finished, copy, ignore=shutil.ignore_patterns(workdir_lib.WorkdirLock.FILE))
+    shutil.copytree(finished, copy, ignore=shutil.ignore_patterns(run.WorkdirLock.FILE))
     return copy
 
 
@@ -81,7 +80,7 @@ def test_overwrite_refuses_a_run_folder_holding_the_data(run_copy, capsys):
 
 
 def test_a_second_run_on_a_workdir_in_use_is_refused_naming_the_holder(run_copy, capsys):
-    lock = workdir_lib.WorkdirLock(run_copy)
+    lock = run.WorkdirLock(run_copy)
     lock.acquire()
     try:
         before = tree(run_copy)
@@ -159,7 +158,7 @@ def test_resume_drops_metrics_after_the_checkpoint_and_a_half_written_line(run_c
     records = read_metrics(run_copy)
     later = {"kind": "val", "step": 99, "accuracy": 0.5}
     path.write_text(path.read_text() + json.dumps(later) + "\n" + '{"kind": "train_ep')
-    workdir_lib.trim_metrics(run_copy, 2)
+    run.trim_metrics(run_copy, 2)
     assert read_metrics(run_copy) == records
 
 
@@ -288,7 +287,7 @@ def test_a_file_name_that_is_not_utf8_trains_and_a_failed_start_never_blocks_its
     shutil.copy(data / "a" / "000.jpg", os.fsencode(data / "a") + b"/caf\xe9.jpg")  # Latin-1 bytes: not UTF-8
     workdir = tmp_path / "w"
     (workdir / CHECKPOINT_DIR).mkdir(parents=True)  # what a start that failed after taking the workdir left
-    (workdir / workdir_lib.WorkdirLock.FILE).touch()
+    (workdir / run.WorkdirLock.FILE).touch()
     args = ["--data", str(data), "--arch", "tiny", "--workdir", str(workdir), "--steps", "1", "--batch-size", "4",
             "--image-size", "32", "--compile-cache", "none", "--num-workers", "0"]  # fmt: skip
     assert train_flax.main(args) == 0, capsys.readouterr().err

@@ -14,8 +14,7 @@ from tests.train_helpers import SIZE, TINY, random_batch
 from torch_ref import Darknet53 as TorchDarknet
 from train.loop import load_init_variables
 from train.options import ConfigError, TrainConfig
-from train.state import create_model, create_train_state, make_optimizer, make_schedule
-from train.steps import normalize
+from train.state import create_model, create_train_state, make_optimizer, make_schedule, normalize
 from train.torch import to_tensor
 
 

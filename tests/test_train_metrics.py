@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from train.metrics import confusion_matrix, per_class_f1, summarize
+from train.run import confusion_matrix, per_class_f1, summarize
 
 
 def reference_macro_f1(labels: list[int], preds: list[int]) -> tuple[float, dict[int, float]]:

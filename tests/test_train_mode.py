@@ -46,7 +46,7 @@ def example_train_step(state: ExampleTrainState, batch: dict) -> tuple[ExampleTr
 
 
 def explicit_train_step(state: ExampleTrainState, batch: dict) -> tuple[ExampleTrainState, jax.Array]:
-    """The same step passing train=True, as train.steps.train_step and big_vision-style code do."""
+    """The same step passing train=True, as train.state.train_step and big_vision-style code do."""
 
     def loss_fn(params):
         logits, new_model_state = state.apply_fn(

@@ -20,9 +20,9 @@ from train.state import (
     init_variables,
     make_optimizer,
     make_schedule,
+    train_step,
     zero_init_residual,
 )
-from train.steps import train_step
 
 
 @pytest.fixture(scope="module")

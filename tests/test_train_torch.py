@@ -7,7 +7,7 @@ import pytest
 from porting.runs import TORCH_BEST, TORCH_CHECKPOINT_DIR, TORCH_LATEST
 from tests.train_helpers import run_module, tiny_cli_args
 from train.logging_utils import read_metrics
-from train.metrics import summarize
+from train.run import summarize
 from train.torch import lr_at
 
 

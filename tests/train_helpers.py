@@ -97,10 +97,9 @@ def one_step(out: str) -> None:
     import jax
     from flax import traverse_util
 
+    from train.distributed import make_topology, place_batch, replicate
     from train.options import TrainConfig
-    from train.sharding import make_topology, place_batch, replicate
-    from train.state import create_model, create_train_state, make_optimizer, make_schedule
-    from train.steps import train_step
+    from train.state import create_model, create_train_state, make_optimizer, make_schedule, train_step
 
     topology = make_topology()
     config = TrainConfig(data="demo", workdir="unused", lr=0.1, warmup_epochs=0.0, batch_size=8)

@@ -9,6 +9,9 @@ process at one agreed step through JAX's preemption service (see train.loop).
 
 Over 300 lines because each failure mode of a multi-process launch (bad flags, an unreachable coordinator, a
 process that fails, a process count that differs) needs its own handling, and they read best together.
+
+The second half is data parallelism with jax.sharding: one mesh axis over every device, the batch split, the
+state replicated.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ import threading
 import time
 from typing import Any
 
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
 from porting.errors import EXIT_PEER_FAILED
 
 DEFAULT_TIMEOUT_S = 300
@@ -32,8 +39,8 @@ _PROBE_INTERVAL_S = 0.5
 # the others read its report (process 0 hosts the key-value store: when it exits, the store goes with it).
 FAILURE_POLL_S = 0.5
 FAILURE_LINGER_S = 3 * FAILURE_POLL_S
-# Exit code of a process stopped because another process failed (its own failures keep their usual codes).
 _KEY_PREFIX = "darknet53"
+DATA_AXIS = "data"  # the one mesh axis: data parallelism over every device
 
 # Environment variables by which JAX's own cluster detection recognises a multi-process launch.
 _CLUSTER_ENVS = {
@@ -349,3 +356,72 @@ def data_state_for_topology(state: Any, batch_size: int, process_count: int) -> 
     if not (isinstance(saved_b, int) and isinstance(saved_p, int)) or saved_b * saved_p != batch_size * process_count:
         return state
     return {**state, "batch_size": batch_size, "process_count": process_count}
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """Where this process sits: the global mesh and its share of every global batch."""
+
+    mesh: Mesh
+    process_index: int
+    process_count: int
+
+    @property
+    def num_devices(self) -> int:
+        return self.mesh.devices.size
+
+    @property
+    def is_main(self) -> bool:
+        """Process 0 writes files and logs."""
+        return self.process_index == 0
+
+    @property
+    def batch_sharding(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    def local_batch_size(self, global_batch: int) -> int:
+        """This process's rows of a global batch."""
+        return global_batch // self.process_count
+
+
+class ShardingError(ValueError):
+    """A batch size that cannot be split over the devices."""
+
+
+def make_topology(devices: list[Any] | None = None) -> Topology:
+    """A 1-D mesh over all global devices (jax.devices(), so multi-host works unchanged)."""
+    devices = devices if devices is not None else jax.devices()
+    mesh = Mesh(np.asarray(devices), (DATA_AXIS,))
+    return Topology(mesh=mesh, process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def check_batch_size(batch_size: int, topology: Topology, what: str = "--batch-size") -> None:
+    """Raise ShardingError unless the global batch splits evenly over the devices."""
+    if batch_size % topology.num_devices:
+        raise ShardingError(
+            f"{what} {batch_size} cannot be split over {topology.num_devices} devices; "
+            f"use a multiple of {topology.num_devices}"
+        )
+
+
+def place_batch(batch: dict[str, np.ndarray], topology: Topology) -> dict[str, jax.Array]:
+    """This process's numpy batch -> global arrays sharded on the leading (batch) axis."""
+    return {k: jax.make_array_from_process_local_data(topology.batch_sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def replicate(tree: Any, topology: Topology) -> Any:
+    """Put a pytree (the train state) on every device."""
+    return jax.device_put(tree, topology.replicated)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A global array as one numpy array on every process (gathers across hosts when there are several)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)

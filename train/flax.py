@@ -22,11 +22,10 @@ def _run(config: Any, is_main: bool = True) -> tuple[int, str | None, bool]:
     """Train; (exit code, error message or None, whether every process stops the same way)."""
     from porting.runs import CheckpointError
     from train.data import DataError
-    from train.distributed import DistributedError
+    from train.distributed import DistributedError, ShardingError
     from train.loop import train
     from train.options import ConfigError
     from train.run import Interrupted, NonFiniteError, WorkdirError
-    from train.sharding import ShardingError
 
     try:
         summary = train(config)

@@ -21,9 +21,8 @@ from darknet_arch import DarknetConfig
 from flax_darknet import remat_compiler_options
 from porting import runs as ckpt
 from train import distributed, run
-from train import metrics as metrics_lib
-from train import workdir as workdir_lib
 from train.data import DataSplits
+from train.distributed import Topology, check_batch_size, make_topology, place_batch, replicate, to_host
 from train.finetune import frozen_modules
 from train.logging_utils import RunLogger
 from train.options import (
@@ -37,17 +36,18 @@ from train.options import (
     dumps,
     resolved_as_saved,
 )
-from train.sharding import Topology, check_batch_size, make_topology, place_batch, replicate, to_host
 from train.state import (
     TrainState,
     create_model,
     create_train_state,
+    eval_step,
     make_optimizer,
     make_schedule,
+    state_donation,
     state_tree,
+    train_step,
     variable_shapes,
 )
-from train.steps import eval_step, state_donation, train_step
 
 DEFAULT_COMPILE_CACHE = Path.home() / ".cache" / "darknet53-jax" / "xla"
 # Entries that compile faster than this are not worth a disk round trip.
@@ -168,7 +168,7 @@ def evaluate(
         loss_sum = out["loss_sum"] if loss_sum is None else loss_sum + out["loss_sum"]
     n = len(class_names)
     cm = np.zeros((n, n), np.int64) if cm is None else to_host(cm).astype(np.int64)
-    return metrics_lib.summarize(cm, 0.0 if loss_sum is None else float(to_host(loss_sum)), class_names)
+    return run.summarize(cm, 0.0 if loss_sum is None else float(to_host(loss_sum)), class_names)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,7 +191,7 @@ def plan_run(config: TrainConfig, base_config: DarknetConfig, splits: DataSplits
     """
     splits = splits or run.load_run_splits(config)
     class_names = list(splits.class_names)
-    workdir_lib.check_workdir(config, ckpt.CHECKPOINT_DIR)
+    run.check_workdir(config, ckpt.CHECKPOINT_DIR)
     if config.resume:
         candidates, config = check_resume(config, Path(config.workdir), splits)
         return RunStart(config, base_config.with_slope(config.leaky_slope), splits, tuple(candidates))
@@ -223,7 +223,7 @@ def train(
     topology = topology or make_topology()
     check_batch_size(config.batch_size, topology)
     start = plan_run(config, model_config or config.model_config, splits)
-    lock = workdir_lib.prepare_workdir(start.config, ckpt.CHECKPOINT_DIR, topology.is_main, sync=distributed.barrier)
+    lock = run.prepare_workdir(start.config, ckpt.CHECKPOINT_DIR, topology.is_main, sync=distributed.barrier)
     try:
         return _train(start, topology, verbose and topology.is_main, t_entry)
     finally:
@@ -274,7 +274,7 @@ def _train(start: RunStart, topology: Topology, verbose: bool, t_entry: float) -
         train_iter.set_state(data_state)
         loop = run.LoopState(**resume_meta["loop"])
         if is_main:
-            workdir_lib.trim_metrics(workdir, loop.step)
+            run.trim_metrics(workdir, loop.step)
         last_val = resume_meta["val"]  # a finished run resumed keeps its final evaluation in summary.json
         say(f"resumed from step {loop.step} in {workdir}")
     # Every process takes part in saving (orbax writes each process's shards and synchronises them).

@@ -49,7 +49,7 @@ class Predictor:
     def from_checkpoint(cls, path: str | os.PathLike, batch_size: int | None = None) -> Predictor:
         """Any weights location porting reads (a run folder or step, a Hub-layout directory, any weights file), with
         the class names, image size and slope its preprocessing record gives; refused if the record lacks one, or
-        asks for other input than train.steps.normalize makes."""
+        asks for other input than train.state.normalize makes."""
         import porting
         from porting.preprocessing import TRAINER_DEFAULTS, contradictions  # what normalize and make_eval_iter do
         from train.options import TrainConfig
@@ -103,8 +103,7 @@ class Predictor:
             import jax
 
             from flax_darknet import fold_for_inference
-            from train.state import create_model
-            from train.steps import normalize
+            from train.state import create_model, normalize
 
             # Folded: one fewer per-channel pass per conv and no statistics (equal to 1e-6, tests/test_fold_bn.py).
             unfolded = create_model(self.model_config, len(self.class_names), self.precision)

@@ -24,9 +24,7 @@ from torch import nn
 from porting import runs
 from porting.errors import EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_OK, SIGNAL_EXIT_BASE
 from porting.preprocessing import IMAGENET_MEAN, IMAGENET_STD, PIXEL_SCALE
-from train import metrics as metrics_lib
 from train import run
-from train import workdir as workdir_lib
 from train.logging_utils import RunLogger
 from train.options import (
     ConfigError,
@@ -70,7 +68,7 @@ def zero_init_residual(model: nn.Module) -> None:
 def normalize(
     images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
 ) -> torch.Tensor:
-    """uint8 (or float 0..255) RGB NCHW -> (x / 255 - mean) / std in float32 (train.steps.normalize's numbers)."""
+    """uint8 (or float 0..255) RGB NCHW -> (x / 255 - mean) / std in float32 (train.state.normalize's numbers)."""
     mean_t = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
     return (images.float() * PIXEL_SCALE - mean_t) / std_t
@@ -150,7 +148,7 @@ def evaluate(model: nn.Module, eval_iter: Any, dev: Device, class_names: list[st
             loss_sum += (F.cross_entropy(logits, y, reduction="none") * mask).sum()
             cm += torch.bincount((y * n + logits.argmax(-1))[mask], minlength=n * n)
     model.train()
-    return metrics_lib.summarize(cm.view(n, n).cpu().numpy(), float(loss_sum), class_names)
+    return run.summarize(cm.view(n, n).cpu().numpy(), float(loss_sum), class_names)
 
 
 def train_torch(config: TrainConfig, *, compile_model: bool = False, verbose: bool = True) -> dict[str, Any]:
@@ -159,7 +157,7 @@ def train_torch(config: TrainConfig, *, compile_model: bool = False, verbose: bo
     if config.init_from:
         raise ConfigError("--init-from is supported by train.flax only; convert with port-weights and use train.flax")
     splits = run.load_run_splits(config)  # before the workdir is touched
-    lock = workdir_lib.prepare_workdir(config, runs.TORCH_CHECKPOINT_DIR)
+    lock = run.prepare_workdir(config, runs.TORCH_CHECKPOINT_DIR)
     try:
         return _train_torch(config, splits, compile_model, verbose)
     finally:
@@ -204,7 +202,7 @@ def _train_torch(config: TrainConfig, splits: Any, compile_model: bool, verbose:
         train_iter.set_state(saved["data_state"])
         torch.set_rng_state(saved["torch_rng"].cpu())
         loop, last_val = run.LoopState(**saved["loop"]), saved["val"]
-        workdir_lib.trim_metrics(workdir, loop.step)
+        run.trim_metrics(workdir, loop.step)
         say(f"resumed from step {loop.step}")
     forward = torch.compile(model) if compile_model else model
     run.write_run_files(workdir, config, splits)
