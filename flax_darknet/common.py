@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypedDict
 
 import jax
 import jax.numpy as jnp
@@ -43,10 +43,17 @@ def conv_init(leaky_slope: float) -> nn.initializers.Initializer:
     return nn.initializers.variance_scaling(2.0 / (1.0 + leaky_slope**2), "fan_out", "normal")
 
 
-def batch_norm_kwargs(config: DarknetConfig) -> dict[str, float]:
+class BatchNormArgs(TypedDict):
+    """The BatchNorm settings flax's linen and NNX BatchNorm take from a DarknetConfig."""
+
+    momentum: float
+    epsilon: float
+
+
+def batch_norm_kwargs(config: DarknetConfig) -> BatchNormArgs:
     """momentum and epsilon for flax's BatchNorm (linen and NNX) from the config's PyTorch-convention values."""
     # Flax keeps `momentum` of the old value; PyTorch's m is the new one's.
-    return {"momentum": 1.0 - config.bn_momentum, "epsilon": config.bn_eps}
+    return BatchNormArgs(momentum=1.0 - config.bn_momentum, epsilon=config.bn_eps)
 
 
 def check_input(x: jax.Array, config: DarknetConfig) -> None:

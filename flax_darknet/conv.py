@@ -95,18 +95,16 @@ def darknet_conv(
     general = (
         out_sharding is not None
         or lhs.ndim != 4
-        or isinstance(padding, str)
         or not _is_nhwc(lhs, rhs, dimension_numbers)
         or not (_unit(lhs_dilation) and _unit(rhs_dilation))
         or feature_group_count != 1
         or batch_group_count != 1
-        or any(p < 0 for pair in padding for p in pair)
     )
-    if general:
+    if general or isinstance(padding, str) or any(p < 0 for pair in padding for p in pair):
         return xla_conv(lhs, rhs)
     (kh, kw), (sh, sw) = rhs.shape[:2], tuple(window_strides)
     h, w = lhs.shape[1:3]
-    (ph_lo, ph_hi), (pw_lo, pw_hi) = padding
+    (ph_lo, ph_hi), (pw_lo, pw_hi) = pads = ((padding[0][0], padding[0][1]), (padding[1][0], padding[1][1]))
     out_h = (h + ph_lo + ph_hi - kh) // sh + 1
     out_w = (w + pw_lo + pw_hi - kw) // sw + 1
     if min(out_h, out_w) < 1:
@@ -114,8 +112,9 @@ def darknet_conv(
     pointwise = (kh, kw) == (1, 1) and (sh, sw) == (1, 1) and not any(p for pair in padding for p in pair)
 
     def matmul_conv(lhs: jax.Array, rhs: jax.Array) -> jax.Array:
-        return _small_map_matmul(lhs, rhs, (sh, sw), tuple(padding), (out_h, out_w), precision, preferred_element_type)
+        return _small_map_matmul(lhs, rhs, (sh, sw), pads, (out_h, out_w), precision, preferred_element_type)
 
+    cpu_conv: Conv
     if pointwise or max(out_h, out_w) <= SMALL_MAP_MAX_SIDE:
         cpu_conv = matmul_conv
     elif STRIDED_GRADIENT_AS_MATMUL and (sh, sw) != (1, 1):

@@ -20,6 +20,7 @@ from porting.locations import Location, locate
 from porting.preprocessing import DARKNET, Preprocessing, combine, contradictions
 from porting.state import CanonicalStateDict, check_leaky_slope, check_num_classes
 from porting.torch_flax import (
+    TorchSource,
     canonical_from_flax,
     canonical_from_torch,
     canonical_to_flax,
@@ -46,9 +47,9 @@ class Loaded:
     num_classes: int | None  # of the head; None when there is none
     preprocessing: Preprocessing  # recorded, implied by the format, or given; its fields are None where unknown
     source_format: str  # torch_ref, seed, timm, flax_msgpack, orbax, train_flax or darknet
-    notes: tuple[str, ...] = ()
-    config: DarknetConfig = ARCHS["darknet53"]  # the architecture, with the record's slope when it has one
-    location: Location | None = None
+    notes: tuple[str, ...]
+    config: DarknetConfig  # the architecture, with the record's slope when it has one
+    location: Location  # where they were read
     run_config: dict[str, Any] | None = None  # the training run's TrainConfig (JSON) when the weights are a run's
 
     @property
@@ -118,7 +119,7 @@ def _read(location: Location, config: DarknetConfig | None, source: str) -> Load
     notes: list[str] = list(location.notes)
     if fmt == "darknet":
         cfg, weights = _first_fit(_candidates(config, {}, where), lambda c: read_darknet_weights(where, config=c))
-        return Loaded(weights.state, weights.num_classes, DARKNET, "darknet", tuple(notes), cfg, location)
+        return Loaded(weights.state, weights.num_classes, DARKNET, "darknet", tuple(notes), cfg, location, None)
     if location.kind == "train_step" or fmt in ("msgpack", "orbax"):
         if location.kind == "train_step":
             variables, meta = runs.read_train_step(where)
@@ -129,7 +130,10 @@ def _read(location: Location, config: DarknetConfig | None, source: str) -> Load
             kind = "flax_msgpack" if fmt == "msgpack" else "orbax"
         cfg, state = _first_fit(_candidates(config, meta, where), lambda c: canonical_from_flax(variables, config=c))
     else:
-        raw, meta = files.read_torch_file(hub.hub_weights(where) if location.kind == "hub_dir" else where)
+        weights_file = hub.hub_weights(where) if location.kind == "hub_dir" else where
+        if weights_file is None:  # locate() found them; they went away since
+            raise PortingError(f"{where}: holds no {' or '.join(hub.HUB_WEIGHTS)}")
+        raw, meta = files.read_torch_file(weights_file)
         if location.kind == "hub_dir":
             recorded = hub.hub_meta(where)
             record = combine([(f"{where} weights", _record(meta)), (f"{where} config", _record(recorded))], where)
@@ -140,9 +144,9 @@ def _read(location: Location, config: DarknetConfig | None, source: str) -> Load
         if source == "auto":
             naming = _first_fit(_candidates(config, meta, where), lambda c: detect_source(unwrapped, c))[1]
             kind = "seed" if meta.get("source_format") == "seed" and naming == "torch_ref" else naming
-        naming = "timm" if kind == "timm" else "torch_ref"
+        names: TorchSource = "timm" if kind == "timm" else "torch_ref"
         cfg, state = _first_fit(_candidates(config, meta, where),
-                                lambda c: canonical_from_torch(unwrapped, config=c, source=naming))  # fmt: skip
+                                lambda c: canonical_from_torch(unwrapped, config=c, source=names))  # fmt: skip
     head = keymap.head_width(state, cfg)
     if meta.get("num_classes") is not None and meta["num_classes"] != head:
         raise PortingError(f"{where} records {meta['num_classes']} classes, but its head has {head}")

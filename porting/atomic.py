@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 
 from porting.errors import STOP_SIGNALS, PortingError, Stopped, failing_as, raise_if_stopped
 
@@ -188,7 +189,9 @@ def write_file(path: str, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def write_bytes(outputs: Mapping[str | os.PathLike, bytes], force: bool = False) -> None:
+def write_bytes(outputs: Mapping[str, bytes] | Mapping[Path, bytes], force: bool = False) -> None:
     """Write each DST's bytes atomically, all of them or none."""
-    writes = {dst: functools.partial(write_file, data=data) for dst, data in outputs.items()}
+    writes: dict[str | os.PathLike, Callable[[str], None]] = {
+        dst: functools.partial(write_file, data=data) for dst, data in outputs.items()
+    }
     atomic_write(writes, force, sum(len(data) for data in outputs.values()))

@@ -198,4 +198,4 @@ def write_darknet_weights(
     force: bool = False,
 ) -> None:
     """Write a canonical state dict as a .weights file (20-byte header by default), atomically."""
-    atomic.write_bytes({dst: darknet_bytes(state, config=config, header=header)}, force)
+    atomic.write_bytes({os.fspath(dst): darknet_bytes(state, config=config, header=header)}, force)

@@ -21,7 +21,7 @@ import platform
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -187,7 +187,8 @@ def flax_logits(weights: Loaded, pre: dict[str, Any], precision: str = "fp32") -
     scale, mean, std = (np.asarray(pre[k], np.float32) for k in ("scale", "mean", "std"))
 
     def serve(variables: Any, images: jax.Array) -> jax.Array:
-        return model.apply(variables, (images.astype(jnp.float32) * scale - mean) / std)
+        # flax types apply's result as a union for its `mutable` form; without it, it is the logits
+        return cast(jax.Array, model.apply(variables, (images.astype(jnp.float32) * scale - mean) / std))
 
     fn = jax.jit(serve)
     return lambda images: np.asarray(fn(weights.variables, images))
@@ -252,6 +253,10 @@ def torch_serving_module(weights: Loaded, pre: dict[str, Any]) -> Any:
     net.load_state_dict(flax_to_torch_state_dict(weights.variables, config=weights.config), strict=True)
 
     class Serving(torch.nn.Module):
+        scale: torch.Tensor  # buffers, registered below
+        mean: torch.Tensor
+        std: torch.Tensor
+
         def __init__(self) -> None:
             super().__init__()
             self.net = net
@@ -273,18 +278,20 @@ def onnx_bytes(module: Any, images: np.ndarray) -> bytes:
     torch.export (dynamo=True) specialises the batch size to the example's: torch_ref's input check reads the
     shape as Python ints. Tracing records that check as constants, and dynamic_axes keeps the batch symbolic.
     """
-    import io
+    import tempfile
 
     import torch
 
-    buffer = io.BytesIO()
     dynamic = {name: {0: BATCH_DIM} for name in (INPUT_NAME, *OUTPUT_NAMES)}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the shape check's int() calls, as above
         warnings.simplefilter("ignore", DeprecationWarning)  # "legacy TorchScript-based exporter"
-        torch.onnx.export(module, (torch.from_numpy(images[:1]),), buffer, dynamo=False, opset_version=ONNX_OPSET,
-                          input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES), dynamic_axes=dynamic)  # fmt: skip
-    return buffer.getvalue()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.onnx"
+            torch.onnx.export(module, (torch.from_numpy(images[:1]),), path, dynamo=False,
+                              opset_version=ONNX_OPSET, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                              dynamic_axes=dynamic)  # fmt: skip
+            return path.read_bytes()
 
 
 def export_onnx(weights: Loaded, pre: dict[str, Any], images: np.ndarray) -> tuple[bytes, dict[str, Any]]:

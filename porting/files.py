@@ -205,7 +205,7 @@ def read_torch_file(path: str | os.PathLike) -> tuple[Mapping[str, Any], Meta]:
         from safetensors import safe_open
 
         with failing_as(f"{where}: not a readable safetensors file"), safe_open(where, framework="pt") as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+            state: Mapping[str, Any] = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
             return state, _strings_to_meta(f.metadata(), where)
     # The weights-only unpickler refuses any global it does not allow: no code from the file runs.
     with failing_as(f"{where}: refused by torch.load(weights_only=True) (a pickle payload or not a torch file)"):

@@ -121,7 +121,7 @@ def head_width(found: Mapping[str, Any], config: DarknetConfig, *, flax: bool = 
     """Classes of the head in a torch-named state dict (or flat Flax paths 'params/fc/kernel'); None: no head."""
     unit, weight = head_unit(config, 1), DENSE_RULES[0]
     shape = shape_of(found.get("/".join(unit.flax_key(weight)) if flax else unit.torch_key(weight)))
-    out_axis = weight.transpose.index(0) if flax else 0
+    out_axis = weight.transpose.index(0) if flax and weight.transpose is not None else 0
     return shape[out_axis] if shape is not None and len(shape) == 2 else None
 
 

@@ -153,17 +153,18 @@ class Preprocessing:
             if value is not None and len(value) != in_channels:
                 raise PortingError(f"{where}: {key} has {len(value)} values for {in_channels} input channels")
 
-    def require(self, keys: Sequence[str], what: str) -> None:
-        """PortingError naming the fields among `keys` this record does not give, needed for `what`."""
-        missing = [k for k in keys if getattr(self, k) is None]
-        if missing:
-            raise PortingError(f"{what} needs {', '.join(missing)}, which the weights do not record")
+    def missing(self, keys: Sequence[str], what: str) -> PortingError:
+        """The error naming the fields among `keys` this record does not give, needed for `what`."""
+        unknown = [k for k in keys if getattr(self, k) is None]
+        return PortingError(f"{what} needs {', '.join(unknown)}, which the weights do not record")
 
     def normalize(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 RGB (..., H, W, C) -> float32 network input: pixels x scale, then (x - mean) / std per channel."""
-        self.require(("scale", "mean", "std"), "normalising pixels")
-        x = np.asarray(pixels, np.float64) * self.scale
-        return ((x - np.asarray(self.mean)) / np.asarray(self.std)).astype(np.float32)
+        scale, mean, std = self.scale, self.mean, self.std
+        if scale is None or mean is None or std is None:
+            raise self.missing(("scale", "mean", "std"), "normalising pixels")
+        x = np.asarray(pixels, np.float64) * scale
+        return ((x - np.asarray(mean)) / np.asarray(std)).astype(np.float32)
 
     def prepare(self, image: Any) -> np.ndarray:
         """One image (PIL, or an HWC uint8 array) -> the (image_size, image_size, C) float32 input these weights expect.
@@ -173,11 +174,13 @@ class Preprocessing:
         """
         from PIL import Image  # only here: the record itself is plain data
 
-        self.require(("image_size", "interpolation", "crop_pct", "crop_mode"), "resizing an image")
+        size, interpolation, crop_pct = self.image_size, self.interpolation, self.crop_pct
+        if size is None or interpolation is None or crop_pct is None or self.crop_mode is None:
+            raise self.missing(("image_size", "interpolation", "crop_pct", "crop_mode"), "resizing an image")
         img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, np.uint8))
         img = img.convert("RGB")
-        size, resample = self.image_size, Image.Resampling[self.interpolation.upper()]
-        scaled = math.floor(size / self.crop_pct)
+        resample = Image.Resampling[interpolation.upper()]
+        scaled = math.floor(size / crop_pct)
         w, h = img.size
         if self.crop_mode == "squash":
             new_w = new_h = scaled
@@ -320,8 +323,9 @@ DARKNET = Preprocessing(input=UINT8_RGB, scale=PIXEL_SCALE, mean=UNIT_MEAN, std=
 DEFAULT_IMAGE_SIZE = 256
 # What our trainers' checkpoints imply where their record is silent (records written before a field existed): uint8
 # RGB / 255, ImageNet mean/std, the whole image resized bilinearly (train.data.decode).
+TRAINER_INTERPOLATION = "bilinear"  # the trainers' resize (train.data.decode), antialiased when shrinking
 TRAINER_DEFAULTS = Preprocessing(input=UINT8_RGB, scale=PIXEL_SCALE, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                                 interpolation="bilinear", crop_pct=1.0, crop_mode="squash")  # fmt: skip
+                                 interpolation=TRAINER_INTERPOLATION, crop_pct=1.0, crop_mode="squash")  # fmt: skip
 # The fields a Darknet file can hold (by implication) and the ones it cannot.
 DARKNET_HELD = ("input", "scale", "mean", "std", "leaky_slope")
 

@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from darknet_arch import DARKNET_LEAKY_SLOPE, SEED_LEAKY_SLOPE
 from porting.api import Loaded, LoadOptions, load
@@ -22,6 +22,10 @@ from porting.locations import SELECTORS, Location, locate
 from porting.preprocessing import Preprocessing
 from porting.torch_flax import canonical_to_torch
 
+if TYPE_CHECKING:  # imported where used: the torch reader must not load jax, nor the Flax one torch
+    import flax_darknet
+    import torch_ref
+
 HUB_PREFIX = "hf-hub:"  # timm's spelling of an explicit Hub id
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
 
@@ -30,7 +34,7 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
 class FlaxPretrained:
     """A Flax (linen) Darknet-53 with its variables and what they expect as input (`preprocessing.prepare`)."""
 
-    model: Any  # flax_darknet.Darknet53
+    model: flax_darknet.Darknet53
     variables: dict[str, Any]
     preprocessing: Preprocessing
     location: Location
@@ -41,7 +45,7 @@ class FlaxPretrained:
 class TorchPretrained:
     """A torch_ref Darknet-53 in eval mode with the weights loaded, and what they expect as input."""
 
-    model: Any  # torch_ref.Darknet53
+    model: torch_ref.Darknet53
     preprocessing: Preprocessing
     location: Location
     notes: tuple[str, ...]

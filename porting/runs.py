@@ -114,7 +114,9 @@ def trainer_meta(payload: Mapping[str, Any], where: str) -> dict[str, Any]:
     fields older records lack filled from what the trainers have always done (preprocessing.TRAINER_DEFAULTS).
     """
     record, _ = Preprocessing.from_json(payload.get("preprocessing"), f"{where} preprocessing", strict=False)
-    run = payload.get("config") if isinstance(payload.get("config"), Mapping) else {}
+    raw_run = payload.get("config")
+    run: Mapping[str, Any] = raw_run if isinstance(raw_run, Mapping) else {}
+    config: DarknetConfig | None
     try:
         if isinstance(payload.get("model_config"), Mapping):
             config = DarknetConfig.from_dict(payload["model_config"])

@@ -285,7 +285,9 @@ def csv_cell(text: str) -> str:
     return f"'{text}" if text.startswith(FORMULA_STARTS) else text
 
 
-def predictions_csv(folder: Path, paths: Sequence[Path], probs: np.ndarray, class_names: Sequence[str]) -> str:
+def predictions_csv(
+    folder: Path, paths: Sequence[str | os.PathLike[str]], probs: np.ndarray, class_names: Sequence[str]
+) -> str:
     """`path,class,probability` rows (paths relative to `folder`): what darknet53-predict and serve-predict write
     for a folder of images."""
     buf = io.StringIO()

@@ -130,7 +130,7 @@ def canonical_to_flax(canonical: CanonicalStateDict, config: DarknetConfig = DAR
             arr = canonical[unit.torch_key(rule)]
             if rule.transpose is not None:
                 arr = np.ascontiguousarray(arr.transpose(rule.transpose))
-            node = variables
+            node: dict[str, Any] = variables
             *parents, leaf = unit.flax_key(rule)
             for name in parents:
                 node = node.setdefault(name, {})

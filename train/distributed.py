@@ -77,33 +77,34 @@ def parse_host_port(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def validate(opts: DistributedOptions) -> None:
-    """Raise DistributedError unless the flags describe a consistent multi-process launch (or none)."""
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """An explicit multi-process launch, its three flags checked and given."""
+
+    coordinator: str
+    num_processes: int
+    process_id: int
+
+
+def validate(opts: DistributedOptions) -> Launch | None:
+    """The launch the flags describe (None: no explicit flags); DistributedError unless it is consistent."""
+    if opts.timeout_s <= 0:
+        raise DistributedError(f"the distributed timeout must be positive, got {opts.timeout_s} s")
     if not opts.explicit:
-        return
-    missing = [
-        flag
-        for flag, value in (
-            ("--coordinator", opts.coordinator),
-            ("--num-processes", opts.num_processes),
-            ("--process-id", opts.process_id),
-        )
-        if value is None
-    ]
-    if missing:
+        return None
+    coordinator, num, pid = opts.coordinator, opts.num_processes, opts.process_id
+    if coordinator is None or num is None or pid is None:
+        flags = {"--coordinator": coordinator, "--num-processes": num, "--process-id": pid}
+        missing = [flag for flag, value in flags.items() if value is None]
         raise DistributedError(
             f"a multi-process run needs --coordinator, --num-processes and --process-id; missing {missing}"
         )
-    parse_host_port(opts.coordinator)
-    if opts.num_processes < 1:
-        raise DistributedError(f"--num-processes must be >= 1, got {opts.num_processes}")
-    if not 0 <= opts.process_id < opts.num_processes:
-        raise DistributedError(
-            f"--process-id must be in 0..{opts.num_processes - 1} for --num-processes {opts.num_processes}, "
-            f"got {opts.process_id}"
-        )
-    if opts.timeout_s <= 0:
-        raise DistributedError(f"the distributed timeout must be positive, got {opts.timeout_s} s")
+    parse_host_port(coordinator)
+    if num < 1:
+        raise DistributedError(f"--num-processes must be >= 1, got {num}")
+    if not 0 <= pid < num:
+        raise DistributedError(f"--process-id must be in 0..{num - 1} for --num-processes {num}, got {pid}")
+    return Launch(coordinator, num, pid)
 
 
 def detect_cluster(environ: dict[str, str] | None = None) -> str | None:
@@ -140,36 +141,36 @@ def wait_for_coordinator(address: str, timeout_s: float, process_id: int) -> Non
 
 def initialize(opts: DistributedOptions) -> bool:
     """Join the distributed runtime if the flags or the environment ask for it; True when it did."""
-    validate(opts)
-    cluster = None if opts.explicit else detect_cluster()
-    if not opts.explicit and cluster is None:
+    launch = validate(opts)
+    cluster = None if launch is not None else detect_cluster()
+    if launch is None and cluster is None:
         return False
     import jax
 
     # Cross-process collectives on CPU need an implementation; GPU and TPU backends ignore this setting.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if cluster is not None:
+    if launch is None:  # a cluster's launch: JAX's own detection finds the coordinator and ranks
         jax.distributed.initialize(initialization_timeout=opts.timeout_s)
         return True
-    if opts.process_id != 0:
-        wait_for_coordinator(opts.coordinator, opts.timeout_s, opts.process_id)
+    if launch.process_id != 0:
+        wait_for_coordinator(launch.coordinator, opts.timeout_s, launch.process_id)
     else:
         print(
-            f"process 0: coordinating {opts.num_processes} processes at {opts.coordinator}; "
+            f"process 0: coordinating {launch.num_processes} processes at {launch.coordinator}; "
             f"waiting up to {opts.timeout_s} s for the others",
             file=sys.stderr,
             flush=True,
         )
     jax.distributed.initialize(
-        opts.coordinator,
-        num_processes=opts.num_processes,
-        process_id=opts.process_id,
+        launch.coordinator,
+        num_processes=launch.num_processes,
+        process_id=launch.process_id,
         initialization_timeout=opts.timeout_s,
     )
-    if jax.process_count() != opts.num_processes:
+    if jax.process_count() != launch.num_processes:
         message = (
-            f"process {opts.process_id}: --num-processes {opts.num_processes}, but the coordinator at "
-            f"{opts.coordinator} runs {jax.process_count()} processes; give every process the same --num-processes"
+            f"process {launch.process_id}: --num-processes {launch.num_processes}, but the coordinator at "
+            f"{launch.coordinator} runs {jax.process_count()} processes; give every process the same --num-processes"
         )
         with contextlib.suppress(Exception):  # so that the others' failure watchers stop them too
             _client().key_value_set(f"{_KEY_PREFIX}/failed/{jax.process_index()}", message)

@@ -31,6 +31,7 @@ from train.options import (
     DEFAULT_INPUT_NORM,
     INPUT_NORMS,
     ConfigError,
+    RunConfig,
     TrainConfig,
     config_differences,
     dumps,
@@ -78,12 +79,14 @@ def check_same_tree(expected: Any, got: Any, what: str) -> None:
 
 
 def load_init_variables(
-    config: TrainConfig, model_config: DarknetConfig, num_classes: int
+    config: RunConfig, model_config: DarknetConfig, num_classes: int
 ) -> tuple[Any, float | None, list[str], Any]:
     """--init-from: (variables, the file's or --leaky-slope's slope, notes, its preprocessing record); a head of
     another width is replaced."""
-    import porting  # only needed here; keeps the plain training path free of the porting package
+    import porting  # the package: every weights reader (runs themselves need only porting.runs)
 
+    if not config.init_from:
+        raise ConfigError("--init-from is not set: there are no weights to start from")
     try:
         result = porting.load_flax_variables(
             config.init_from,
@@ -98,7 +101,7 @@ def load_init_variables(
     return variables, result.leaky_slope, list(result.notes), result.preprocessing
 
 
-def input_norm_for(config: TrainConfig, record: Any) -> tuple[TrainConfig, str]:
+def input_norm_for(config: RunConfig, record: Any) -> tuple[RunConfig, str]:
     """(config with input_norm resolved, a note): the --init-from weights' normalisation unless a flag forced one."""
     expected = next(
         (name for name, (mean, std) in INPUT_NORMS.items()
@@ -118,7 +121,7 @@ def input_norm_for(config: TrainConfig, record: Any) -> tuple[TrainConfig, str]:
     return config, f"input normalisation {config.input_norm} (--input-norm)"
 
 
-def check_resume(config: TrainConfig, workdir: Path, splits: DataSplits) -> tuple[list[tuple[int, dict]], TrainConfig]:
+def check_resume(config: RunConfig, workdir: Path, splits: DataSplits) -> tuple[list[tuple[int, dict]], RunConfig]:
     """--resume: the readable checkpoints (step, meta), newest first, and the config; refuses another config/classes.
 
     A checkpoint whose meta cannot be read (a corrupt or truncated save) is skipped with a warning: the run goes
@@ -175,7 +178,7 @@ def evaluate(
 class RunStart:
     """What a run starts from, all read and checked before its workdir is touched."""
 
-    config: TrainConfig
+    config: RunConfig
     model_config: DarknetConfig
     splits: DataSplits
     resume_from: tuple[tuple[int, dict], ...] = ()  # readable checkpoints (step, meta), newest first
@@ -183,7 +186,7 @@ class RunStart:
     init_notes: tuple[str, ...] = ()
 
 
-def plan_run(config: TrainConfig, base_config: DarknetConfig, splits: DataSplits | None = None) -> RunStart:
+def plan_run(config: RunConfig, base_config: DarknetConfig, splits: DataSplits | None = None) -> RunStart:
     """Read the data, the --resume checkpoint's meta and the --init-from weights; refuse what cannot work.
 
     Everything that can refuse the run happens here, before the workdir is touched: a bad --data or --init-from
@@ -210,7 +213,7 @@ def plan_run(config: TrainConfig, base_config: DarknetConfig, splits: DataSplits
 
 
 def train(
-    config: TrainConfig,
+    config: RunConfig,
     *,
     model_config: DarknetConfig | None = None,
     splits: DataSplits | None = None,

@@ -19,7 +19,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from darknet_arch import ARCHS, REMAT_MODES, DarknetConfig
 from porting.preprocessing import DEFAULT_IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, MAX_IMAGE_SIZE, UNIT_MEAN, UNIT_STD
@@ -28,6 +28,8 @@ DEFAULT_WORKDIR_ROOT = "runs"
 DEMO_DATA = "demo"
 COMPILE_CACHE_DEFAULT, COMPILE_CACHE_OFF = "default", "none"
 OPTIMIZERS = ("sgd", "adamw")
+NO_DATA = "--data is required: a dataset folder, or 'demo' for the built-in demo data"
+NO_LENGTH = "give the training length: --epochs or --steps"
 PRECISIONS = ("auto", "fp32", "bf16")
 # How the network's input is made from x * PIXEL_SCALE (porting.preprocessing): minus mean, over std. "unit" is
 # plain [0, 1] (Darknet's weights).
@@ -170,20 +172,47 @@ class TrainConfig:
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """Training length in steps: --steps when given, else epochs x steps per epoch."""
-        return self.steps if self.steps is not None else self.epochs * steps_per_epoch
+        if self.steps is not None:
+            return self.steps
+        if self.epochs is None:
+            raise ConfigError(NO_LENGTH)
+        return self.epochs * steps_per_epoch
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> TrainConfig:
+    def from_json(cls: type[C], d: dict[str, Any]) -> C:
         """Inverse of to_json; unknown keys are an error (a config from another version)."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ConfigError(f"unknown config keys {unknown}; expected a subset of {sorted(names)}")
         return cls(**d)
+
+
+C = TypeVar("C", bound=TrainConfig)
+RESOLVED = ("data", "workdir", "image_size")  # what `resolve` fills in (data: required by `validate`)
+
+
+def _resolved(name: str) -> Any:
+    """A RunConfig field `resolve` fills in: TrainConfig's own (help, properties), required instead of optional."""
+    return dataclasses.field(kw_only=True, metadata=TrainConfig.__dataclass_fields__[name].metadata)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig(TrainConfig):
+    """The config a run trains with: `resolve` filled in what depends on the machine and the clock, once."""
+
+    data: str = _resolved("data")
+    workdir: str = _resolved("workdir")
+    image_size: int = _resolved("image_size")
+
+    def __post_init__(self) -> None:
+        unset = [name for name in RESOLVED if getattr(self, name) is None]
+        if unset:
+            raise ConfigError(f"a run's config must have {', '.join(unset)} resolved (train.options.resolve)")
 
 
 # Presets: the fields where a named setting differs from the defaults above.
@@ -225,7 +254,7 @@ def per_host_fields() -> frozenset[str]:
     return frozenset(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["per_host"])
 
 
-def resolved_as_saved(config: TrainConfig, saved: TrainConfig) -> TrainConfig:
+def resolved_as_saved(config: RunConfig, saved: TrainConfig) -> RunConfig:
     """`config` with each field a run resolves from its weights, and this command leaves unset, as `saved` has it."""
     names = [f.name for f in dataclasses.fields(TrainConfig) if f.metadata["from_weights"]]
     return dataclasses.replace(config, **{n: getattr(saved, n) for n in names if getattr(config, n) is None})
@@ -247,15 +276,17 @@ def default_image_size(data: str | None, accelerator: bool) -> int:
     return DEMO_IMAGE_SIZE if data == DEMO_DATA and not accelerator else DEFAULT_IMAGE_SIZE
 
 
-def resolve(config: TrainConfig, accelerator: bool) -> TrainConfig:
+def resolve(config: TrainConfig, accelerator: bool) -> RunConfig:
     """The run's config with every default that depends on the machine or the clock filled in (done once)."""
-    changes: dict[str, Any] = {}
+    if not config.data:
+        raise ConfigError(NO_DATA)
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)}
     if config.image_size is None:
-        changes["image_size"] = default_image_size(config.data, accelerator)
+        values["image_size"] = default_image_size(config.data, accelerator)
     if config.workdir is None:
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-        changes["workdir"] = os.path.join(DEFAULT_WORKDIR_ROOT, stamp)  # a fresh folder per run
-    return dataclasses.replace(config, **changes) if changes else config
+        values["workdir"] = os.path.join(DEFAULT_WORKDIR_ROOT, stamp)  # a fresh folder per run
+    return RunConfig(**values)
 
 
 def validate(config: TrainConfig) -> None:
@@ -270,7 +301,7 @@ def validate(config: TrainConfig) -> None:
             raise ConfigError(f"{flag(name)} must be {expected}, got {value!r}")
 
     if not config.data:
-        raise ConfigError("--data is required: a dataset folder, or 'demo' for the built-in demo data")
+        raise ConfigError(NO_DATA)
     for name in ("batch_size", "lr", "keep_checkpoints", "max_nonfinite", "log_every"):
         value = getattr(config, name)
         check(name, isinstance(value, (int, float)) and math.isfinite(value) and value > 0, "> 0")
@@ -278,7 +309,7 @@ def validate(config: TrainConfig) -> None:
         value = getattr(config, name)
         check(name, value is None or (math.isfinite(value) and value > 0), "> 0 (or left unset)")
     if config.epochs is None and config.steps is None:
-        raise ConfigError("give the training length: --epochs or --steps")
+        raise ConfigError(NO_LENGTH)
     check("weight_decay", math.isfinite(config.weight_decay) and config.weight_decay >= 0, ">= 0")
     check("head_lr_mult", math.isfinite(config.head_lr_mult) and config.head_lr_mult > 0, "> 0")
     check("layer_decay", config.layer_decay is None or 0 < config.layer_decay <= 1, "in (0, 1] (or left unset)")

@@ -59,12 +59,11 @@ class Predictor:
         except porting.PortingError as e:
             raise CheckpointError(f"--checkpoint {e}") from e
         pre, where = result.preprocessing, result.location.describe()
-        needed = ("class_names", "image_size", "leaky_slope", "scale", "mean", "std")
-        try:
-            pre.require(needed, f"predicting with {where}")
-        except porting.PortingError as e:
-            raise CheckpointError(f"--checkpoint {e}: record it with port-weights (--class-names, --leaky-slope, "
-                                  "--preprocessing)") from e  # fmt: skip
+        names, size, mean, std = pre.class_names, pre.image_size, pre.mean, pre.std
+        if names is None or size is None or mean is None or std is None or pre.leaky_slope is None or pre.scale is None:
+            needed = ("class_names", "image_size", "leaky_slope", "scale", "mean", "std")
+            raise CheckpointError(f"--checkpoint {pre.missing(needed, f'predicting with {where}')}: record it with "
+                                  "port-weights (--class-names, --leaky-slope, --preprocessing)")  # fmt: skip
         resizing = ("interpolation", "crop_pct", "crop_mode")
         # Mean and std follow the record (normalize takes them); the scale and resize are train.predict's own.
         given = TRAINER_DEFAULTS.without(*resizing, "mean", "std")
@@ -80,12 +79,12 @@ class Predictor:
         return cls(
             variables=result.variables,
             model_config=result.config,
-            class_names=list(pre.class_names),
-            image_size=pre.image_size,
+            class_names=list(names),
+            image_size=size,
             precision=str(run.get("precision", defaults.precision)),
             batch_size=batch_size or int(run.get("batch_size", defaults.batch_size)),
             source=where,
-            mean_std=(tuple(pre.mean), tuple(pre.std)),
+            mean_std=(tuple(mean), tuple(std)),
         )
 
     def probabilities(self, records: Records) -> np.ndarray:

@@ -16,14 +16,14 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
 from train.data import DataSplits, load_splits, make_eval_iter, make_train_iter
 from train.data.pipeline import records_fingerprint
 from train.logging_utils import METRICS_FILE, Progress, RunLogger, atomic_write_text, ensure_writable_dir, epoch_of
-from train.options import DEMO_DATA, TrainConfig, dumps, path_fields
+from train.options import DEMO_DATA, RunConfig, dumps, path_fields
 
 DATA_SUMMARY_FILE = "data_summary.json"
 SUMMARY_FILE = "summary.json"
@@ -58,7 +58,7 @@ def check_same_data(saved: dict[str, Any], splits: DataSplits) -> None:
         )
 
 
-def load_run_splits(config: TrainConfig) -> DataSplits:
+def load_run_splits(config: RunConfig) -> DataSplits:
     """The run's train/val splits; a demo is generated at twice the run's (resolved) image size."""
     return load_splits(
         config.data,
@@ -69,23 +69,34 @@ def load_run_splits(config: TrainConfig) -> DataSplits:
     )
 
 
+class PipelineArgs(TypedDict):
+    """What the train and eval pipelines of one run share."""
+
+    batch_size: int
+    image_size: int
+    num_workers: int
+    process_index: int
+    process_count: int
+    cache_dir: str | None
+
+
 def make_run_iterators(
-    config: TrainConfig, splits: DataSplits, *, batch_size: int, process_index: int = 0, process_count: int = 1
+    config: RunConfig, splits: DataSplits, *, batch_size: int, process_index: int = 0, process_count: int = 1
 ) -> tuple[Any, Any]:
     """(infinite train iterator, one-pass eval iterable) of `batch_size` rows per process."""
-    common = {
-        "batch_size": batch_size,
-        "image_size": config.image_size,
-        "num_workers": config.num_workers,
-        "process_index": process_index,
-        "process_count": process_count,
-        "cache_dir": config.cache_dir,
-    }
+    common = PipelineArgs(
+        batch_size=batch_size,
+        image_size=config.image_size,
+        num_workers=config.num_workers,
+        process_index=process_index,
+        process_count=process_count,
+        cache_dir=config.cache_dir,
+    )
     train_iter = make_train_iter(splits.train, seed=config.seed, augment=config.augment, **common)
     return train_iter, make_eval_iter(splits.val, **common)
 
 
-def write_run_files(workdir: Path, config: TrainConfig, splits: DataSplits) -> None:
+def write_run_files(workdir: Path, config: RunConfig, splits: DataSplits) -> None:
     """config.json (the resolved config) and data_summary.json (what was found in --data)."""
     atomic_write_text(workdir / CONFIG_FILE, dumps(config) + "\n")
     atomic_write_text(workdir / DATA_SUMMARY_FILE, json.dumps(splits.summary(), indent=2) + "\n")
@@ -129,7 +140,7 @@ class StepTracker:
     def __init__(
         self,
         loop: LoopState,
-        config: TrainConfig,
+        config: RunConfig,
         steps_per_epoch: int,
         total_steps: int,
         logger: RunLogger,
@@ -269,7 +280,7 @@ def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
 
 
-def check_workdir(config: TrainConfig, checkpoint_dir: str) -> None:
+def check_workdir(config: RunConfig, checkpoint_dir: str) -> None:
     """Refuse (WorkdirError) a workdir this run may not use; changes nothing."""
     workdir = Path(config.workdir)
     if workdir.exists() and not workdir.is_dir():
@@ -308,7 +319,7 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def prepare_workdir(
-    config: TrainConfig, checkpoint_dir: str, is_main: bool = True, sync: Callable[[str], None] | None = None
+    config: RunConfig, checkpoint_dir: str, is_main: bool = True, sync: Callable[[str], None] | None = None
 ) -> WorkdirLock | None:
     """Check that the workdir may be used, take its lock (process 0), clear it for --overwrite, make it writable.
 

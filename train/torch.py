@@ -28,6 +28,7 @@ from train import run
 from train.logging_utils import RunLogger
 from train.options import (
     ConfigError,
+    RunConfig,
     TrainConfig,
     build_parser,
     config_differences,
@@ -62,7 +63,10 @@ def zero_init_residual(model: nn.Module) -> None:
     """Zero the last BN weight of every residual block (as train.state.zero_init_residual)."""
     for name, module in model.named_modules():
         if name.endswith("layer2") and isinstance(module, nn.Sequential):
-            nn.init.zeros_(module[1].weight)
+            bn = module[1]  # the unit's (conv, BatchNorm, activation)
+            if not isinstance(bn, nn.BatchNorm2d):
+                raise TypeError(f"{name}[1] is a {type(bn).__name__}, not the unit's BatchNorm2d")
+            nn.init.zeros_(bn.weight)
 
 
 def normalize(
@@ -151,7 +155,7 @@ def evaluate(model: nn.Module, eval_iter: Any, dev: Device, class_names: list[st
     return run.summarize(cm.view(n, n).cpu().numpy(), float(loss_sum), class_names)
 
 
-def train_torch(config: TrainConfig, *, compile_model: bool = False, verbose: bool = True) -> dict[str, Any]:
+def train_torch(config: RunConfig, *, compile_model: bool = False, verbose: bool = True) -> dict[str, Any]:
     """The PyTorch training loop for a resolved, validated config; returns the summary also in summary.json."""
 
     if config.init_from:
@@ -161,10 +165,11 @@ def train_torch(config: TrainConfig, *, compile_model: bool = False, verbose: bo
     try:
         return _train_torch(config, splits, compile_model, verbose)
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
-def _train_torch(config: TrainConfig, splits: Any, compile_model: bool, verbose: bool) -> dict[str, Any]:
+def _train_torch(config: RunConfig, splits: Any, compile_model: bool, verbose: bool) -> dict[str, Any]:
     """The loop of train_torch(), in a held workdir."""
     from torch_ref import Darknet53
 
@@ -181,7 +186,7 @@ def _train_torch(config: TrainConfig, splits: Any, compile_model: bool, verbose:
     model = Darknet53(num_classes=len(class_names), config=config.model_config)
     if config.zero_init_residual:
         zero_init_residual(model)
-    model = model.to(dev.device, memory_format=torch.channels_last if dev.channels_last else torch.preserve_format)
+    model = model.to(dev.device).to(memory_format=torch.channels_last if dev.channels_last else torch.preserve_format)
     optimizer = make_torch_optimizer(model, config)
     loop, last_val = run.LoopState(), None
     if config.resume:

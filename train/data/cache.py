@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .decode import NO_AUGMENT, RESAMPLE, AugmentConfig, decode_image, sample_crop
+from .decode import NO_AUGMENT, RESAMPLE, AugmentConfig, crop_and_flip, decode_image
 from .errors import DataError
 from .records import Records
 
@@ -98,8 +98,7 @@ class DecodedCache:
         if not aug.enabled:
             return np.array(image)
         s = self.image_size
-        box = sample_crop(s, s, aug, rng) if aug.random_crop else (0.0, 0.0, float(s), float(s))
-        flip = aug.hflip and bool(rng.integers(2))
+        box, flip = crop_and_flip(s, s, aug, rng)
         if aug.random_crop:
             image = np.asarray(Image.fromarray(np.asarray(image)).resize((s, s), RESAMPLE, box=box))
         return np.array(image[:, ::-1] if flip else image)

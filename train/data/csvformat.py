@@ -107,7 +107,8 @@ def load_csv(path: Path, *, allow_empty_classes: bool = False) -> Loaded:
         )
     first_row: dict[str, int] = {}
     dupes = []
-    for (line, r), full in zip(rows, inside, strict=True):
+    checked = [full for full in inside if full is not None]  # every row's, checked above
+    for (line, r), full in zip(rows, checked, strict=True):
         if full in first_row:
             dupes.append(f"{show(r['path'])} (rows {first_row[full]} and {line})")
         first_row.setdefault(full, line)

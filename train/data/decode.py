@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from porting.preprocessing import BACKGROUND_RGB as BACKGROUND_RGB  # re-exported: train.data names it
-from porting.preprocessing import TRAINER_DEFAULTS, to_rgb
+from porting.preprocessing import TRAINER_INTERPOLATION, to_rgb
 
 from .errors import DataError
 
@@ -22,7 +22,7 @@ from .errors import DataError
 EXIF_ORIENTATION_TAG = 0x0112
 _TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 # The trainers' resize (bilinear), antialiased when shrinking (Pillow scales the filter support)
-RESAMPLE = Image.Resampling[TRAINER_DEFAULTS.interpolation.upper()]
+RESAMPLE = Image.Resampling[TRAINER_INTERPOLATION.upper()]
 # Attempts at a crop of the sampled area and aspect before falling back to the largest fitting one.
 _CROP_ATTEMPTS = 10
 
@@ -91,6 +91,20 @@ def sample_crop(
     return (left, top, left + w, top + h)
 
 
+def crop_and_flip(
+    width: int, height: int, aug: AugmentConfig, rng: np.random.Generator | None
+) -> tuple[tuple[float, float, float, float], bool]:
+    """The crop box (in a width x height image) and the flip that `aug` draws from `rng`, in that order; the whole
+    image, unflipped, without augmentation."""
+    whole = (0.0, 0.0, float(width), float(height))
+    if not aug.enabled:
+        return whole, False
+    if rng is None:
+        raise ValueError("augmentation needs an rng")
+    box = sample_crop(width, height, aug, rng) if aug.random_crop else whole
+    return box, aug.hflip and bool(rng.integers(2))
+
+
 def decode_image(
     path: str,
     image_size: int,
@@ -105,17 +119,15 @@ def decode_image(
             width, height = img.size
             upright = img.getexif().get(EXIF_ORIENTATION_TAG, 1) in _TRANSPOSING_ORIENTATIONS
             up_w, up_h = (height, width) if upright else (width, height)
-            box = sample_crop(up_w, up_h, aug, rng) if aug.random_crop else (0.0, 0.0, float(up_w), float(up_h))
-            flip = aug.hflip and bool(rng.integers(2))
+            box, flip = crop_and_flip(up_w, up_h, aug, rng)
             if img.format == "JPEG":
                 # Reduced-size decoding: the smallest DCT scale whose crop still has >= image_size pixels per side.
                 scale = image_size / min(box[2] - box[0], box[3] - box[1])
                 if scale < 1:
                     img.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))
-            img = ImageOps.exif_transpose(img)
-            img = to_rgb(img)
-            fx, fy = img.width / up_w, img.height / up_h
-            out = img.resize(
+            rgb = to_rgb(ImageOps.exif_transpose(img))
+            fx, fy = rgb.width / up_w, rgb.height / up_h
+            out = rgb.resize(
                 (image_size, image_size), RESAMPLE, box=(box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
             )
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:

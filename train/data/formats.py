@@ -19,6 +19,8 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
+
 from .checks import LINKS_BACK_REASON, links_back, names_list, printable
 from .errors import DataError
 from .records import Records
@@ -159,7 +161,8 @@ def finish_loading(
             f"{root}: classes with no usable images: {names_list(empty)}{unreadable}. Add images to them, or "
             "pass allow_empty_classes=True (--allow-empty-classes) to keep them as classes without images."
         )
-    records = Records(tuple(p for p, _, _ in good), [lbl for _, lbl, _ in good], tuple(g for _, _, g in good))
+    labels = np.asarray([lbl for _, lbl, _ in good], np.int32)
+    records = Records(tuple(p for p, _, _ in good), labels, tuple(g for _, _, g in good))
     return Loaded(fmt, class_names, records, skipped + repeats + bad, len(bad), str(root))
 
 
@@ -187,13 +190,14 @@ def load_image_folder(root: Path, *, allow_empty_classes: bool = False) -> Loade
     def unreadable(e: OSError) -> None:
         skipped.append((str(e.filename), f"cannot read folder: {e.strerror}"))
 
-    found, empty = [], []
+    found: list[tuple[str, int, str]] = []
+    empty: list[str] = []
     for label, entry in enumerate(classes):
-        files = []
+        files: list[str] = []
         for dirpath, dirnames, filenames in os.walk(entry.path, onerror=unreadable):
-            links = sorted(d for d in dirnames if os.path.islink(os.path.join(dirpath, d)))
-            skipped += [(os.path.join(dirpath, d), "symlinked folder in a class folder: not followed") for d in links]
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in links)
+            linked = sorted(d for d in dirnames if os.path.islink(os.path.join(dirpath, d)))
+            skipped += [(os.path.join(dirpath, d), "symlinked folder in a class folder: not followed") for d in linked]
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in linked)
             for name in sorted(filenames):
                 if name.startswith("."):
                     continue

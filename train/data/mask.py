@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+
 from .checks import LINKS_BACK_REASON, links_back, names_list, printable, read_csv_rows, resolve_inside, rows_message
 from .errors import DataError
 from .formats import (
@@ -148,11 +150,12 @@ def load_eval_folder(path: str | os.PathLike) -> Records:
     if outside:
         what = f"ImageID not a file inside {images} (a '..' escape, an absolute path elsewhere, or empty)"
         raise DataError(rows_message(csv_path, what, outside, f"Fix these rows of {EVAL_CSV}."))
+    inside = [full for full in resolved if full is not None]  # every row's, checked above
     paths = [str(images / r["ImageID"]) for _, r in rows]
     seen: dict[str, int] = {}
     dupes = [
         (line, r["ImageID"])
-        for (line, r), full in zip(rows, resolved, strict=True)
+        for (line, r), full in zip(rows, inside, strict=True)
         if seen.setdefault(full, line) != line
     ]
     if dupes:
@@ -162,4 +165,4 @@ def load_eval_folder(path: str | os.PathLike) -> Records:
     bad = [f"row {line} {printable(p)}: {r}" for (line, _), p, r in checked if r is not None]
     if bad:
         raise DataError(f"{csv_path}: {len(bad)} unusable image(s): " + "; ".join(bad[:20]))
-    return Records(tuple(paths), [NO_LABEL] * len(paths), tuple(r["ImageID"] for _, r in rows))
+    return Records(tuple(paths), np.full(len(paths), NO_LABEL, np.int32), tuple(r["ImageID"] for _, r in rows))

@@ -54,7 +54,9 @@ class ImageSource:
         if self.cache is not None and not aug.random_crop:
             images = self.cache.array[np.asarray(indices, dtype=np.int64)]
             if aug.hflip:  # the same draw as DecodedCache.get / decode_image: one integer per image
-                flips = np.array([bool(rng.integers(2)) for rng in rngs], dtype=bool)
+                if rngs is None:
+                    raise ValueError("augmentation needs an rng per image")
+                flips = np.array([bool(rng.integers(2)) for rng in rngs], dtype=np.bool_)
                 images[flips] = images[flips, :, ::-1]
             return images
         return np.stack([self.get(int(i), aug, rngs[j] if rngs else None) for j, i in enumerate(indices)])

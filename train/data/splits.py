@@ -43,7 +43,7 @@ def split_indices(records: Records, val_fraction: float, seed: int) -> tuple[np.
     for j in sorted(range(len(keys)), key=lambda j: (-(exact[j] - quota[j]), j))[: max(extra, 0)]:
         quota[j] += 1
     rng = np.random.default_rng(seed)
-    val_groups = set()
+    val_groups: set[str] = set()
     for k, q in zip(keys, quota, strict=True):
         order = rng.permutation(len(strata[k]))
         val_groups.update(strata[k][j] for j in order[:q])
