@@ -25,6 +25,7 @@ from typing import Any
 
 from porting.atomic import atomic_write, remove_temporaries, write_bytes, write_file
 from porting.errors import PortingError, failing_as, parse_json
+from porting.hub import HUB_PYTORCH
 from porting.preprocessing import Preprocessing, combine
 from porting.runs import trainer_meta
 from porting.state import check_leaky_slope, check_num_classes
@@ -58,7 +59,7 @@ def format_of(path: str | os.PathLike) -> str:
     """'torch', 'safetensors', 'msgpack', 'orbax' or 'darknet' from the path; PortingError otherwise."""
     p = Path(path)
     name = p.name.lower()
-    if p.suffix.lower() in TORCH_SUFFIXES:
+    if p.suffix.lower() in TORCH_SUFFIXES or name == HUB_PYTORCH:  # the Hub's name for a torch.save'd state_dict
         return "torch"
     if name.endswith(SAFETENSORS_SUFFIX):
         return "safetensors"

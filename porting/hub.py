@@ -16,7 +16,8 @@ from porting.errors import PortingError, failing_as, parse_json, shown
 from porting.preprocessing import IMAGENET_MEAN, IMAGENET_STD, PIXEL_SCALE, UINT8_RGB, Preprocessing, combine
 
 HUB_CONFIG = "config.json"
-HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+HUB_SAFETENSORS, HUB_PYTORCH = "model.safetensors", "pytorch_model.bin"  # timm's save_for_hf: safe_serialization
+HUB_WEIGHTS = (HUB_SAFETENSORS, HUB_PYTORCH)  # the order a directory's weights are looked for
 HUB_CONFIG_KEYS = ("architecture", "pretrained_cfg")  # what tells a Hub config.json from a training run's
 # timm's defaults where a pretrained_cfg is silent (timm.data.config.resolve_data_config, timm.data.constants).
 TIMM_DEFAULT_INPUT_SIZE = (3, 224, 224)

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from pathlib import Path
 
 from porting import files, runs
-from porting.errors import PortingError, parse_json
+from porting.errors import PortingError, failing_as, parse_json
 from porting.hub import HUB_CONFIG, HUB_CONFIG_KEYS, HUB_WEIGHTS, hub_weights
 
 # `<run>/best` and `<run>/latest` name a run's best (by validation macro F1) and newest checkpoint.
@@ -20,9 +21,12 @@ ACCEPTED = (
     "a training run folder (train.flax: its best step; train.torch: torch_checkpoints/best.pt), its checkpoints/ "
     "folder, a step folder checkpoints/<step>, <run>/best or <run>/latest, an orbax checkpoint directory, a Hugging "
     "Face Hub-layout directory (config.json with model.safetensors or pytorch_model.bin), or a .pt/.pth/"
-    ".safetensors, .msgpack or .weights/.conv.NN file"
+    ".safetensors, .msgpack or .weights/.conv.NN file, or a Hugging Face Hub id (hf-hub:owner/name, or owner/name "
+    "where no local path of that name exists), read from huggingface_hub's cache"
 )
 KINDS = ("file", "orbax", "train_step", "hub_dir")
+HUB_PREFIX = "hf-hub:"  # timm's spelling of an explicit Hub id
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name: a Hub id where no local path of that name exists
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,13 +56,82 @@ def nothing_matches(given: str, why: str) -> PortingError:
     return PortingError(f"{given!r} {why}; expected {ACCEPTED}")
 
 
-def locate(path: str | os.PathLike) -> Location:
-    """The weights `path` names (see ACCEPTED); PortingError (`nothing_matches`) when it names none."""
-    given = os.fspath(path)
+def _locate_local(given: str) -> Location:
     try:
         return _locate(given)
     except OSError as e:  # a name component over 255 bytes, a folder we may not list: an answer, not a traceback
         raise nothing_matches(given, f"cannot be looked at ({e.strerror or type(e).__name__})") from None
+
+
+def locate(path: str | os.PathLike, *, revision: str | None = None, cache_dir: str | None = None) -> Location:
+    """The weights `path` names (see ACCEPTED; a Hub id: its snapshot in huggingface_hub's cache, fetched if needed
+    and allowed); PortingError (`nothing_matches`) when it names none."""
+    name = os.fspath(path)
+    if name.startswith(HUB_PREFIX):
+        return hub_location(name[len(HUB_PREFIX) :], revision=revision, cache_dir=cache_dir)
+    if not HUB_ID.fullmatch(name) or _exists(Path(name)):
+        return _locate_local(name)
+    return hub_location(name, revision=revision, cache_dir=cache_dir, also_a_path=True)
+
+
+def _exists(p: Path) -> bool:
+    """Whether `p` (or the run a <run>/best, <run>/latest names) is there; True when it cannot be looked at, so
+    that the local reader names the problem."""
+    try:
+        return p.exists() or (p.name in SELECTORS and p.parent.is_dir())
+    except OSError:
+        return True
+
+
+def hub_location(
+    repo_id: str, *, revision: str | None = None, cache_dir: str | None = None, also_a_path: bool = False
+) -> Location:
+    """config.json and the weights of Hub repository `repo_id`, from huggingface_hub's cache (downloaded if needed
+    and allowed), as the Location of their snapshot directory."""
+    try:
+        from huggingface_hub import constants, hf_hub_download
+        from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError, RepositoryNotFoundError
+    except ImportError as exc:
+        raise PortingError(
+            f"reading Hub id {repo_id!r} needs huggingface_hub: pip install 'darknet53-jax[porting]'"
+        ) from exc
+    label = f"{HUB_PREFIX}{repo_id}"
+    not_cached = (
+        f"Hub id {repo_id!r}" + (" (no local path of that name exists either)" if also_a_path else "")
+        + f" is not in the Hugging Face cache {cache_dir or constants.HF_HUB_CACHE}, and "
+        + ("HF_HUB_OFFLINE is set, so nothing is downloaded: unset HF_HUB_OFFLINE to download it once, or pass a "
+           "local directory" if constants.HF_HUB_OFFLINE else "the Hub could not be reached: connect and retry, or "
+           "pass a local directory (HF_HUB_OFFLINE=1 uses the cache only)")
+    )  # fmt: skip
+
+    def download(filename: str) -> str:
+        with failing_as(f"{label}: cannot fetch {filename}"):
+            return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir)
+
+    try:
+        config = download(HUB_CONFIG)
+        missing_here = False
+        for weights in HUB_WEIGHTS:
+            try:
+                download(weights)
+                break
+            except PortingError as exc:
+                if isinstance(exc.__cause__, LocalEntryNotFoundError):
+                    missing_here = True
+                elif not isinstance(exc.__cause__, RemoteEntryNotFoundError):
+                    raise
+        else:
+            if missing_here:
+                raise PortingError(not_cached)
+            raise PortingError(f"{label}: the repository holds no weights ({' or '.join(HUB_WEIGHTS)})")
+    except PortingError as exc:
+        if isinstance(exc.__cause__, LocalEntryNotFoundError):
+            raise PortingError(not_cached) from None
+        if isinstance(exc.__cause__, RepositoryNotFoundError):
+            raise PortingError(f"{label}: no such Hub repository (or it is private or gated: log in first)") from None
+        raise
+    location = _locate_local(str(Path(config).parent))
+    return dataclasses.replace(location, given=label, notes=(*location.notes, f"{label}: read {location.path}"))
 
 
 def _locate(given: str) -> Location:

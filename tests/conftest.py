@@ -4,6 +4,8 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# No test reaches the network: a Hub id is read from a cache the test lays out (children inherit this too).
+os.environ["HF_HUB_OFFLINE"] = "1"
 # Compilation is most of a small test's time. The tests check values, not speed, so XLA skips its expensive
 # passes here (as google/flax's example tests do): the suite's CPU time fell from ~2,010 to ~1,360 CPU-seconds
 # (tests/README.md). Set before jax is imported, so every child process a test starts inherits it too. The few

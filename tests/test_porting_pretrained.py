@@ -30,17 +30,39 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def timm_dir(tmp_path_factory) -> Path:
-    """timm's own Hub export (timm.models.save_for_hf) of a darknet53 with random weights and running statistics."""
+def timm_dirs(tmp_path_factory) -> dict[bool, Path]:
+    """timm's own Hub exports (timm.models.save_for_hf) of one darknet53 with random weights and running statistics:
+    {True: model.safetensors, False: pytorch_model.bin} (its safe_serialization)."""
     import timm
     from timm.models import save_for_hf
 
     model = timm.create_model("darknet53", pretrained=False, num_classes=CLASSES)
     randomize_torch_state(model, seed=2)
-    directory = tmp_path_factory.mktemp("hub") / "darknet53-timm"
-    save_for_hf(model, directory, safe_serialization=True, model_config={"label_names": NAMES},
-                data_config={"input_size": (3, SIZE, SIZE), "crop_pct": 0.875, "interpolation": "bicubic"})  # fmt: skip
-    return directory
+    root, dirs = tmp_path_factory.mktemp("hub"), {}
+    for safe in (True, False):
+        dirs[safe] = root / f"darknet53-timm{'' if safe else '-bin'}"
+        data = {"input_size": (3, SIZE, SIZE), "crop_pct": 0.875, "interpolation": "bicubic"}
+        save_for_hf(model, dirs[safe], safe_serialization=safe, model_config={"label_names": NAMES}, data_config=data)
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def timm_dir(timm_dirs) -> Path:
+    return timm_dirs[True]
+
+
+def test_a_hub_directory_holding_pytorch_model_bin_reads_as_its_safetensors_twin(timm_dirs):
+    """timm's save_for_hf writes pytorch_model.bin without safe_serialization (and many Hub repositories hold only
+    that): read with torch.load(weights_only=True), the same weights and record as the safetensors export."""
+    import timm
+
+    assert (timm_dirs[False] / "pytorch_model.bin").is_file() and not (timm_dirs[False] / "model.safetensors").exists()
+    timm.create_model(f"local-dir:{timm_dirs[False]}", pretrained=True)  # timm itself reads the folder
+    got, want = porting.load_flax_variables(timm_dirs[False]), porting.load_flax_variables(timm_dirs[True])
+    assert got.location.format == "torch" and got.preprocessing == want.preprocessing
+    assert got.state.keys() == want.state.keys()
+    for key, value in want.state.items():
+        np.testing.assert_array_equal(got.state[key], value, err_msg=key)
 
 
 def _images() -> list[Image.Image]:
@@ -157,3 +179,41 @@ def test_a_cached_hub_id_loads_offline_with_its_record(tmp_path):
     assert "jax imported: False" in proc.stdout  # porting.torch_from_pretrained imports no jax
     want = porting.torch_from_pretrained(repo / "snapshots" / commit).model(torch.from_numpy(x)).detach().numpy()
     np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), want)
+
+
+def test_every_command_that_takes_weights_takes_a_cached_hub_id(tmp_path, monkeypatch):
+    """port-weights, --init-from, darknet53-export and train.predict read a Hub id as from_pretrained does: through
+    huggingface_hub's cache (laid out by hand here; HF_HUB_OFFLINE is set for the suite), bare or hf-hub:-prefixed."""
+    from huggingface_hub import constants
+
+    from porting.cli import main as port_weights
+    from porting.export import read_weights
+    from train.loop import load_init_variables
+    from train.options import TrainConfig
+    from train.predict import Predictor
+
+    commit = "1" * 40
+    repo = tmp_path / "cache" / "models--someone--tiny-darknet"
+    cfg = {"input_size": [3, 32, 32], "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "squash",
+           "mean": [0.5] * 3, "std": [0.25] * 3}  # fmt: skip
+    config = {"architecture": "tiny", "pretrained_cfg": cfg, "label_names": ["a", "b", "c"],
+              "preprocessing": {"leaky_slope": 0.1}}  # fmt: skip
+    snapshot = _tiny_hub_dir(repo / "snapshots" / commit, config)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))  # read by hf_hub_download at each call
+    want = porting.load_flax_variables(snapshot).variables["params"]["fc"]["bias"]
+
+    assert port_weights(["torch2flax", "someone/tiny-darknet", str(tmp_path / "x.msgpack")]) == 0
+    np.testing.assert_array_equal(porting.load_flax_variables(tmp_path / "x.msgpack").variables["params"]["fc"]["bias"],
+                                  want)  # fmt: skip
+    run = TrainConfig(data="demo", workdir=str(tmp_path / "run"), arch="tiny", init_from="hf-hub:someone/tiny-darknet")
+    variables, slope, _, _ = load_init_variables(run, TINY, 3)
+    np.testing.assert_array_equal(variables["params"]["fc"]["bias"], want)
+    assert slope == 0.1
+    weights = read_weights("hf-hub:someone/tiny-darknet")
+    assert weights.location.given == "hf-hub:someone/tiny-darknet" and weights.preprocessing.image_size == 32
+    predictor = Predictor.from_checkpoint("someone/tiny-darknet")
+    assert (predictor.class_names, predictor.image_size) == (["a", "b", "c"], 32)
+    with pytest.raises(porting.PortingError, match=r"Hub id 'someone/absent' \(no local path of that name exists"):
+        porting.load_flax_variables("someone/absent")

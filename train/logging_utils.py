@@ -257,7 +257,9 @@ class Progress:
     """A one-line progress bar with loss, img/s and ETA on a terminal; plain lines every `every` steps otherwise.
 
     The ETA is measured from the end of the first step reported: that step pays for compilation (XLA,
-    torch.compile) and would otherwise inflate the early estimates several times over.
+    torch.compile) and would otherwise inflate the early estimates several times over. Written here rather than
+    with tqdm: tqdm writes carriage-return redraws into a file or pipe (a log full of partial lines), and the
+    plain, complete lines a batch job's log needs are what this class prints there.
     """
 
     def __init__(

@@ -4,6 +4,12 @@ Batch k of the training stream is a pure function of (records, seed, k): epoch =
 permutation seeded by (seed, epoch); each process takes its own batch_size slice of the global batch; each
 image's augmentation is seeded by (seed, epoch, record index). So the iterator state is just the step
 counter: it restores exactly, on any worker count, and is the same on every process.
+
+grain is used for what it does well (the parallel map, prefetching, worker processes), not for its own
+shuffle/repeat/batch and iterator checkpoints: their state is a position in this process's shard under this
+worker count, so a run resumed with another --num-workers (a flag that may change on --resume) or another number
+of processes (docs/multihost.md: a 2-process checkpoint continues on 1 process) would not continue the same global
+stream. The step counter keeps both guarantees (tests/test_data_pipeline.py, tests/test_train_multihost.py).
 """
 
 from __future__ import annotations
