@@ -21,10 +21,10 @@ from porting.preprocessing import DARKNET, Preprocessing, combine, contradiction
 from porting.state import CanonicalStateDict, check_leaky_slope, check_num_classes
 from porting.torch_flax import (
     TorchSource,
-    canonical_from_flax,
     canonical_from_torch,
     canonical_to_flax,
     check_source,
+    checked_flax,
     detect_source,
     strip_wrapper_prefixes,
 )
@@ -51,6 +51,8 @@ class Loaded:
     config: DarknetConfig  # the architecture, with the record's slope when it has one
     location: Location  # where they were read
     run_config: dict[str, Any] | None = None  # the training run's TrainConfig (JSON) when the weights are a run's
+    # The same weights as read, when they came in Flax layout: Flax to Flax never goes through torch's layout.
+    flax_variables: dict[str, Any] | None = None
 
     @property
     def leaky_slope(self) -> float | None:
@@ -58,7 +60,9 @@ class Loaded:
 
     @functools.cached_property
     def variables(self) -> dict[str, Any]:
-        """The weights as Flax variables {"params", "batch_stats"} (numpy, Flax layout)."""
+        """The weights as Flax variables {"params", "batch_stats"} (float32 numpy, Flax layout)."""
+        if self.flax_variables is not None:
+            return self.flax_variables
         return canonical_to_flax(self.state, self.config)
 
 
@@ -128,8 +132,10 @@ def _read(location: Location, config: DarknetConfig | None, source: str) -> Load
             variables, meta, more = files.read_flax_file(where)
             notes += more
             kind = "flax_msgpack" if fmt == "msgpack" else "orbax"
-        cfg, state = _first_fit(_candidates(config, meta, where), lambda c: canonical_from_flax(variables, config=c))
+        cfg, (checked, state) = _first_fit(_candidates(config, meta, where),
+                                           lambda c: checked_flax(variables, config=c))  # fmt: skip
     else:
+        checked = None
         weights_file = hub.hub_weights(where) if location.kind == "hub_dir" else where
         if weights_file is None:  # locate() found them; they went away since
             raise PortingError(f"{where}: holds no {' or '.join(hub.HUB_WEIGHTS)}")
@@ -153,7 +159,7 @@ def _read(location: Location, config: DarknetConfig | None, source: str) -> Load
     implied = IMPLIED.get(kind, Preprocessing())
     record = combine([(f"{where} records", _record(meta)), (f"the {kind} format implies", implied)], where)
     run = meta.get("run_config")
-    return Loaded(state, head, record, kind, tuple(notes), cfg, location, dict(run) if run else None)
+    return Loaded(state, head, record, kind, tuple(notes), cfg, location, dict(run) if run else None, checked)
 
 
 def _record(meta: Mapping[str, Any]) -> Preprocessing:
@@ -243,8 +249,9 @@ def load(path: str | os.PathLike | Location, options: LoadOptions = LoadOptions(
     if record.leaky_slope is None:
         notes.append(f"{label} records no leaky slope and its format implies none: pass the one it was trained with "
                      "(leaky_slope / --leaky-slope) to have it recorded")  # fmt: skip
+    same = loaded.flax_variables if classes == loaded.num_classes else None  # a replaced head: convert the state
     return Loaded(state, classes, record, loaded.source_format, tuple(notes), cfg.with_slope(record.leaky_slope),
-                  location, loaded.run_config)  # fmt: skip
+                  location, loaded.run_config, same)  # fmt: skip
 
 
 def load_flax_variables(path: str | os.PathLike | Location, **options: Any) -> Loaded:

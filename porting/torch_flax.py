@@ -7,7 +7,7 @@ means "take the head from the tensors" (no head key: a backbone-only network).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -130,11 +130,7 @@ def canonical_to_flax(canonical: CanonicalStateDict, config: DarknetConfig = DAR
             arr = canonical[unit.torch_key(rule)]
             if rule.transpose is not None:
                 arr = np.ascontiguousarray(arr.transpose(rule.transpose))
-            node: dict[str, Any] = variables
-            *parents, leaf = unit.flax_key(rule)
-            for name in parents:
-                node = node.setdefault(name, {})
-            node[leaf] = arr
+            _set(variables, unit.flax_key(rule), arr)
     return variables
 
 
@@ -155,6 +151,13 @@ def canonical_from_flax(
     variables: Mapping[str, Any], *, config: DarknetConfig = DARKNET53, num_classes: int | None = None
 ) -> CanonicalStateDict:
     """Check Flax variables {"params", "batch_stats"} strictly and return the canonical state dict."""
+    return checked_flax(variables, config=config, num_classes=num_classes)[1]
+
+
+def checked_flax(
+    variables: Mapping[str, Any], *, config: DarknetConfig = DARKNET53, num_classes: int | None = None
+) -> tuple[dict[str, Any], CanonicalStateDict]:
+    """Flax variables checked strictly, as (float32 numpy variables in Flax layout, the canonical state dict)."""
     flat = flatten_variables(variables)
     classes = keymap.head_width(flat, config, flax=True) if num_classes is None else check_num_classes(num_classes)
     shapes, notes, where = {}, {}, {}
@@ -166,14 +169,24 @@ def canonical_from_flax(
                 notes[path] = f"torch {unit.torch_key(rule)} {torch_shape} transposed {rule.transpose}"
             where[path] = (unit, rule)
     converted = check_and_convert(flat, shapes, what="loading Flax variables", shape_note=notes)
-    canonical = {}
+    canonical: CanonicalStateDict = {}
+    checked: dict[str, Any] = {keymap.PARAMS: {}, keymap.BATCH_STATS: {}}
     for path, arr in converted.items():  # in torch_ref's key order, whatever order the Flax dict had
         unit, rule = where[path]
+        _set(checked, path.split("/"), arr)
         if rule.transpose is not None:
             arr = np.ascontiguousarray(arr.transpose(np.argsort(rule.transpose)))
         canonical[unit.torch_key(rule)] = arr
     check_running_var(canonical)
-    return canonical
+    return checked, canonical
+
+
+def _set(tree: dict[str, Any], path: Sequence[str], value: Any) -> None:
+    """tree[path[0]][path[1]]...[path[-1]] = value, making the inner dicts."""
+    *parents, leaf = path
+    for name in parents:
+        tree = tree.setdefault(name, {})
+    tree[leaf] = value
 
 
 def canonical_to_torch(

@@ -105,3 +105,28 @@ def test_an_orbax_training_checkpoint_gives_its_params_and_batch_stats(tmp_path,
     assert (result.num_classes, result.leaky_slope, result.source_format) == (CLASSES, None, "orbax")
     for got, want in zip(jax.tree.leaves(result.variables), jax.tree.leaves(variables), strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+def test_flax_weights_read_into_flax_stay_in_flax_layout(tmp_path, torch_model, monkeypatch):
+    """A Flax file read for Flax is checked and handed back as read (float32), never transposed to torch's layout and
+    back; a head replaced on the way is the one case that converts."""
+    import porting.api
+
+    src = tmp_path / "w.msgpack"
+    convert_from = tmp_path / "w.pt"
+    torch.save(torch_model.state_dict(), convert_from)
+    convert(convert_from, src, config=TINY, leaky_slope=0.1)
+    reference = load_flax_variables(src).state  # canonical, torch layout: what the conversion path starts from
+
+    def no_conversion(*args: object, **kwargs: object) -> None:
+        raise AssertionError("Flax weights went through the torch layout")
+
+    monkeypatch.setattr(porting.api, "canonical_to_flax", no_conversion)
+    variables = load_flax_variables(src).variables
+    for key, value in reference.items():  # the test's own key map (porting_helpers), not porting's
+        path, transpose = torch_key_to_flax(key)
+        leaf = flax_leaf(variables, path)
+        np.testing.assert_array_equal(leaf, value if transpose is None else value.transpose(transpose), err_msg=key)
+        assert leaf.dtype == np.float32, key
+    with pytest.raises(AssertionError, match="went through the torch layout"):
+        _ = load_flax_variables(src, num_classes=CLASSES + 1).variables
