@@ -37,3 +37,18 @@ def test_torch_schedule_matches_optax():
     want = optax.warmup_cosine_decay_schedule(0.0, 0.3, 6, 40)
     for step in range(41):
         assert lr_at(config, 4, 40, step) == pytest.approx(float(want(step)), rel=1e-5, abs=1e-7)
+
+
+FLAX_ONLY_FLAGS = [["--freeze", "backbone"], ["--head-lr-mult", "10"], ["--layer-decay", "0.7"],
+                   ["--ema-decay", "0.99"], ["--init-from", "x.pt"]]  # fmt: skip
+
+
+@pytest.mark.parametrize("flag", FLAX_ONLY_FLAGS, ids=lambda flag: flag[0])
+def test_a_flag_train_torch_does_not_apply_is_refused_before_anything_is_written(tmp_path, capsys, flag):
+    from train.torch import main
+
+    workdir = tmp_path / "w"
+    assert main([*tiny_cli_args(workdir, "--steps", "1"), *flag]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag[0]} {flag[1]}" in err and "train.torch does not implement" in err and "Traceback" not in err
+    assert not workdir.exists()

@@ -38,6 +38,9 @@ from train.options import (
     validate,
 )
 
+# Fields train.flax applies and this trainer does not yet: refused when set, never recorded as applied.
+FLAX_ONLY = ("init_from", "freeze", "head_lr_mult", "layer_decay", "ema_decay")
+
 
 def lr_at(config: TrainConfig, steps_per_epoch: int, total_steps: int, step: int) -> float:
     """optax.warmup_cosine_decay_schedule(0, lr, warmup, total) at `step` (train.state.make_schedule's schedule)."""
@@ -158,8 +161,11 @@ def evaluate(model: nn.Module, eval_iter: Any, dev: Device, class_names: list[st
 def train_torch(config: RunConfig, *, compile_model: bool = False, verbose: bool = True) -> dict[str, Any]:
     """The PyTorch training loop for a resolved, validated config; returns the summary also in summary.json."""
 
-    if config.init_from:
-        raise ConfigError("--init-from is supported by train.flax only; convert with port-weights and use train.flax")
+    ignored = [f"--{n.replace('_', '-')} {getattr(config, n)}" for n in FLAX_ONLY
+               if getattr(config, n) != TrainConfig.__dataclass_fields__[n].default]  # fmt: skip
+    if ignored:
+        raise ConfigError(f"{', '.join(ignored)}: train.torch does not implement this yet (it would train without it); "
+                          "train with train.flax, or leave the flag out")  # fmt: skip
     splits = run.load_run_splits(config)  # before the workdir is touched
     lock = run.prepare_workdir(config, runs.TORCH_CHECKPOINT_DIR)
     try:
