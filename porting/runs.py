@@ -344,6 +344,20 @@ def read_meta(directory: str | Path, step: int | None = None) -> tuple[int, dict
     return step, restored[META]
 
 
+def _restore(
+    m: ocp.CheckpointManager, directory: str | Path, step: int, abstract: Any, failure: str
+) -> tuple[Any, Any]:
+    """(verified state tree, meta) of `step` restored into `abstract`; CheckpointError naming the step otherwise."""
+    import orbax.checkpoint as ocp
+
+    try:
+        items = {STATE: ocp.args.StandardRestore(abstract), META: ocp.args.JsonRestore()}
+        both = m.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:
+        raise CheckpointError(f"checkpoint step {step} ({Path(directory) / str(step)}) {failure}: {e}") from e
+    return _verified(both[STATE], both[META], step, directory), both[META]
+
+
 def restore_tree(directory: str | Path, step: int, target: Any) -> dict[str, Any]:
     """A step's state tree in the structure, dtypes and shardings of `target` (a state tree); strict about shapes."""
     import jax
@@ -351,40 +365,30 @@ def restore_tree(directory: str | Path, step: int, target: Any) -> dict[str, Any
 
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
     with _reading(directory) as m:
-        try:
-            items = {STATE: ocp.args.StandardRestore(abstract), META: ocp.args.JsonRestore()}
-            restored = m.restore(step, args=ocp.args.Composite(**items))
-        except Exception as e:
-            raise CheckpointError(
-                f"checkpoint step {step} ({Path(directory) / str(step)}) does not match this network/optimizer: {e}"
-            ) from e
-    return _verified(restored[STATE], restored[META], step, directory)
+        tree, _ = _restore(m, directory, step, abstract, "does not match this network/optimizer")
+    return tree
 
 
 def restore_variables(directory: str | Path, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """({"params", "batch_stats"} as numpy trees, meta) of a step, with no target: the EMA when the run kept one."""
     import jax
-    import orbax.checkpoint as ocp
 
     with _reading(directory) as m:
         # The saved shardings name the saving run's devices (other processes, other hosts): read every array
         # onto this process's first device instead.
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         try:
-            abstract = jax.tree_util.tree_map(
-                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), m.item_metadata(step)[STATE]
-            )
-            items = {STATE: ocp.args.StandardRestore(abstract), META: ocp.args.JsonRestore()}
-            both = m.restore(step, args=ocp.args.Composite(**items))
+            saved = m.item_metadata(step)[STATE]
         except Exception as e:
             raise CheckpointError(
                 f"checkpoint step {step} ({Path(directory) / str(step)}) could not be read: {e}"
             ) from e
-    restored = _verified(both[STATE], both[META], step, directory)
+        abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), saved)
+        restored, meta = _restore(m, directory, step, abstract, "could not be read")
     # A run with --ema-decay evaluated (and picked its best step by) the EMA: those are its weights.
     source = restored.get("ema") or restored
     variables = {"params": source["params"], "batch_stats": source["batch_stats"]}
-    return jax.tree_util.tree_map(np.asarray, variables), both[META]
+    return jax.tree_util.tree_map(np.asarray, variables), meta
 
 
 def read_train_step(step_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
