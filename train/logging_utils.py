@@ -67,6 +67,7 @@ def _summary_writer_class() -> Any:
     if "torch" in sys.modules:
         from tensorboardX import SummaryWriter
     else:
+        # typeshed types sys.modules as modules only; None is the entry Python's import system documents as blocked
         sys.modules["torch"] = None  # type: ignore[assignment]
         try:
             from tensorboardX import SummaryWriter
