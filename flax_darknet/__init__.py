@@ -34,4 +34,6 @@ def __getattr__(name: str) -> ModuleType:
     # `flax_darknet.nnx` is imported on first use: flax.nnx loads optax and treescope, which linen users skip.
     if name == "nnx":
         return importlib.import_module("flax_darknet.nnx")
+    if name == "from_pretrained":  # weights are read one layer up, where PyTorch and orbax files are
+        raise AttributeError("flax_darknet.from_pretrained moved to porting.flax_from_pretrained (the porting extra)")
     raise AttributeError(f"module 'flax_darknet' has no attribute {name!r}")

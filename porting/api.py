@@ -254,7 +254,16 @@ def load(path: str | os.PathLike | Location, options: LoadOptions = LoadOptions(
                   location, loaded.run_config, same)  # fmt: skip
 
 
+def load_options(**options: Any) -> LoadOptions:
+    """LoadOptions from keyword arguments; a TypeError naming the valid ones for any other (before any file is read)."""
+    fields = [f.name for f in dataclasses.fields(LoadOptions)]
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise TypeError(f"unexpected option(s) {', '.join(unknown)}; the weights readers take {', '.join(fields)}")
+    return LoadOptions(**options)
+
+
 def load_flax_variables(path: str | os.PathLike | Location, **options: Any) -> Loaded:
     """The weights of ANY location (a run, a step, orbax, a Hub directory, a file), `.variables` in Flax layout;
     `options` are LoadOptions' fields (see `load`)."""
-    return load(path, LoadOptions(**options))
+    return load(path, load_options(**options))

@@ -12,10 +12,10 @@ import numpy as np
 
 from darknet_arch import DARKNET53, DARKNET_LEAKY_SLOPE, DarknetConfig
 from porting import atomic, files, keymap
-from porting.api import Loaded, LoadOptions, load
+from porting.api import Loaded, LoadOptions, load, load_options
 from porting.darknet import write_darknet_weights
 from porting.errors import PortingError
-from porting.locations import Location, locate
+from porting.locations import Location, is_hub_id, locate
 from porting.preprocessing import DARKNET, DARKNET_HELD, Preprocessing, contradictions
 from porting.state import CanonicalStateDict
 from porting.torch_flax import canonical_to_flax, canonical_to_torch
@@ -76,12 +76,15 @@ def convert(
     with another slope than Darknet's. config None: SRC's recorded or inferred architecture. Returns what was written.
     """
     dst = os.fspath(dst)
+    asked = load_options(**{"reset_mismatched_head": False, **options})  # a head is replaced only when asked
+    if is_hub_id(src):  # its lookup may download: an existing DST is refused before that
+        atomic.check_destination(dst, force)
     location = locate(src)
     dst_side = DIRECTIONS[direction_of(location, dst, direction)][1]
     atomic.check_destination(dst, force)
     if os.path.abspath(location.path) == os.path.abspath(dst):
         raise PortingError(f"SRC and DST are the same path {dst!r}")
-    loaded = load(location, LoadOptions(**{"reset_mismatched_head": False, **options}))
+    loaded = load(location, asked)
     cfg = loaded.config
     meta = {"num_classes": loaded.num_classes, "source_format": loaded.source_format,
             "preprocessing": loaded.preprocessing.to_json()}  # fmt: skip

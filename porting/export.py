@@ -329,7 +329,7 @@ def sidecar(target: str, weights: Loaded, pre: dict[str, Any], names: list[str],
     meta = {"format": SERVING_FORMAT, "format_version": SERVING_FORMAT_VERSION, "target": target,
             "artefact": file_name, "runtime": runtime, "precision": precision, "input": spec,
             "outputs": output_specs(len(names)), "class_names": names, "preprocessing": pre,
-            "model": {"num_classes": weights.num_classes, "config": dataclasses.asdict(weights.config)},
+            "model": {"num_classes": weights.num_classes, "config": weights.config.to_dict()},
             "source": source_record(weights), "weights_sha256": weights_sha256(weights.variables),
             "artefact_sha256": hashlib.sha256(artefact).hexdigest(), "check": check}  # fmt: skip
     if runtime == "jax":

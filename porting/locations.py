@@ -67,11 +67,30 @@ def locate(path: str | os.PathLike, *, revision: str | None = None, cache_dir: s
     """The weights `path` names (see ACCEPTED; a Hub id: its snapshot in huggingface_hub's cache, fetched if needed
     and allowed); PortingError (`nothing_matches`) when it names none."""
     name = os.fspath(path)
-    if name.startswith(HUB_PREFIX):
-        return hub_location(name[len(HUB_PREFIX) :], revision=revision, cache_dir=cache_dir)
-    if not HUB_ID.fullmatch(name) or _exists(Path(name)):
+    if not is_hub_id(path):
         return _locate_local(name)
-    return hub_location(name, revision=revision, cache_dir=cache_dir, also_a_path=True)
+    bare = not name.startswith(HUB_PREFIX)
+    repo_id = name if bare else name[len(HUB_PREFIX) :]
+    return hub_location(repo_id, revision=revision, cache_dir=cache_dir, also_a_path=bare)
+
+
+def is_hub_id(path: str | os.PathLike) -> bool:
+    """Whether `locate` reads `path` from the Hub (its lookup may download), rather than as a local path."""
+    name = os.fspath(path)
+    return name.startswith(HUB_PREFIX) or (isinstance(path, str) and _bare_hub_id(name))
+
+
+def _bare_hub_id(name: str) -> bool:
+    """Whether `name` reads as a Hub id (owner/name) rather than a local path: the shape, and nothing local that it
+    could be a typo of (no such path, no folder of its first part, no weights-file suffix), so a mistyped path is
+    named as missing, never sent to the Hub."""
+    p = Path(name)
+    if not HUB_ID.fullmatch(name) or ".." in name or _exists(p) or _exists(p.parent):
+        return False
+    try:
+        return files.format_of(name) == "orbax"  # no suffix: a folder's name, or a repository's
+    except PortingError:
+        return True  # a suffix no weights file has (timm's "darknet53.c2ns_in1k")
 
 
 def _exists(p: Path) -> bool:
@@ -128,7 +147,9 @@ def hub_location(
         if isinstance(exc.__cause__, LocalEntryNotFoundError):
             raise PortingError(not_cached) from None
         if isinstance(exc.__cause__, RepositoryNotFoundError):
-            raise PortingError(f"{label}: no such Hub repository (or it is private or gated: log in first)") from None
+            where = " (and no local path of that name exists)" if also_a_path else ""
+            raise PortingError(f"{label}: no such Hub repository{where} (or it is private or gated: log in "
+                               "first)") from None  # fmt: skip
         raise
     location = _locate_local(str(Path(config).parent))
     return dataclasses.replace(location, given=label, notes=(*location.notes, f"{label}: read {location.path}"))

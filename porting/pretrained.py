@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from darknet_arch import DARKNET_LEAKY_SLOPE, SEED_LEAKY_SLOPE
-from porting.api import Loaded, LoadOptions, load
+from porting.api import Loaded, load, load_options
 from porting.errors import PortingError
 from porting.locations import Location, locate
 from porting.preprocessing import Preprocessing
@@ -47,7 +47,12 @@ class TorchPretrained:
 
 
 def _loaded(name_or_path: str | os.PathLike, revision: str | None, cache_dir: str | None, options: Any) -> Loaded:
-    loaded = load(locate(name_or_path, revision=revision, cache_dir=cache_dir), LoadOptions(**options))
+    try:  # a wrong option is named before anything is fetched
+        checked = load_options(**options)
+    except TypeError as exc:
+        hint = "the Flax model's own arguments, such as dtype or remat, go in model_kwargs="
+        raise TypeError(f"{exc} ({hint})") from None
+    loaded = load(locate(name_or_path, revision=revision, cache_dir=cache_dir), checked)
     if loaded.leaky_slope is None:
         raise PortingError(
             f"{loaded.location.given} records no leaky slope and its format implies none: pass leaky_slope= (the "

@@ -74,7 +74,9 @@ class RunMeta:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> RunMeta:
-        """The fields of a meta item (read_meta's second value), the data-iterator state decoded."""
+        """The fields of a meta item this version wrote (read_meta's second value), the data-iterator state decoded.
+
+        Older items may lack fields (model_config): readers of any run use trainer_meta, which fills them in."""
         fields = {f.name: d[f.name] for f in dataclasses.fields(cls)}
         return cls(**{**fields, "data_state": decode_data_state(fields["data_state"])})
 

@@ -54,3 +54,18 @@ def test_best_and_latest_need_a_run_and_files_need_a_known_suffix(tmp_path):
     (tmp_path / "w.npz").write_bytes(b"")
     with pytest.raises(porting.PortingError, match="format porting cannot tell; expected a training run folder"):
         locate(tmp_path / "w.npz")
+
+
+def test_a_mistyped_local_path_is_named_missing_and_never_read_as_a_hub_id(tmp_path, monkeypatch):
+    """owner/name is a Hub id only when nothing local could be meant: a weights suffix, or an existing first folder,
+    make it a local path (reported missing), so a typo never reaches the Hub."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for typo in ("runs/exp1", "runs/exp1.pt", "out/model.safetensors", "out/w.msgpack", "a/x..y"):
+        with pytest.raises(porting.PortingError, match=rf"'{typo}' does not exist; expected"):
+            locate(typo)
+    for hub_id in ("someone/tiny-darknet", "timm/darknet53.c2ns_in1k", "hf-hub:runs/exp1"):
+        with pytest.raises(porting.PortingError, match="is not in the Hugging Face cache"):
+            locate(hub_id)  # HF_HUB_OFFLINE is set for the suite (conftest)
+    with pytest.raises(porting.PortingError, match="does not exist"):
+        locate(tmp_path / "someone" / "tiny-darknet")  # a Path is always local

@@ -217,3 +217,16 @@ def test_every_command_that_takes_weights_takes_a_cached_hub_id(tmp_path, monkey
     assert (predictor.class_names, predictor.image_size) == (["a", "b", "c"], 32)
     with pytest.raises(porting.PortingError, match=r"Hub id 'someone/absent' \(no local path of that name exists"):
         porting.load_flax_variables("someone/absent")
+
+
+def test_wrong_options_and_an_existing_destination_are_refused_before_a_hub_id_is_looked_up(tmp_path, capsys):
+    from porting.cli import main as port_weights
+
+    with pytest.raises(TypeError, match=r"unexpected option\(s\) dtype.*go in model_kwargs="):
+        porting.flax_from_pretrained("someone/absent", dtype="bf16")
+    with pytest.raises(TypeError, match=r"unexpected option\(s\) reset_head; the weights readers take"):
+        porting.convert("someone/absent", tmp_path / "x.msgpack", reset_head=True)
+    (tmp_path / "x.msgpack").write_bytes(b"kept")
+    assert port_weights(["torch2flax", "someone/absent", str(tmp_path / "x.msgpack")]) == 2
+    assert "already exists; pass force=True (--force)" in capsys.readouterr().err  # not the uncached Hub id
+    assert (tmp_path / "x.msgpack").read_bytes() == b"kept"

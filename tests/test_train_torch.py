@@ -52,3 +52,24 @@ def test_a_flag_train_torch_does_not_apply_is_refused_before_anything_is_written
     err = capsys.readouterr().err
     assert f"{flag[0]} {flag[1]}" in err and "train.torch does not implement" in err and "Traceback" not in err
     assert not workdir.exists()
+
+
+def test_a_run_that_recorded_flags_train_torch_never_applied_is_not_resumed_as_if_it_had(tmp_path, capsys):
+    """Earlier versions recorded --freeze & co. without applying them: --resume says so instead of continuing."""
+    import json
+
+    import torch
+
+    from train.options import get_config
+    from train.torch import main
+
+    workdir = tmp_path / "w"
+    (workdir / TORCH_CHECKPOINT_DIR).mkdir(parents=True)
+    saved = get_config("demo", arch="tiny", workdir=str(workdir), freeze="backbone")
+    (workdir / "config.json").write_text(json.dumps(saved.to_json()))
+    torch.save({"config": saved.to_json()}, workdir / TORCH_CHECKPOINT_DIR / TORCH_LATEST)
+    before = sorted(p.name for p in workdir.rglob("*"))
+    assert main([*tiny_cli_args(workdir, "--steps", "1"), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "recorded --freeze backbone, which train.torch never applied" in err and "Traceback" not in err
+    assert sorted(p.name for p in workdir.rglob("*") if p.name != ".lock") == before  # the run's lock file aside

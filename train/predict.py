@@ -174,7 +174,12 @@ def predict(checkpoint: str, data: str, out: str | None, force: bool = False) ->
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.predict", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="training workdir (its best step), or a checkpoint step folder")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="weights to predict with: a training run (its best step), a step folder, <run>/best|latest, a Hub-layout "
+        "folder or Hub id, or a weights file",
+    )
     p.add_argument("--data", required=True, help="eval/ folder with info.csv, or a folder of images")
     p.add_argument("--out", default=None, help="output CSV (default: submission.csv or predictions.csv here)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")

@@ -20,6 +20,7 @@ from typing import Any, TypedDict
 
 import numpy as np
 
+from porting.runs import RUN_CONFIG  # what marks a folder as a training run
 from train.data import DataSplits, load_splits, make_eval_iter, make_train_iter
 from train.data.pipeline import records_fingerprint
 from train.logging_utils import METRICS_FILE, Progress, RunLogger, atomic_write_text, ensure_writable_dir, epoch_of
@@ -98,7 +99,7 @@ def make_run_iterators(
 
 def write_run_files(workdir: Path, config: RunConfig, splits: DataSplits) -> None:
     """config.json (the resolved config) and data_summary.json (what was found in --data)."""
-    atomic_write_text(workdir / CONFIG_FILE, dumps(config) + "\n")
+    atomic_write_text(workdir / RUN_CONFIG, dumps(config) + "\n")
     atomic_write_text(workdir / DATA_SUMMARY_FILE, json.dumps(splits.summary(), indent=2) + "\n")
 
 
@@ -227,7 +228,6 @@ def write_summary(workdir: Path, summary: dict) -> None:
     atomic_write_text(workdir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
 
 
-CONFIG_FILE = "config.json"  # what marks a folder as a training run
 
 
 class WorkdirError(ValueError):
@@ -294,9 +294,9 @@ def check_workdir(config: RunConfig, checkpoint_dir: str) -> None:
             f"--workdir {workdir} already exists and is not empty; pass --resume to continue it, "
             "--overwrite to replace it, or choose another folder"
         )
-    elif used and not (workdir / CONFIG_FILE).is_file():
+    elif used and not (workdir / RUN_CONFIG).is_file():
         raise WorkdirError(
-            f"--overwrite: {workdir} is not a training run folder (it has no {CONFIG_FILE}); "
+            f"--overwrite: {workdir} is not a training run folder (it has no {RUN_CONFIG}); "
             "refusing to delete it. Choose another --workdir"
         )
     for name in path_fields():

@@ -42,6 +42,12 @@ from train.options import (
 FLAX_ONLY = ("init_from", "freeze", "head_lr_mult", "layer_decay", "ema_decay")
 
 
+def flax_only_flags(config: TrainConfig) -> list[str]:
+    """The FLAX_ONLY flags `config` sets, as '--flag value'."""
+    return [f"--{n.replace('_', '-')} {getattr(config, n)}" for n in FLAX_ONLY
+            if getattr(config, n) != TrainConfig.__dataclass_fields__[n].default]  # fmt: skip
+
+
 def lr_at(config: TrainConfig, steps_per_epoch: int, total_steps: int, step: int) -> float:
     """optax.warmup_cosine_decay_schedule(0, lr, warmup, total) at `step` (train.state.make_schedule's schedule)."""
     warmup = min(round(config.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
@@ -161,8 +167,7 @@ def evaluate(model: nn.Module, eval_iter: Any, dev: Device, class_names: list[st
 def train_torch(config: RunConfig, *, compile_model: bool = False, verbose: bool = True) -> dict[str, Any]:
     """The PyTorch training loop for a resolved, validated config; returns the summary also in summary.json."""
 
-    ignored = [f"--{n.replace('_', '-')} {getattr(config, n)}" for n in FLAX_ONLY
-               if getattr(config, n) != TrainConfig.__dataclass_fields__[n].default]  # fmt: skip
+    ignored = flax_only_flags(config)
     if ignored:
         raise ConfigError(f"{', '.join(ignored)}: train.torch does not implement this yet (it would train without it); "
                           "train with train.flax, or leave the flag out")  # fmt: skip
@@ -204,6 +209,11 @@ def _train_torch(config: RunConfig, splits: Any, compile_model: bool, verbose: b
                 f"--resume: {ckpt_dir / runs.TORCH_LATEST} is not a checkpoint this trainer wrote "
                 f"({type(e).__name__}: {e}); nothing in it was run. Start a new run, or --overwrite this one"
             ) from e
+        if never_applied := flax_only_flags(saved_config):  # recorded by an earlier train.torch, which ignored them
+            raise run.WorkdirError(
+                f"--resume: this run recorded {', '.join(never_applied)}, which train.torch never applied; it cannot "
+                "be continued as recorded. Start a new run without them, or train with train.flax"
+            )
         diffs = config_differences(saved_config, config)
         if diffs:
             raise run.WorkdirError("--resume with another config than the saved run: " + "; ".join(diffs))
