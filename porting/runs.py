@@ -32,7 +32,7 @@ from porting.state import weights_sha256
 if TYPE_CHECKING:
     import orbax.checkpoint as ocp
 
-# jax, numpy and orbax are imported where used: the names and trainer_meta serve PyTorch-only readers (a train.torch
+# jax and orbax are imported where used: the names and trainer_meta serve PyTorch-only readers (a train.torch
 # run, port-weights between torch files) that must not load jax.
 
 CHECKPOINT_DIR = "checkpoints"  # train.flax
