@@ -44,6 +44,11 @@ def unit_multipliers(config: DarknetConfig, freeze: str, head_lr_mult: float, la
     return mults
 
 
+def module_multipliers(config: DarknetConfig, multipliers: list[float]) -> dict[str, float]:
+    """Each top-level module's learning-rate multiplier: its unit's (what both trainers group parameters by)."""
+    return {name: m for unit, m in zip(unit_names(config), multipliers, strict=True) for name in unit}
+
+
 def frozen_modules(config: DarknetConfig, freeze: str) -> frozenset[str]:
     """Top-level module names whose parameters and BatchNorm statistics must not change."""
     units = unit_names(config)[: frozen_units(config, freeze)]
@@ -57,7 +62,7 @@ def group_label(multiplier: float) -> str:
 
 def param_labels(config: DarknetConfig, multipliers: list[float]) -> Any:
     """A function params -> the same tree of group labels (for optax.multi_transform)."""
-    by_module = {name: group_label(m) for unit, m in zip(unit_names(config), multipliers, strict=True) for name in unit}
+    by_module = {name: group_label(m) for name, m in module_multipliers(config, multipliers).items()}
 
     def labels(params: Any) -> Any:
         unknown = sorted(set(params) - set(by_module))

@@ -25,6 +25,7 @@ from porting import runs
 from porting.errors import EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_OK, SIGNAL_EXIT_BASE
 from porting.preprocessing import IMAGENET_MEAN, IMAGENET_STD, PIXEL_SCALE
 from train import run
+from train.finetune import frozen_modules, module_multipliers, unit_multipliers
 from train.logging_utils import RunLogger
 from train.options import (
     ConfigError,
@@ -39,12 +40,16 @@ from train.options import (
 )
 
 # Fields train.flax applies and this trainer does not yet: refused when set, never recorded as applied.
-FLAX_ONLY = ("init_from", "freeze", "head_lr_mult", "layer_decay", "ema_decay")
+FLAX_ONLY = ("init_from", "ema_decay")
+# The fine-tuning fields: checkpoints written before this trainer applied any of them (they have no model_config)
+# recorded them without applying them.
+FINE_TUNING = ("init_from", "freeze", "head_lr_mult", "layer_decay", "ema_decay")
+LR_MULT = "lr_mult"  # the key of a param group's learning-rate multiplier
 
 
-def flax_only_flags(config: TrainConfig) -> list[str]:
-    """The FLAX_ONLY flags `config` sets, as '--flag value'."""
-    return [f"--{n.replace('_', '-')} {getattr(config, n)}" for n in FLAX_ONLY
+def flax_only_flags(config: TrainConfig, names: tuple[str, ...] = FLAX_ONLY) -> list[str]:
+    """The flags among `names` that `config` sets, as '--flag value'."""
+    return [f"--{n.replace('_', '-')} {getattr(config, n)}" for n in names
             if getattr(config, n) != TrainConfig.__dataclass_fields__[n].default]  # fmt: skip
 
 
@@ -59,13 +64,40 @@ def lr_at(config: TrainConfig, steps_per_epoch: int, total_steps: int, step: int
 
 
 def make_torch_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """Weight decay on conv/linear weights only (not BatchNorm parameters, not biases)."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """train.state.make_optimizer's groups: each unit's learning-rate multiplier (train.finetune, --head-lr-mult,
+    --layer-decay), weight decay on conv/linear weights only, frozen units (--freeze) left out.
+
+    A frozen unit keeps requires_grad: its gradient counts in the global norm (the non-finite check, --grad-clip)
+    as in train.flax, where frozen parameters are differentiated too and only their update is zero.
+    """
+    cfg = config.model_config
+    mults = unit_multipliers(cfg, config.freeze, config.head_lr_mult, config.layer_decay)
+    by_module = module_multipliers(cfg, mults)
+    grouped: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        mult = by_module[name.split(".")[0]]
+        if mult != 0:
+            grouped.setdefault((mult, p.ndim > 1), []).append(p)
+    groups = [{"params": ps, "weight_decay": config.weight_decay if decay else 0.0, LR_MULT: mult}
+              for (mult, decay), ps in grouped.items()]  # fmt: skip
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
     return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def freeze_statistics(model: nn.Module, config: TrainConfig) -> None:
+    """The BatchNorm running statistics of frozen units never change (momentum 0); they still normalise with the
+    batch's statistics in training, as train.flax's frozen modules do."""
+    for name in frozen_modules(config.model_config, config.freeze):
+        for module in getattr(model, name).modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.momentum = 0.0
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group's rate: `lr` times the group's multiplier."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group[LR_MULT]
 
 
 def zero_init_residual(model: nn.Module) -> None:
@@ -143,8 +175,7 @@ def train_step(
         with torch.no_grad():
             for k, v in model.named_buffers():
                 v.copy_(buffers[k])
-    lr = optimizer.param_groups[0]["lr"]
-    return {"loss": loss.detach(), "correct": (logits.argmax(-1) == y).sum(), "finite": finite, "lr": lr}
+    return {"loss": loss.detach(), "correct": (logits.argmax(-1) == y).sum(), "finite": finite}
 
 
 def evaluate(model: nn.Module, eval_iter: Any, dev: Device, class_names: list[str]) -> dict[str, Any]:
@@ -198,6 +229,7 @@ def _train_torch(config: RunConfig, splits: Any, compile_model: bool, verbose: b
     if config.zero_init_residual:
         zero_init_residual(model)
     model = model.to(dev.device).to(memory_format=torch.channels_last if dev.channels_last else torch.preserve_format)
+    freeze_statistics(model, config)
     optimizer = make_torch_optimizer(model, config)
     loop, last_val = run.LoopState(), None
     if config.resume:
@@ -209,7 +241,7 @@ def _train_torch(config: RunConfig, splits: Any, compile_model: bool, verbose: b
                 f"--resume: {ckpt_dir / runs.TORCH_LATEST} is not a checkpoint this trainer wrote "
                 f"({type(e).__name__}: {e}); nothing in it was run. Start a new run, or --overwrite this one"
             ) from e
-        if never_applied := flax_only_flags(saved_config):  # recorded by an earlier train.torch, which ignored them
+        if never_applied := flax_only_flags(saved_config, FLAX_ONLY if "model_config" in saved else FINE_TUNING):
             raise run.WorkdirError(
                 f"--resume: this run recorded {', '.join(never_applied)}, which train.torch never applied; it cannot "
                 "be continued as recorded. Start a new run without them, or train with train.flax"
@@ -254,9 +286,9 @@ def _train_torch(config: RunConfig, splits: Any, compile_model: bool, verbose: b
     try:
         with run.SignalFlag() as flag:
             while loop.step < total:
-                for g in optimizer.param_groups:  # the optimizer's own count: skipped steps do not advance it
-                    g["lr"] = lr_at(config, spe, total, loop.step - loop.nonfinite_total)
-                m = train_step(model, forward, optimizer, dev, next(train_iter), config)
+                lr = lr_at(config, spe, total, loop.step - loop.nonfinite_total)  # skipped steps do not advance it
+                set_learning_rate(optimizer, lr)
+                m = {**train_step(model, forward, optimizer, dev, next(train_iter), config), "lr": lr}
                 loop.step += 1
                 if tracker.record(loop.step, m):
                     save(runs.TORCH_LATEST)
