@@ -303,23 +303,10 @@ def _train(start: RunStart, topology: Topology, verbose: bool, t_entry: float) -
     eval_fn = jax.jit(functools.partial(eval_step, mean_std=config.mean_std))
     logger = RunLogger(workdir, enabled=is_main)
     tracker = run.StepTracker(loop, config, steps_per_epoch, total_steps, logger, verbose=verbose)
-    preprocessing = ckpt.trainer_preprocessing(
-        config.mean_std, config.image_size, class_names, model_config.leaky_slope
-    )
-    fingerprint = run.data_fingerprint(splits)
+    run_meta = run.meta_writer(config, model_config, splits)
 
     def save(val: dict | None = None) -> None:
-        meta = ckpt.RunMeta(
-            config=config.to_json(),
-            class_names=class_names,
-            data_fingerprint=fingerprint,
-            preprocessing=preprocessing,
-            model_config=model_config.to_dict(),
-            data_state=train_iter.get_state(),
-            loop=dataclasses.asdict(loop),
-            val=ckpt.val_record(val),
-        )
-        checkpointer.save(loop.step, state_tree(state), meta, val)
+        checkpointer.save(loop.step, state_tree(state), run_meta(train_iter.get_state(), loop, val), val)
 
     # Multi-process runs leave SIGTERM to JAX's preemption service, which agrees on one step for every process
     # (orbax's reached_preemption); SIGINT there is a failure of the one process, which stops the others.

@@ -20,7 +20,8 @@ from typing import Any, TypedDict
 
 import numpy as np
 
-from porting.runs import RUN_CONFIG  # what marks a folder as a training run
+from darknet_arch import DarknetConfig
+from porting.runs import RUN_CONFIG, RunMeta, trainer_preprocessing, val_record  # RUN_CONFIG: marks a run
 from train.data import DataSplits, load_splits, make_eval_iter, make_train_iter
 from train.data.pipeline import records_fingerprint
 from train.logging_utils import METRICS_FILE, Progress, RunLogger, atomic_write_text, ensure_writable_dir, epoch_of
@@ -45,6 +46,23 @@ class Interrupted(RuntimeError):
 def data_fingerprint(splits: DataSplits) -> str:
     """The run's records (paths relative to their folder, labels) of both splits: the same after a move."""
     return f"{records_fingerprint(splits.train)}:{records_fingerprint(splits.val)}"
+
+
+def meta_writer(
+    config: RunConfig, model_config: DarknetConfig, splits: DataSplits
+) -> Callable[[Any, LoopState, dict | None], RunMeta]:
+    """(data-iterator state, loop counters, evaluation) -> the meta a checkpoint of this run records; what does not
+    change during the run (config, classes, data fingerprint, preprocessing record) is worked out once, here."""
+    config_json, class_names, fingerprint = config.to_json(), list(splits.class_names), data_fingerprint(splits)
+    record = trainer_preprocessing(config.mean_std, config.image_size, class_names, model_config.leaky_slope)
+    model = model_config.to_dict()
+
+    def meta(data_state: Any, loop: LoopState, val: dict | None) -> RunMeta:
+        return RunMeta(config=config_json, class_names=class_names, data_fingerprint=fingerprint, preprocessing=record,
+                       model_config=model, data_state=data_state, loop=dataclasses.asdict(loop),
+                       val=val_record(val))  # fmt: skip
+
+    return meta
 
 
 def check_same_data(saved: dict[str, Any], splits: DataSplits) -> None:

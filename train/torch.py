@@ -262,20 +262,10 @@ def _train_torch(config: RunConfig, splits: Any, compile_model: bool, verbose: b
     say(dumps(config))
     say(f"data: {len(splits.train)} train / {len(splits.val)} val, {spe} steps per epoch, {total} steps; {dev}")
 
-    preprocessing = runs.trainer_preprocessing(config.mean_std, config.image_size, class_names,
-                                               config.model_config.leaky_slope)  # fmt: skip
+    run_meta = run.meta_writer(config, config.model_config, splits)
 
     def save(name: str, val: dict | None = None) -> None:
-        meta = runs.RunMeta(
-            config=config.to_json(),
-            class_names=class_names,
-            data_fingerprint=run.data_fingerprint(splits),
-            preprocessing=preprocessing,
-            model_config=config.model_config.to_dict(),
-            data_state=train_iter.get_state(),
-            loop=dataclasses.asdict(loop),
-            val=runs.val_record(val),
-        )
+        meta = run_meta(train_iter.get_state(), loop, val)
         runs.save_torch_checkpoint(ckpt_dir / name, model.state_dict(), optimizer.state_dict(), meta,
                                    torch_rng=torch.get_rng_state())  # fmt: skip
 
