@@ -26,6 +26,7 @@ from porting.torch_flax import (
     check_source,
     checked_flax,
     detect_source,
+    split_prelu_slope,
     strip_wrapper_prefixes,
 )
 
@@ -53,6 +54,7 @@ class Loaded:
     run_config: dict[str, Any] | None = None  # the training run's TrainConfig (JSON) when the weights are a run's
     # The same weights as read, when they came in Flax layout: Flax to Flax never goes through torch's layout.
     flax_variables: dict[str, Any] | None = None
+    metrics: dict[str, float] | None = None  # the validation metrics a training run recorded at this step
 
     @property
     def leaky_slope(self) -> float | None:
@@ -121,6 +123,7 @@ def _read(location: Location, config: DarknetConfig | None, source: str) -> Load
     if check_source(source) != "auto" and location.side != "torch":
         raise PortingError(f"source={source!r} names a PyTorch naming; {location.given!r} is a {fmt} location")
     notes: list[str] = list(location.notes)
+    prelu = None
     if fmt == "darknet":
         cfg, weights = _first_fit(_candidates(config, {}, where), lambda c: read_darknet_weights(where, config=c))
         return Loaded(weights.state, weights.num_classes, DARKNET, "darknet", tuple(notes), cfg, location, None)
@@ -151,15 +154,27 @@ def _read(location: Location, config: DarknetConfig | None, source: str) -> Load
             naming = _first_fit(_candidates(config, meta, where), lambda c: detect_source(unwrapped, c))[1]
             kind = "seed" if meta.get("source_format") == "seed" and naming == "torch_ref" else naming
         names: TorchSource = "timm" if kind == "timm" else "torch_ref"
-        cfg, state = _first_fit(_candidates(config, meta, where),
-                                lambda c: canonical_from_torch(unwrapped, config=c, source=names))  # fmt: skip
+
+        def read(c: DarknetConfig) -> tuple[CanonicalStateDict, float | None]:
+            rest, slope = split_prelu_slope(unwrapped, c) if names == "timm" else (unwrapped, None)
+            return canonical_from_torch(rest, config=c, source=names), slope
+
+        cfg, (state, prelu) = _first_fit(_candidates(config, meta, where), read)
+        if location.kind == "hub_dir" and (meta.get("act_layer") == hub.TIMM_PRELU) != (prelu is not None):
+            raise PortingError(
+                f"{where}: config.json's act_layer is {meta.get('act_layer')!r} but the weights "
+                f"{'hold' if prelu is not None else 'lack'} PReLU slopes; timm would refuse to load them"
+            )
+        if prelu is not None:
+            notes.append(f"LeakyReLU slope {prelu} from the weights' timm PReLU slopes")
     head = keymap.head_width(state, cfg)
     if meta.get("num_classes") is not None and meta["num_classes"] != head:
         raise PortingError(f"{where} records {meta['num_classes']} classes, but its head has {head}")
-    implied = IMPLIED.get(kind, Preprocessing())
+    implied = IMPLIED.get(kind, Preprocessing()) if prelu is None else Preprocessing(leaky_slope=prelu)
     record = combine([(f"{where} records", _record(meta)), (f"the {kind} format implies", implied)], where)
-    run = meta.get("run_config")
-    return Loaded(state, head, record, kind, tuple(notes), cfg, location, dict(run) if run else None, checked)
+    run, val = meta.get("run_config"), meta.get("val")
+    return Loaded(state, head, record, kind, tuple(notes), cfg, location, dict(run) if run else None, checked,
+                  dict(val) if val else None)  # fmt: skip
 
 
 def _record(meta: Mapping[str, Any]) -> Preprocessing:
@@ -251,7 +266,7 @@ def load(path: str | os.PathLike | Location, options: LoadOptions = LoadOptions(
                      "(leaky_slope / --leaky-slope) to have it recorded")  # fmt: skip
     same = loaded.flax_variables if classes == loaded.num_classes else None  # a replaced head: convert the state
     return Loaded(state, classes, record, loaded.source_format, tuple(notes), cfg.with_slope(record.leaky_slope),
-                  location, loaded.run_config, same)  # fmt: skip
+                  location, loaded.run_config, same, loaded.metrics)  # fmt: skip
 
 
 def load_options(**options: Any) -> LoadOptions:

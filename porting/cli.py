@@ -23,6 +23,7 @@ from porting.errors import (
     raise_if_stopped,
 )
 from porting.files import SIDE_HELP
+from porting.hub import HUB_HELP, HUB_SIDE
 from porting.preprocessing import FIELDS, parse_preprocessing, read_class_names
 from porting.torch_flax import SOURCES
 
@@ -52,13 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser: one subcommand per direction, SRC DST and shared options."""
     parser = argparse.ArgumentParser(prog="port-weights", description=__doc__)
     sub = parser.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
+    side_help = {**SIDE_HELP, HUB_SIDE: HUB_HELP}
     for direction, (src_side, dst_side) in DIRECTIONS.items():
-        p = sub.add_parser(direction, help=f"{src_side} ({SIDE_HELP[src_side]}) -> {dst_side} ({SIDE_HELP[dst_side]})")
+        p = sub.add_parser(direction, help=f"{src_side} ({SIDE_HELP[src_side]}) -> {dst_side} ({side_help[dst_side]})")
         p.add_argument("src", metavar="SRC", help=f"input: {SIDE_HELP[src_side]}" + (
             ", or a training run folder, its checkpoints/ or a step folder, <run>/best, <run>/latest"
             if src_side == "flax" else ", or a train.torch run folder, or a Hub-layout directory (config.json + "
             "model.safetensors)" if src_side == "torch" else ""))
-        p.add_argument("dst", metavar="DST", help=f"output: {SIDE_HELP[dst_side]}")
+        p.add_argument("dst", metavar="DST", help=f"output: {side_help[dst_side]}")
         p.add_argument(
             "--num-classes",
             type=int,
@@ -133,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"note: {note}")
             if args.check:
                 diffs = check_conversion(args.src, args.dst, leaky_slope=result.leaky_slope, source=args.source,
-                                         config=result.config)  # fmt: skip
+                                         config=result.config, direction=args.direction)  # fmt: skip
                 for name, (diff, scale) in diffs.items():
                     print(f"check {name}: max |torch - flax| = {diff:.3e} (max |torch| = {scale:.3e})")
             raise_if_stopped()

@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from darknet_arch import DARKNET53, DARKNET_LEAKY_SLOPE, DarknetConfig
-from porting import atomic, files, keymap
-from porting.api import Loaded, LoadOptions, load, load_options
+from darknet_arch import ARCHS, DARKNET53, DARKNET_LEAKY_SLOPE, DarknetConfig
+from porting import atomic, files, hub, keymap
+from porting.api import Loaded, LoadOptions, arch_name, load, load_options
 from porting.darknet import write_darknet_weights
 from porting.errors import PortingError
 from porting.locations import Location, is_hub_id, locate
@@ -20,9 +20,11 @@ from porting.preprocessing import DARKNET, DARKNET_HELD, Preprocessing, contradi
 from porting.state import CanonicalStateDict
 from porting.torch_flax import canonical_to_flax, canonical_to_torch
 
+# torch2flax: SRC side, DST side; X2hub writes a Hub model repository folder (porting.hub.write_hub).
 DIRECTIONS: dict[str, tuple[str, str]] = {
-    f"{a}2{b}": (a, b) for a in files.SIDE_HELP for b in files.SIDE_HELP if a != b
-}  # torch2flax: SRC side, DST side
+    **{f"{a}2{b}": (a, b) for a in files.SIDE_HELP for b in files.SIDE_HELP if a != b},
+    **{f"{a}2{hub.HUB_SIDE}": (a, hub.HUB_SIDE) for a in files.SIDE_HELP},
+}
 CHECK_BATCH = 2
 
 
@@ -40,7 +42,8 @@ def direction_of(src: str | os.PathLike | Location, dst: str | os.PathLike, expe
     if src_side != want_src:
         given = src.given if isinstance(src, Location) else os.fspath(src)
         raise PortingError(f"{expected}: SRC {given!r} is a {src_side} location; expected {files.SIDE_HELP[want_src]}")
-    files.check_side(dst, want_dst, f"{expected}: DST")
+    if want_dst != hub.HUB_SIDE:  # a Hub folder is any directory name
+        files.check_side(dst, want_dst, f"{expected}: DST")
     return expected
 
 
@@ -88,7 +91,14 @@ def convert(
     cfg = loaded.config
     meta = {"num_classes": loaded.num_classes, "source_format": loaded.source_format,
             "preprocessing": loaded.preprocessing.to_json()}  # fmt: skip
-    if dst_side == "torch":
+    if dst_side == hub.HUB_SIDE:
+        architecture = arch_name(cfg)
+        if architecture not in ARCHS:
+            raise PortingError(f"cannot write {dst!r}: a Hub config.json names its architecture, and these weights "
+                               f"are {architecture}; porting names {', '.join(ARCHS)}")  # fmt: skip
+        hub.write_hub(dst, loaded.state, cfg, loaded.preprocessing, architecture=architecture,
+                      source=location.describe(), metrics=loaded.metrics, force=force)  # fmt: skip
+    elif dst_side == "torch":
         files.write_torch_file(dst, canonical_to_torch(loaded.state, cfg), meta, force)
     elif dst_side == "flax":
         files.write_flax_file(dst, loaded.variables, meta, force)
@@ -150,9 +160,11 @@ def check_conversion(
     source: str = "auto",
     config: DarknetConfig | None = None,
     seed: int = 0,
+    direction: str | None = None,
 ) -> dict[str, tuple[float, float]]:
-    """After a conversion: torch_ref runs the torch-side file, Flax the Flax-side one (Darknet: whichever is left)."""
-    src_side, dst_side = DIRECTIONS[direction_of(src, dst)]
+    """After a conversion: torch_ref runs the torch-side file, Flax the Flax-side one (Darknet, a Hub folder:
+    whichever is left)."""
+    src_side, dst_side = DIRECTIONS[direction_of(src, dst, direction)]
     src_loaded = load(src, LoadOptions(config=config, source=source))
     config = src_loaded.config
     src_state, dst_state = src_loaded.state, load(dst, LoadOptions(config=config)).state

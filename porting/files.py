@@ -43,7 +43,7 @@ META_KEY = "meta"
 META_FIELDS = ("num_classes", "source_format", "preprocessing")
 LEGACY_SLOPE = "leaky_slope"
 # What a training checkpoint's metadata adds (porting.runs.trainer_meta); read, never written.
-TRAINER_FIELDS = ("model_config", "run_config")
+TRAINER_FIELDS = ("model_config", "run_config", "val")
 # The side (framework) each format belongs to; a direction such as torch2flax names two sides.
 FORMAT_SIDES = {"torch": "torch", "safetensors": "torch", "msgpack": "flax", "orbax": "flax", "darknet": "darknet"}
 SIDE_HELP = {

@@ -22,6 +22,9 @@ LINEAR_TO_DENSE = (1, 0)
 # torch_ref's conv unit is Sequential(Conv2d, BatchNorm2d, LeakyReLU): indices 0 and 1; timm names them conv and bn.
 TORCH_CONV, TORCH_BN = "0", "1"
 TIMM_CONV, TIMM_BN = "conv", "bn"
+# timm's darknet53 built with act_layer="prelu" holds each unit's slope as `<unit>.bn.act.weight` (one element):
+# the one way a timm config can express a LeakyReLU slope other than nn.LeakyReLU's default.
+TIMM_ACT_WEIGHT = "act.weight"
 NUM_BATCHES_TRACKED = "num_batches_tracked"
 
 PARAMS, BATCH_STATS = "params", "batch_stats"
@@ -85,6 +88,10 @@ class Unit:
             return f"{self.timm_prefix}.{rule.torch_suffix}"
         index, _, attr = rule.torch_suffix.partition(".")
         return f"{self.timm_prefix}.{TIMM_CONV if index == TORCH_CONV else TIMM_BN}.{attr}"
+
+    def timm_act_key(self) -> str:
+        """The timm key of this ConvBN unit's PReLU slope (act_layer="prelu")."""
+        return f"{self.timm_prefix}.{TIMM_BN}.{TIMM_ACT_WEIGHT}"
 
     def bn_counter_keys(self) -> tuple[str, str]:
         """(torch, timm) keys of the BN's num_batches_tracked counter."""

@@ -136,6 +136,7 @@ def trainer_meta(payload: Mapping[str, Any], where: str) -> dict[str, Any]:
         "preprocessing": record.filled(TRAINER_DEFAULTS).to_json(),
         "model_config": None if config is None else config.to_dict(),
         "run_config": dict(run),
+        "val": dict(payload["val"]) if isinstance(payload.get("val"), Mapping) else None,
     }
 
 

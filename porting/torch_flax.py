@@ -14,14 +14,16 @@ import numpy as np
 
 from darknet_arch import DARKNET53, DarknetConfig
 from porting import keymap
-from porting.errors import PortingError
+from porting.errors import LayoutMismatch, PortingError
 from porting.state import (
     CanonicalStateDict,
     check_and_convert,
     check_counter,
+    check_leaky_slope,
     check_num_classes,
     check_running_var,
     listing,
+    to_float32,
 )
 
 TorchSource = Literal["auto", "torch_ref", "seed", "timm"]
@@ -92,6 +94,41 @@ def timm_to_torch_state_dict(state_dict: Mapping[str, Any], config: DarknetConfi
 def torch_to_timm_state_dict(state_dict: Mapping[str, Any], config: DarknetConfig = DARKNET53) -> dict[str, Any]:
     """The inverse of `timm_to_torch_state_dict`: torch_ref names to timm's darknet53 names."""
     return _rename(state_dict, {v: k for k, v in _timm_to_torch_names(config).items()}, "torch_ref")
+
+
+def split_prelu_slope(
+    state_dict: Mapping[str, Any], config: DarknetConfig = DARKNET53
+) -> tuple[dict[str, Any], float | None]:
+    """(the timm state_dict without its PReLU slopes, the one slope they hold), or (it, None) when it has none.
+
+    A timm darknet53 built with act_layer="prelu" computes LeakyReLU with the slope each unit holds; Darknet-53 has
+    one slope, so every unit must hold it, one element each, the same value.
+    """
+    keys = [unit.timm_act_key() for unit in keymap.conv_units(config)]
+    found = [k for k in state_dict if k.endswith(f".{keymap.TIMM_ACT_WEIGHT}")]
+    if not found:
+        return dict(state_dict), None
+    missing, unexpected = sorted(set(keys) - set(found)), sorted(set(found) - set(keys))
+    if missing or unexpected:
+        raise LayoutMismatch(
+            f"timm PReLU slopes ({keymap.TIMM_ACT_WEIGHT}) must be in every conv unit or none: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}"
+        )
+    slopes = {}
+    for key in keys:
+        value = to_float32(key, state_dict[key])
+        if value.size != 1:
+            raise PortingError(f"{key} holds {value.size} slopes; Darknet-53's LeakyReLU has one per unit")
+        # The shortest decimal that is this float32 (0.1, not 0.10000000149): the slope a record states.
+        slopes[key] = float(np.format_float_positional(value.reshape(-1)[0], unique=True))
+    if len(set(slopes.values())) != 1:
+        first, other = keys[0], next(k for k in keys if slopes[k] != slopes[keys[0]])
+        raise PortingError(
+            f"timm PReLU slopes differ ({first}={slopes[first]}, {other}={slopes[other]}): a learned PReLU is not "
+            "Darknet-53's one LeakyReLU slope"
+        )
+    slope = check_leaky_slope(slopes[keys[0]], f"{keys[0]} (the PReLU slope)")
+    return {k: v for k, v in state_dict.items() if k not in slopes}, slope
 
 
 def canonical_from_torch(
