@@ -27,7 +27,7 @@ from porting.atomic import atomic_write, remove_temporaries, write_bytes, write_
 from porting.errors import PortingError, failing_as, parse_json
 from porting.hub import HUB_PYTORCH
 from porting.preprocessing import Preprocessing, combine
-from porting.runs import trainer_meta
+from porting.runs import EMA, trainer_meta
 from porting.state import check_leaky_slope, check_num_classes
 
 TORCH_SUFFIXES = (".pt", ".pth")
@@ -192,7 +192,9 @@ def _unwrap_checkpoint(obj: Any, where: str) -> tuple[Mapping[str, Any], Meta | 
     for key in ("state_dict", "model"):
         if isinstance(obj.get(key), Mapping):
             if key == "model" and any(k in obj for k in ("preprocessing", "class_names", "config")):
-                return obj[key], clean_meta(trainer_meta(obj, where), where)  # what train.torch saves
+                # What train.torch saves; with --ema-decay the EMA was evaluated and chosen: those are its weights.
+                weights = obj[EMA] if isinstance(obj.get(EMA), Mapping) else obj[key]
+                return weights, clean_meta(trainer_meta(obj, where), where)
             return obj[key], None if obj.get(META_KEY) is None else clean_meta(obj.get(META_KEY), where)
     return obj, None
 

@@ -47,7 +47,8 @@ UNREADABLE_SUFFIX = ".unreadable"  # step folders a --resume could not read, kep
 # After a failed save: how long to keep removing the temporaries of orbax's writes still in flight.
 CLEANUP_GRACE_S, CLEANUP_QUIET_S, CLEANUP_POLL_S = 10.0, 1.0, 0.1
 BEST_METRIC = "macro_f1"  # the competition metric; higher is better
-WEIGHTS = ("params", "batch_stats", "ema")  # the parts of a state tree that are weights (the EMA when kept)
+EMA = "ema"  # the averaged weights (--ema-decay) in both trainers' checkpoints: evaluated, so read as the run's
+WEIGHTS = ("params", "batch_stats", EMA)  # the parts of a state tree that are weights (the EMA when kept)
 VAL_FIELDS = ("loss", "accuracy", "macro_f1")  # the validation figures a checkpoint records
 
 
@@ -389,7 +390,7 @@ def restore_variables(directory: str | Path, step: int) -> tuple[dict[str, Any],
         abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), saved)
         restored, meta = _restore(m, directory, step, abstract, "could not be read")
     # A run with --ema-decay evaluated (and picked its best step by) the EMA: those are its weights.
-    source = restored.get("ema") or restored
+    source = restored.get(EMA) or restored
     variables = {"params": source["params"], "batch_stats": source["batch_stats"]}
     return jax.tree_util.tree_map(np.asarray, variables), meta
 

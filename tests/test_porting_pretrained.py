@@ -188,8 +188,7 @@ def test_every_command_that_takes_weights_takes_a_cached_hub_id(tmp_path, monkey
 
     from porting.cli import main as port_weights
     from porting.export import read_weights
-    from train.loop import load_init_variables
-    from train.options import TrainConfig
+    from train.options import TrainConfig, load_init_weights
     from train.predict import Predictor
 
     commit = "1" * 40
@@ -208,7 +207,8 @@ def test_every_command_that_takes_weights_takes_a_cached_hub_id(tmp_path, monkey
     np.testing.assert_array_equal(porting.load_flax_variables(tmp_path / "x.msgpack").variables["params"]["fc"]["bias"],
                                   want)  # fmt: skip
     run = TrainConfig(data="demo", workdir=str(tmp_path / "run"), arch="tiny", init_from="hf-hub:someone/tiny-darknet")
-    variables, slope, _, _ = load_init_variables(run, TINY, 3)
+    loaded = load_init_weights(run, TINY, 3)
+    variables, slope = loaded.variables, loaded.leaky_slope
     np.testing.assert_array_equal(variables["params"]["fc"]["bias"], want)
     assert slope == 0.1
     weights = read_weights("hf-hub:someone/tiny-darknet")

@@ -26,8 +26,7 @@ from porting.cli import main as port_weights
 from tests.train_helpers import SIZE, TINY, run_module, tiny_cli_args
 from train.data import MASK_CLASS_NAMES, load_splits
 from train.data.decode import decode_image
-from train.loop import load_init_variables
-from train.options import IMAGENET_MEAN, IMAGENET_STD, ConfigError, TrainConfig
+from train.options import IMAGENET_MEAN, IMAGENET_STD, ConfigError, TrainConfig, load_init_weights
 from train.predict import Predictor
 from train.predict import main as predict_main
 from train.state import create_model, create_train_state, make_optimizer, make_schedule, normalize, state_tree
@@ -98,7 +97,8 @@ def test_every_spelling_of_a_run_is_read_the_same_way_by_every_reader(run, tmp_p
         assert port_weights(["flax2torch", str(where), str(tmp_path / f"{i}.safetensors")]) == 0, where
         assert Predictor.from_checkpoint(where).class_names == list(MASK_CLASS_NAMES)
         config = TrainConfig(data="demo", workdir="unused", arch="tiny", init_from=str(where))
-        variables, slope, _, _ = load_init_variables(config, TINY, CLASSES)
+        loaded = load_init_weights(config, TINY, CLASSES)
+        variables, slope = loaded.variables, loaded.leaky_slope
         assert slope == 0.1 and variables["params"]["fc"]["kernel"].shape == (TINY.width, CLASSES)
 
 
@@ -115,7 +115,7 @@ def test_a_path_naming_no_weights_gets_the_same_message_from_every_reader(tmp_pa
         assert port_weights(["flax2torch", str(where), str(tmp_path / "x.pt")]) == 2
         assert message in capsys.readouterr().err
         with pytest.raises(ConfigError) as init_error:
-            load_init_variables(TrainConfig(data="demo", workdir="unused", init_from=str(where)), TINY, CLASSES)
+            load_init_weights(TrainConfig(data="demo", workdir="unused", init_from=str(where)), TINY, CLASSES)
         assert message in str(init_error.value)
         assert predict_main(["--checkpoint", str(where), "--data", str(junk), "--out", str(tmp_path / "p.csv")]) == 2
         assert message in capsys.readouterr().err

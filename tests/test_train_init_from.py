@@ -12,8 +12,7 @@ import torch
 from darknet_arch import StageSpec
 from tests.train_helpers import SIZE, TINY, random_batch
 from torch_ref import Darknet53 as TorchDarknet
-from train.loop import load_init_variables
-from train.options import ConfigError, TrainConfig
+from train.options import ConfigError, TrainConfig, load_init_weights
 from train.state import create_model, create_train_state, make_optimizer, make_schedule, normalize
 from train.torch import to_tensor
 
@@ -40,7 +39,8 @@ def _config(path, **kw) -> TrainConfig:
 
 def test_init_from_torch_file_gives_the_torch_models_eval_logits(torch_file):
     path, torch_model = torch_file
-    variables, slope, _, _ = load_init_variables(_config(path), TINY, 18)
+    loaded = load_init_weights(_config(path), TINY, 18)
+    variables, slope = loaded.variables, loaded.leaky_slope
     config = _config(path)
     model = create_model(TINY.with_slope(slope), 18, "fp32")
     state = create_train_state(
@@ -58,7 +58,8 @@ def test_init_from_torch_file_gives_the_torch_models_eval_logits(torch_file):
 
 def test_init_from_with_another_class_count_reinitialises_the_head(torch_file):
     path, torch_model = torch_file
-    variables, _, notes, _ = load_init_variables(_config(path), TINY, 5)
+    loaded = load_init_weights(_config(path), TINY, 5)
+    variables, notes = loaded.variables, loaded.notes
     assert variables["params"]["fc"]["kernel"].shape == (TINY.width, 5)
     assert any("head" in n for n in notes), notes
     stem = torch_model.state_dict()["conv1.0.weight"].numpy().transpose(2, 3, 1, 0)
@@ -69,17 +70,18 @@ def test_init_from_a_different_network_is_a_clear_error(torch_file):
     path, _ = torch_file
     other = dataclasses.replace(TINY, stages=(*TINY.stages[:-1], StageSpec(128, 2)))
     with pytest.raises(ConfigError, match="--init-from"):
-        load_init_variables(_config(path), other, 18)
+        load_init_weights(_config(path), other, 18)
 
 
 def test_init_from_darknet_weights_trains_on_their_unit_input_unless_forced(tmp_path):
     from tests.porting_helpers import darknet_layers, write_weights_file
-    from train.loop import input_norm_for
+    from train.options import input_norm_for
 
     path = tmp_path / "tiny.weights"
     write_weights_file(path, darknet_layers(TINY, 18, seed=3))
     config = _config(path)
-    _, slope, _, record = load_init_variables(config, TINY, 18)
+    loaded = load_init_weights(config, TINY, 18)
+    slope, record = loaded.leaky_slope, loaded.preprocessing
     resolved, note = input_norm_for(config, record)
     assert (slope, resolved.input_norm) == (0.1, "unit") and "from the weights' record" in note
     # The step then feeds x / 255 unchanged: Darknet's [0, 1] input.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 from porting.runs import TORCH_BEST, TORCH_CHECKPOINT_DIR, TORCH_LATEST
@@ -39,18 +41,50 @@ def test_torch_schedule_matches_optax():
         assert lr_at(config, 4, 40, step) == pytest.approx(float(want(step)), rel=1e-5, abs=1e-7)
 
 
-FLAX_ONLY_FLAGS = [["--ema-decay", "0.99"], ["--init-from", "x.pt"]]
-
-
-@pytest.mark.parametrize("flag", FLAX_ONLY_FLAGS, ids=lambda flag: flag[0])
-def test_a_flag_train_torch_does_not_apply_is_refused_before_anything_is_written(tmp_path, capsys, flag):
+def test_an_unreadable_init_from_is_refused_before_anything_is_written(tmp_path, capsys):
     from train.torch import main
 
     workdir = tmp_path / "w"
-    assert main([*tiny_cli_args(workdir, "--steps", "1"), *flag]) == 2
+    assert main([*tiny_cli_args(workdir, "--steps", "1"), "--init-from", str(tmp_path / "x.pt")]) == 2
     err = capsys.readouterr().err
-    assert f"{flag[0]} {flag[1]}" in err and "train.torch does not implement" in err and "Traceback" not in err
+    assert "--init-from" in err and "x.pt" in err and "Traceback" not in err
     assert not workdir.exists()
+
+
+def test_train_torch_starts_from_weights_keeps_an_ema_and_resumes(tmp_path, capsys):
+    """--init-from (a 5-class file at slope 0.01: its backbone, its slope, a fresh 18-class head), --freeze backbone
+    (so the backbone stays the file's, statistics too), --ema-decay (saved, and what porting reads), then --resume."""
+    import numpy as np
+    import torch
+    from porting_helpers import TINY, randomize_torch_state
+
+    import porting
+    import torch_ref
+    from train.options import TrainConfig
+    from train.torch import main
+
+    source = torch_ref.Darknet53(5, 0.01, config=TINY)
+    randomize_torch_state(source, seed=8)
+    torch.save(source.state_dict(), tmp_path / "w.pt")
+    porting.convert(tmp_path / "w.pt", tmp_path / "w.msgpack", leaky_slope=0.01)
+    workdir, latest = tmp_path / "run", tmp_path / "run" / TORCH_CHECKPOINT_DIR / TORCH_LATEST
+    flags = ["--init-from", str(tmp_path / "w.msgpack"), "--freeze", "backbone", "--ema-decay", "0.5"]
+    assert main(tiny_cli_args(workdir, "--steps", "2", "--batch-size", "8", *flags)) == 0  # no --threads: global
+    assert "init-from: loaded" in capsys.readouterr().out
+
+    saved = torch.load(latest, weights_only=True)
+    assert TrainConfig.from_json(saved["config"]).leaky_slope == 0.01  # from the weights, recorded for --resume
+    for key, value in source.state_dict().items():
+        if not key.startswith("fc.") and not key.endswith("num_batches_tracked"):
+            assert torch.equal(saved["model"][key], value) and torch.equal(saved["ema"][key], value), key
+    head = saved["model"]["fc.weight"]
+    assert head.shape == (18, TINY.width) and not torch.equal(saved["ema"]["fc.weight"], head)
+    run = porting.load_flax_variables(workdir)  # the EMA: what was evaluated and chosen
+    np.testing.assert_array_equal(run.state["fc.weight"], saved["ema"]["fc.weight"].numpy())
+
+    # The slope it took from the weights is the saved run's, not a changed flag; the EMA is restored with the rest.
+    assert main([*tiny_cli_args(workdir, "--steps", "2", "--batch-size", "8", *flags), "--resume"]) == 0
+    assert "resumed from step 2" in capsys.readouterr().out
 
 
 def test_a_run_that_recorded_flags_train_torch_never_applied_is_not_resumed_as_if_it_had(tmp_path, capsys):
@@ -77,14 +111,15 @@ def test_a_run_that_recorded_flags_train_torch_never_applied_is_not_resumed_as_i
 
 @pytest.mark.parametrize(
     "setting",
-    [{}, {"freeze": "stage2"}, {"head_lr_mult": 10.0}, {"layer_decay": 0.5}],  # --freeze backbone: test_finetune
-    ids=["plain", "freeze-stage2", "head-lr-mult", "layer-decay"],
+    # --freeze backbone: test_finetune. The EMA's setting freezes stage2 too: frozen units' averages stay bitwise.
+    [{}, {"freeze": "stage2"}, {"head_lr_mult": 10.0}, {"layer_decay": 0.5}, {"ema_decay": 0.9, "freeze": "stage2"}],
+    ids=["plain", "freeze-stage2", "head-lr-mult", "layer-decay", "ema"],
 )
 def test_one_step_of_each_trainer_makes_the_same_update(setting):
     """The two trainers are one algorithm: from the same weights on the same batch, one step of train.torch's update
-    rule moves every parameter as train.flax's does (to 1e-5 of the tensor's largest update, plus two float32 ulps of
-    its weights), frozen units
-    and their BatchNorm statistics stay bitwise as they were in both."""
+    rule moves every parameter (with --ema-decay: its average) as train.flax's does (to 1e-5 of the tensor's largest
+    update, plus two float32 ulps of its weights), frozen units and their BatchNorm statistics stay bitwise as they
+    were in both."""
     import jax
     import numpy as np
     import torch
@@ -109,18 +144,21 @@ def test_one_step_of_each_trainer_makes_the_same_update(setting):
 
     tx = make_optimizer(config, make_schedule(config, 10, 10))
     variables = torch_state_dict_to_flax(model.state_dict(), config=TINY)
-    state = create_train_state(jax.random.key(0), create_model(TINY, 18, "fp32"), SIZE, tx, variables)
-    state, metrics = jax.jit(lambda s, b: train_step(s, b, frozen=frozen))(state, batch)
+    ema = config.ema_decay is not None
+    state = create_train_state(jax.random.key(0), create_model(TINY, 18, "fp32"), SIZE, tx, variables, ema=ema)
+    state, metrics = jax.jit(lambda s, b: train_step(s, b, frozen=frozen, ema_decay=config.ema_decay))(state, batch)
     assert bool(metrics["finite"])
-    flax_after = flax_to_torch_state_dict({"params": state.params, "batch_stats": state.batch_stats}, config=TINY)
+    weights = state.ema if ema else {"params": state.params, "batch_stats": state.batch_stats}
+    flax_after = flax_to_torch_state_dict(weights, config=TINY)
 
     freeze_statistics(model, config)
     optimizer = make_torch_optimizer(model, config)
     set_learning_rate(optimizer, config.lr)  # the schedule's first value without warm-up (test_torch_schedule_...)
     model.train()
     dev = Device(torch.device("cpu"), amp=False, channels_last=False, mean_std=config.mean_std)
-    assert torch_train_step(model, model, optimizer, dev, batch, config)["finite"]
-    torch_after = model.state_dict()
+    average = copy.deepcopy(model) if ema else None
+    assert torch_train_step(model, model, optimizer, dev, batch, config, average)["finite"]
+    torch_after = (average or model).state_dict()
 
     moved = 0
     for key, old in before.items():

@@ -28,13 +28,13 @@ from train.logging_utils import RunLogger
 from train.options import (
     COMPILE_CACHE_DEFAULT,
     COMPILE_CACHE_OFF,
-    DEFAULT_INPUT_NORM,
-    INPUT_NORMS,
     ConfigError,
     RunConfig,
     TrainConfig,
     config_differences,
     dumps,
+    load_init_weights,
+    resolve_from_weights,
     resolved_as_saved,
 )
 from train.state import (
@@ -76,49 +76,6 @@ def check_same_tree(expected: Any, got: Any, what: str) -> None:
         raise ConfigError(
             f"{what} does not fit this network: missing {missing[:5]}, unexpected {extra[:5]}, wrong shapes {wrong[:5]}"
         )
-
-
-def load_init_variables(
-    config: RunConfig, model_config: DarknetConfig, num_classes: int
-) -> tuple[Any, float | None, list[str], Any]:
-    """--init-from: (variables, the file's or --leaky-slope's slope, notes, its preprocessing record); a head of
-    another width is replaced."""
-    import porting  # the package: every weights reader (runs themselves need only porting.runs)
-
-    if not config.init_from:
-        raise ConfigError("--init-from is not set: there are no weights to start from")
-    try:
-        result = porting.load_flax_variables(
-            config.init_from,
-            num_classes=num_classes,
-            leaky_slope=config.leaky_slope,
-            seed=config.seed,
-            config=model_config,
-        )
-    except porting.PortingError as e:
-        raise ConfigError(f"--init-from {config.init_from}: {e}") from e
-    variables = jax.tree_util.tree_map(np.asarray, result.variables)
-    return variables, result.leaky_slope, list(result.notes), result.preprocessing
-
-
-def input_norm_for(config: RunConfig, record: Any) -> tuple[RunConfig, str]:
-    """(config with input_norm resolved, a note): the --init-from weights' normalisation unless a flag forced one."""
-    expected = next(
-        (name for name, (mean, std) in INPUT_NORMS.items()
-         if record.mean is not None and record.std is not None
-         and np.allclose(record.mean, mean) and np.allclose(record.std, std)),
-        None,
-    )  # fmt: skip
-    if config.input_norm is None:
-        chosen = expected or DEFAULT_INPUT_NORM
-        why = "the weights' record" if expected else f"the default (the weights record no known one: {record.mean})"
-        return dataclasses.replace(config, input_norm=chosen), f"input normalisation {chosen}, from {why}"
-    if expected is not None and expected != config.input_norm:
-        return (
-            config,
-            f"input normalisation {config.input_norm} (forced by --input-norm; the weights expect {expected})",
-        )
-    return config, f"input normalisation {config.input_norm} (--input-norm)"
 
 
 def check_resume(config: RunConfig, workdir: Path, splits: DataSplits) -> tuple[list[tuple[int, dict]], RunConfig]:
@@ -200,14 +157,11 @@ def plan_run(config: RunConfig, base_config: DarknetConfig, splits: DataSplits |
         return RunStart(config, base_config.with_slope(config.leaky_slope), splits, tuple(candidates))
     if not config.init_from:
         return RunStart(config, base_config.with_slope(config.leaky_slope), splits)
-    variables, slope, notes, record = load_init_variables(config, base_config, len(class_names))
-    if config.leaky_slope is None and slope is not None:
-        # Keep the slope the weights were trained with, and record it so --resume rebuilds the same net.
-        config = dataclasses.replace(config, leaky_slope=float(slope))
-    config, note = input_norm_for(config, record)
-    notes = [*notes, note]
+    loaded = load_init_weights(config, base_config, len(class_names))
+    config, notes = resolve_from_weights(config, loaded)
     model_config = base_config.with_slope(config.leaky_slope)
     model = create_model(model_config, len(class_names), config.precision)
+    variables = loaded.variables
     check_same_tree(variable_shapes(model, config.image_size), variables, f"--init-from {config.init_from}")
     return RunStart(config, model_config, splits, (), variables, tuple(notes))
 

@@ -19,10 +19,16 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
 
 from darknet_arch import ARCHS, REMAT_MODES, DarknetConfig
 from porting.preprocessing import DEFAULT_IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, MAX_IMAGE_SIZE, UNIT_MEAN, UNIT_STD
+
+if TYPE_CHECKING:  # porting's readers are imported where weights are read: the flags alone need none of them
+    from porting import Loaded
+    from porting.preprocessing import Preprocessing
 
 DEFAULT_WORKDIR_ROOT = "runs"
 DEMO_DATA = "demo"
@@ -258,6 +264,47 @@ def resolved_as_saved(config: RunConfig, saved: TrainConfig) -> RunConfig:
     """`config` with each field a run resolves from its weights, and this command leaves unset, as `saved` has it."""
     names = [f.name for f in dataclasses.fields(TrainConfig) if f.metadata["from_weights"]]
     return dataclasses.replace(config, **{n: getattr(saved, n) for n in names if getattr(config, n) is None})
+
+
+def load_init_weights(config: TrainConfig, model_config: DarknetConfig, num_classes: int) -> Loaded:
+    """--init-from's weights for a `num_classes` run of `model_config` (a head of another width replaced, seeded by
+    --seed), with --leaky-slope checked against what they record; ConfigError naming the flag otherwise."""
+    import porting
+
+    if not config.init_from:
+        raise ConfigError("--init-from is not set: there are no weights to start from")
+    try:
+        return porting.load_flax_variables(config.init_from, num_classes=num_classes, leaky_slope=config.leaky_slope,
+                                           seed=config.seed, config=model_config)  # fmt: skip
+    except porting.PortingError as e:
+        raise ConfigError(f"--init-from {config.init_from}: {e}") from e
+
+
+def input_norm_for(config: RunConfig, record: Preprocessing) -> tuple[RunConfig, str]:
+    """(config with input_norm resolved, a note): the --init-from weights' normalisation unless a flag forced one."""
+    expected = next(
+        (name for name, (mean, std) in INPUT_NORMS.items()
+         if record.mean is not None and record.std is not None
+         and np.allclose(record.mean, mean) and np.allclose(record.std, std)),
+        None,
+    )  # fmt: skip
+    if config.input_norm is None:
+        chosen = expected or DEFAULT_INPUT_NORM
+        why = "the weights' record" if expected else f"the default (the weights record no known one: {record.mean})"
+        return dataclasses.replace(config, input_norm=chosen), f"input normalisation {chosen}, from {why}"
+    if expected is not None and expected != config.input_norm:
+        forced = f"forced by --input-norm; the weights expect {expected}"
+        return config, f"input normalisation {config.input_norm} ({forced})"
+    return config, f"input normalisation {config.input_norm} (--input-norm)"
+
+
+def resolve_from_weights(config: RunConfig, loaded: Loaded) -> tuple[RunConfig, list[str]]:
+    """(config with the fields it takes from its --init-from weights, the notes): the slope they were trained with
+    (recorded, so --resume rebuilds the same net) and their input normalisation, where no flag set them."""
+    if config.leaky_slope is None and loaded.leaky_slope is not None:
+        config = dataclasses.replace(config, leaky_slope=float(loaded.leaky_slope))
+    config, note = input_norm_for(config, loaded.preprocessing)
+    return config, [*loaded.notes, note]
 
 
 def config_differences(saved: TrainConfig, new: TrainConfig) -> list[str]:

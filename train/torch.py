@@ -8,13 +8,14 @@ torch files (torch_checkpoints/latest.pt, best.pt) holding only tensors and plai
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -35,19 +36,23 @@ from train.options import (
     config_differences,
     config_from_args,
     dumps,
+    load_init_weights,
     resolve,
+    resolve_from_weights,
+    resolved_as_saved,
     validate,
 )
 
-# Fields train.flax applies and this trainer does not yet: refused when set, never recorded as applied.
-FLAX_ONLY = ("init_from", "ema_decay")
-# The fine-tuning fields: checkpoints written before this trainer applied any of them (they have no model_config)
-# recorded them without applying them.
+if TYPE_CHECKING:
+    from porting import Loaded
+
+# The fine-tuning fields: checkpoints written before this trainer applied them (they have no model_config) recorded
+# them without applying them.
 FINE_TUNING = ("init_from", "freeze", "head_lr_mult", "layer_decay", "ema_decay")
 LR_MULT = "lr_mult"  # the key of a param group's learning-rate multiplier
 
 
-def flax_only_flags(config: TrainConfig, names: tuple[str, ...] = FLAX_ONLY) -> list[str]:
+def set_flags(config: TrainConfig, names: tuple[str, ...]) -> list[str]:
     """The flags among `names` that `config` sets, as '--flag value'."""
     return [f"--{n.replace('_', '-')} {getattr(config, n)}" for n in names
             if getattr(config, n) != TrainConfig.__dataclass_fields__[n].default]  # fmt: skip
@@ -98,6 +103,15 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Every group's rate: `lr` times the group's multiplier."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group[LR_MULT]
+
+
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """--ema-decay: every float tensor of `ema` (parameters and BatchNorm statistics) moves (1 - decay) of the way to
+    `model`'s, as train.state's optax.incremental_update; a frozen unit's EMA stays bitwise (lerp to itself)."""
+    with torch.no_grad():
+        for average, current in zip(ema.state_dict().values(), model.state_dict().values(), strict=True):
+            if average.is_floating_point():
+                average.lerp_(current, 1.0 - decay)
 
 
 def zero_init_residual(model: nn.Module) -> None:
@@ -154,9 +168,16 @@ class Device:
 
 
 def train_step(
-    model: nn.Module, forward: Any, optimizer: torch.optim.Optimizer, dev: Device, batch: dict, config: TrainConfig
+    model: nn.Module,
+    forward: Any,
+    optimizer: torch.optim.Optimizer,
+    dev: Device,
+    batch: dict,
+    config: TrainConfig,
+    ema: nn.Module | None = None,
 ) -> dict[str, Any]:
-    """One step; a non-finite loss or gradient leaves parameters, optimizer and BN statistics unchanged."""
+    """One step (and the EMA's, when kept); a non-finite loss or gradient leaves parameters, optimizer, EMA and BN
+    statistics unchanged."""
     x, y = dev.inputs(batch)
     buffers = {k: v.clone() for k, v in model.named_buffers()}  # BN statistics change in the forward pass
     with dev.autocast():
@@ -171,6 +192,8 @@ def train_step(
         if config.grad_clip is not None:
             nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
+        if ema is not None and config.ema_decay is not None:
+            update_ema(ema, model, config.ema_decay)
     else:
         with torch.no_grad():
             for k, v in model.named_buffers():
@@ -198,27 +221,58 @@ def evaluate(model: nn.Module, eval_iter: Any, dev: Device, class_names: list[st
 def train_torch(config: RunConfig, *, compile_model: bool = False, verbose: bool = True) -> dict[str, Any]:
     """The PyTorch training loop for a resolved, validated config; returns the summary also in summary.json."""
 
-    ignored = flax_only_flags(config)
-    if ignored:
-        raise ConfigError(f"{', '.join(ignored)}: train.torch does not implement this yet (it would train without it); "
-                          "train with train.flax, or leave the flag out")  # fmt: skip
     splits = run.load_run_splits(config)  # before the workdir is touched
+    init: Loaded | None = None
+    notes: list[str] = []
+    if config.init_from and not config.resume:  # read (or refused) before the workdir is touched, as in train.flax
+        init = load_init_weights(config, config.model_config, len(splits.class_names))
+        config, notes = resolve_from_weights(config, init)
     lock = run.prepare_workdir(config, runs.TORCH_CHECKPOINT_DIR)
     try:
-        return _train_torch(config, splits, compile_model, verbose)
+        return _train_torch(config, splits, compile_model, verbose, init, notes)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train_torch(config: RunConfig, splits: Any, compile_model: bool, verbose: bool) -> dict[str, Any]:
+def read_resume(config: RunConfig, ckpt_dir: Path, splits: Any) -> tuple[dict[str, Any], RunConfig]:
+    """--resume: the latest checkpoint (on the CPU) and the config with what the run resolved from its weights;
+    WorkdirError for a file this trainer did not write, another config, other data, or flags never applied."""
+    try:  # weights_only: tensors and plain data only, so no code in the file ever runs
+        saved = torch.load(ckpt_dir / runs.TORCH_LATEST, map_location="cpu", weights_only=True)
+        saved_config = TrainConfig.from_json(saved["config"])
+    except Exception as e:
+        raise run.WorkdirError(
+            f"--resume: {ckpt_dir / runs.TORCH_LATEST} is not a checkpoint this trainer wrote "
+            f"({type(e).__name__}: {e}); nothing in it was run. Start a new run, or --overwrite this one"
+        ) from e
+    if "model_config" not in saved and (never_applied := set_flags(saved_config, FINE_TUNING)):
+        raise run.WorkdirError(
+            f"--resume: this run recorded {', '.join(never_applied)}, which train.torch never applied; it cannot "
+            "be continued as recorded. Start a new run without them, or train with train.flax"
+        )
+    config = resolved_as_saved(config, saved_config)
+    diffs = config_differences(saved_config, config)
+    if diffs:
+        raise run.WorkdirError("--resume with another config than the saved run: " + "; ".join(diffs))
+    run.check_same_data(saved, splits)
+    return saved, config
+
+
+def _train_torch(
+    config: RunConfig, splits: Any, compile_model: bool, verbose: bool, init: Loaded | None, notes: list[str]
+) -> dict[str, Any]:
     """The loop of train_torch(), in a held workdir."""
+    from porting import canonical_to_torch
     from torch_ref import Darknet53
 
     say = print if verbose else (lambda *a, **k: None)
     class_names = list(splits.class_names)
     workdir = Path(config.workdir)
     ckpt_dir = workdir / runs.TORCH_CHECKPOINT_DIR
+    saved = None
+    if config.resume:
+        saved, config = read_resume(config, ckpt_dir, splits)
     torch.manual_seed(config.seed)
     dev = Device.pick(config)
     train_iter, eval_iter = run.make_run_iterators(config, splits, batch_size=config.batch_size)
@@ -226,31 +280,23 @@ def _train_torch(config: RunConfig, splits: Any, compile_model: bool, verbose: b
     total = config.total_steps(spe)
 
     model = Darknet53(num_classes=len(class_names), config=config.model_config)
-    if config.zero_init_residual:
+    if init is not None:  # as train.flax: the weights as they are, no zero-initialised residual branches
+        model.load_state_dict(canonical_to_torch(init.state, init.config), strict=True)
+        for note in notes:
+            say(f"init-from: {note}")
+        say(f"init-from: loaded {config.init_from} (leaky slope {config.model_config.leaky_slope})")
+    elif config.zero_init_residual:
         zero_init_residual(model)
     model = model.to(dev.device).to(memory_format=torch.channels_last if dev.channels_last else torch.preserve_format)
     freeze_statistics(model, config)
     optimizer = make_torch_optimizer(model, config)
+    # --ema-decay: the averaged weights start as the initial ones (train.state.create_train_state).
+    ema = None if config.ema_decay is None else copy.deepcopy(model).eval()
     loop, last_val = run.LoopState(), None
-    if config.resume:
-        try:  # weights_only: tensors and plain data only, so no code in the file ever runs
-            saved = torch.load(ckpt_dir / runs.TORCH_LATEST, map_location=dev.device, weights_only=True)
-            saved_config = TrainConfig.from_json(saved["config"])
-        except Exception as e:
-            raise run.WorkdirError(
-                f"--resume: {ckpt_dir / runs.TORCH_LATEST} is not a checkpoint this trainer wrote "
-                f"({type(e).__name__}: {e}); nothing in it was run. Start a new run, or --overwrite this one"
-            ) from e
-        if never_applied := flax_only_flags(saved_config, FLAX_ONLY if "model_config" in saved else FINE_TUNING):
-            raise run.WorkdirError(
-                f"--resume: this run recorded {', '.join(never_applied)}, which train.torch never applied; it cannot "
-                "be continued as recorded. Start a new run without them, or train with train.flax"
-            )
-        diffs = config_differences(saved_config, config)
-        if diffs:
-            raise run.WorkdirError("--resume with another config than the saved run: " + "; ".join(diffs))
-        run.check_same_data(saved, splits)
+    if saved is not None:
         model.load_state_dict(saved["model"])
+        if ema is not None:
+            ema.load_state_dict(saved[runs.EMA])
         optimizer.load_state_dict(saved["optimizer"])
         train_iter.set_state(saved["data_state"])
         torch.set_rng_state(saved["torch_rng"].cpu())
@@ -266,8 +312,9 @@ def _train_torch(config: RunConfig, splits: Any, compile_model: bool, verbose: b
 
     def save(name: str, val: dict | None = None) -> None:
         meta = run_meta(train_iter.get_state(), loop, val)
+        averages = {} if ema is None else {runs.EMA: ema.state_dict()}
         runs.save_torch_checkpoint(ckpt_dir / name, model.state_dict(), optimizer.state_dict(), meta,
-                                   torch_rng=torch.get_rng_state())  # fmt: skip
+                                   torch_rng=torch.get_rng_state(), **averages)  # fmt: skip
 
     logger = RunLogger(workdir)
     tracker = run.StepTracker(loop, config, spe, total, logger, verbose=verbose)
@@ -278,7 +325,7 @@ def _train_torch(config: RunConfig, splits: Any, compile_model: bool, verbose: b
             while loop.step < total:
                 lr = lr_at(config, spe, total, loop.step - loop.nonfinite_total)  # skipped steps do not advance it
                 set_learning_rate(optimizer, lr)
-                m = {**train_step(model, forward, optimizer, dev, next(train_iter), config), "lr": lr}
+                m = {**train_step(model, forward, optimizer, dev, next(train_iter), config, ema), "lr": lr}
                 loop.step += 1
                 if tracker.record(loop.step, m):
                     save(runs.TORCH_LATEST)
@@ -286,7 +333,8 @@ def _train_torch(config: RunConfig, splits: Any, compile_model: bool, verbose: b
                 end_of_epoch = loop.step % spe == 0 or loop.step == total
                 periodic = config.checkpoint_every is not None and loop.step % config.checkpoint_every == 0
                 if end_of_epoch:
-                    last_val = evaluate(model, eval_iter, dev, class_names)
+                    # With an EMA, it is what is evaluated and what the best checkpoint is chosen by (train.flax too).
+                    last_val = evaluate(model if ema is None else ema, eval_iter, dev, class_names)
                     is_best = tracker.end_epoch(last_val, class_names)
                     save(runs.TORCH_LATEST, last_val)
                     if is_best:
