@@ -29,6 +29,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from porting.errors import EXIT_PEER_FAILED
@@ -145,8 +146,6 @@ def initialize(opts: DistributedOptions) -> bool:
     cluster = None if launch is not None else detect_cluster()
     if launch is None and cluster is None:
         return False
-    import jax
-
     # Cross-process collectives on CPU need an implementation; GPU and TPU backends ignore this setting.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if launch is None:  # a cluster's launch: JAX's own detection finds the coordinator and ranks
@@ -180,7 +179,7 @@ def initialize(opts: DistributedOptions) -> bool:
 
 def joined() -> bool:
     """True once this process is connected to the distributed runtime (its exit must then not wait for others)."""
-    return _client() is not None
+    return jax.distributed.is_initialized()
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -203,26 +202,19 @@ def options_from_args(args: argparse.Namespace) -> DistributedOptions:
 
 
 def _client() -> Any:
-    """JAX's distributed key-value client (None before initialize), through orbax's public multi-host helper."""
+    """JAX's distributed key-value client, through orbax's public multi-host helper (JAX has no public accessor)."""
     from orbax.checkpoint import multihost
 
-    try:
-        return multihost.get_jax_distributed_client()
-    except ValueError:  # not initialised: a single-process run
-        return None
+    return multihost.get_jax_distributed_client()
 
 
 def is_multiprocess() -> bool:
     """True after initialize() joined a run of more than one process."""
-    import jax
-
-    return _client() is not None and jax.process_count() > 1
+    return jax.distributed.is_initialized() and jax.process_count() > 1
 
 
 def check_same_config(config: dict[str, Any], timeout_s: float) -> None:
     """Raise DistributedError unless every process was given the same training flags (compared with process 0's)."""
-    import jax
-
     if not is_multiprocess():
         return
     client, me = _client(), jax.process_index()
@@ -250,8 +242,6 @@ class FailureWatcher:
     """
 
     def __init__(self, poll_s: float = FAILURE_POLL_S) -> None:
-        import jax
-
         self.me, self.poll_s = jax.process_index(), poll_s
         self._stop = threading.Event()
         self.failing = False  # this process is failing itself: peers' reports are then not news
@@ -297,8 +287,6 @@ def exit_now(code: int) -> None:
     Process 0 hosts the key-value store, so it lingers until the others have read its report; the others leave
     at once (lingering, they would be aborted by JAX when process 0 goes, with another exit code).
     """
-    import jax
-
     if jax.process_index() == 0:
         time.sleep(FAILURE_LINGER_S)
     sys.stdout.flush()
@@ -307,11 +295,8 @@ def exit_now(code: int) -> None:
 
 
 def shutdown() -> None:
-    """Leave the distributed runtime in step with the other processes (after a successful run)."""
-    import jax
-
-    if _client() is not None:
-        jax.distributed.shutdown()
+    """Leave the distributed runtime in step with the other processes (after a successful run; else a no-op)."""
+    jax.distributed.shutdown()
 
 
 _watcher: FailureWatcher | None = None
@@ -421,8 +406,4 @@ def replicate(tree: Any, topology: Topology) -> Any:
 
 def to_host(x: jax.Array) -> np.ndarray:
     """A global array as one numpy array on every process (gathers across hosts when there are several)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
