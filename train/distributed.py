@@ -7,9 +7,6 @@ ask this). Which launch is a cluster's (SLURM, Open MPI) is read from their task
 (coordinator, ranks) are left to `jax.distributed.initialize`'s own cluster detection. A SIGTERM stops every
 process at one agreed step through JAX's preemption service (see train.loop).
 
-Over 300 lines because each failure mode of a multi-process launch (bad flags, an unreachable coordinator, a
-process that fails, a process count that differs) needs its own handling, and they read best together.
-
 The second half is data parallelism with jax.sharding: one mesh axis over every device, the batch split, the
 state replicated.
 """
@@ -43,12 +40,8 @@ FAILURE_LINGER_S = 3 * FAILURE_POLL_S
 _KEY_PREFIX = "darknet53"
 DATA_AXIS = "data"  # the one mesh axis: data parallelism over every device
 
-# Environment variables by which JAX's own cluster detection recognises a multi-process launch.
-_CLUSTER_ENVS = {
-    "slurm": ("SLURM_JOB_ID", "SLURM_NTASKS"),
-    "ompi": ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"),
-}
-_CLUSTER_SIZE_VAR = {"slurm": "SLURM_NTASKS", "ompi": "OMPI_COMM_WORLD_SIZE"}
+# The environment variables by which JAX's own cluster detection recognises a launch: the task count first.
+_CLUSTER_ENVS = {"slurm": ("SLURM_NTASKS", "SLURM_JOB_ID"), "ompi": ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK")}
 
 
 class DistributedError(RuntimeError):
@@ -78,17 +71,8 @@ def parse_host_port(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-@dataclasses.dataclass(frozen=True)
-class Launch:
-    """An explicit multi-process launch, its three flags checked and given."""
-
-    coordinator: str
-    num_processes: int
-    process_id: int
-
-
-def validate(opts: DistributedOptions) -> Launch | None:
-    """The launch the flags describe (None: no explicit flags); DistributedError unless it is consistent."""
+def validate(opts: DistributedOptions) -> tuple[str, int, int] | None:
+    """(coordinator, num_processes, process_id) of the flags (None: none given); DistributedError unless consistent."""
     if opts.timeout_s <= 0:
         raise DistributedError(f"the distributed timeout must be positive, got {opts.timeout_s} s")
     if not opts.explicit:
@@ -105,20 +89,15 @@ def validate(opts: DistributedOptions) -> Launch | None:
         raise DistributedError(f"--num-processes must be >= 1, got {num}")
     if not 0 <= pid < num:
         raise DistributedError(f"--process-id must be in 0..{num - 1} for --num-processes {num}, got {pid}")
-    return Launch(coordinator, num, pid)
+    return coordinator, num, pid
 
 
 def detect_cluster(environ: dict[str, str] | None = None) -> str | None:
     """'slurm' or 'ompi' when this process was launched as one of several tasks by them, else None."""
     env = os.environ if environ is None else environ
-    for name, variables in _CLUSTER_ENVS.items():
-        if all(v in env for v in variables):
-            try:
-                size = int(env[_CLUSTER_SIZE_VAR[name]])
-            except ValueError:
-                continue
-            if size > 1:
-                return name
+    for name, (size, other) in _CLUSTER_ENVS.items():
+        if other in env and env.get(size, "").isdecimal() and int(env[size]) > 1:
+            return name
     return None
 
 
@@ -143,33 +122,24 @@ def wait_for_coordinator(address: str, timeout_s: float, process_id: int) -> Non
 def initialize(opts: DistributedOptions) -> bool:
     """Join the distributed runtime if the flags or the environment ask for it; True when it did."""
     launch = validate(opts)
-    cluster = None if launch is not None else detect_cluster()
-    if launch is None and cluster is None:
+    if launch is None and detect_cluster() is None:
         return False
     # Cross-process collectives on CPU need an implementation; GPU and TPU backends ignore this setting.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if launch is None:  # a cluster's launch: JAX's own detection finds the coordinator and ranks
         jax.distributed.initialize(initialization_timeout=opts.timeout_s)
         return True
-    if launch.process_id != 0:
-        wait_for_coordinator(launch.coordinator, opts.timeout_s, launch.process_id)
+    coordinator, num, pid = launch
+    if pid != 0:
+        wait_for_coordinator(coordinator, opts.timeout_s, pid)
     else:
-        print(
-            f"process 0: coordinating {launch.num_processes} processes at {launch.coordinator}; "
-            f"waiting up to {opts.timeout_s} s for the others",
-            file=sys.stderr,
-            flush=True,
-        )
-    jax.distributed.initialize(
-        launch.coordinator,
-        num_processes=launch.num_processes,
-        process_id=launch.process_id,
-        initialization_timeout=opts.timeout_s,
-    )
-    if jax.process_count() != launch.num_processes:
+        waiting = f"waiting up to {opts.timeout_s} s for the others"
+        print(f"process 0: coordinating {num} processes at {coordinator}; {waiting}", file=sys.stderr, flush=True)
+    jax.distributed.initialize(coordinator, num_processes=num, process_id=pid, initialization_timeout=opts.timeout_s)
+    if jax.process_count() != num:
         message = (
-            f"process {launch.process_id}: --num-processes {launch.num_processes}, but the coordinator at "
-            f"{launch.coordinator} runs {jax.process_count()} processes; give every process the same --num-processes"
+            f"process {pid}: --num-processes {num}, but the coordinator at {coordinator} runs "
+            f"{jax.process_count()} processes; give every process the same --num-processes"
         )
         with contextlib.suppress(Exception):  # so that the others' failure watchers stop them too
             _client().key_value_set(f"{_KEY_PREFIX}/failed/{jax.process_index()}", message)
