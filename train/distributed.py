@@ -331,14 +331,6 @@ class Topology:
         """Process 0 writes files and logs."""
         return self.process_index == 0
 
-    @property
-    def batch_sharding(self) -> NamedSharding:
-        return NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
-
-    @property
-    def replicated(self) -> NamedSharding:
-        return NamedSharding(self.mesh, PartitionSpec())
-
     def local_batch_size(self, global_batch: int) -> int:
         """This process's rows of a global batch."""
         return global_batch // self.process_count
@@ -348,30 +340,28 @@ class ShardingError(ValueError):
     """A batch size that cannot be split over the devices."""
 
 
-def make_topology(devices: list[Any] | None = None) -> Topology:
+def make_topology() -> Topology:
     """A 1-D mesh over all global devices (jax.devices(), so multi-host works unchanged)."""
-    devices = devices if devices is not None else jax.devices()
-    mesh = Mesh(np.asarray(devices), (DATA_AXIS,))
+    mesh = Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
     return Topology(mesh=mesh, process_index=jax.process_index(), process_count=jax.process_count())
 
 
-def check_batch_size(batch_size: int, topology: Topology, what: str = "--batch-size") -> None:
+def check_batch_size(batch_size: int, topology: Topology) -> None:
     """Raise ShardingError unless the global batch splits evenly over the devices."""
-    if batch_size % topology.num_devices:
-        raise ShardingError(
-            f"{what} {batch_size} cannot be split over {topology.num_devices} devices; "
-            f"use a multiple of {topology.num_devices}"
-        )
+    n = topology.num_devices
+    if batch_size % n:
+        raise ShardingError(f"--batch-size {batch_size} cannot be split over {n} devices; use a multiple of {n}")
 
 
 def place_batch(batch: dict[str, np.ndarray], topology: Topology) -> dict[str, jax.Array]:
     """This process's numpy batch -> global arrays sharded on the leading (batch) axis."""
-    return {k: jax.make_array_from_process_local_data(topology.batch_sharding, np.asarray(v)) for k, v in batch.items()}
+    sharding = NamedSharding(topology.mesh, PartitionSpec(DATA_AXIS))
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
 
 def replicate(tree: Any, topology: Topology) -> Any:
     """Put a pytree (the train state) on every device."""
-    return jax.device_put(tree, topology.replicated)
+    return jax.device_put(tree, NamedSharding(topology.mesh, PartitionSpec()))
 
 
 def to_host(x: jax.Array) -> np.ndarray:
