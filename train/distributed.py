@@ -22,7 +22,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 import numpy as np
@@ -158,12 +158,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (the same on every process)")
     g.add_argument("--num-processes", type=int, default=None, help="how many processes take part")
     g.add_argument("--process-id", type=int, default=None, help="this process's index, 0..N-1 (0 coordinates)")
-    g.add_argument(
-        "--distributed-timeout",
-        type=int,
-        default=DEFAULT_TIMEOUT_S,
-        help="seconds to wait for the coordinator and for all processes to join",
-    )
+    timeout_help = "seconds to wait for the coordinator and for all processes to join"
+    g.add_argument("--distributed-timeout", type=int, default=DEFAULT_TIMEOUT_S, help=timeout_help)
 
 
 def options_from_args(args: argparse.Namespace) -> DistributedOptions:
@@ -178,14 +174,9 @@ def _client() -> Any:
     return multihost.get_jax_distributed_client()
 
 
-def is_multiprocess() -> bool:
-    """True after initialize() joined a run of more than one process."""
-    return jax.distributed.is_initialized() and jax.process_count() > 1
-
-
 def check_same_config(config: dict[str, Any], timeout_s: float) -> None:
     """Raise DistributedError unless every process was given the same training flags (compared with process 0's)."""
-    if not is_multiprocess():
+    if jax.process_count() == 1:  # more than one only after initialize() joined them
         return
     client, me = _client(), jax.process_index()
     client.key_value_set(f"{_KEY_PREFIX}/config/{me}", json.dumps(config, sort_keys=True))
@@ -205,14 +196,13 @@ def check_same_config(config: dict[str, Any], timeout_s: float) -> None:
 
 
 class FailureWatcher:
-    """Stops this process promptly when another process reports a failure (or the coordinator disappears).
+    """Stops this process promptly when another process reports a failure (or the coordinator disappears)."""
 
-    Without it a failed process leaves the others blocked in a collective or a barrier until JAX's heartbeat
-    or shutdown timeouts (minutes) abort them with messages that do not say what went wrong.
-    """
+    # Without it a failed process leaves the others blocked in a collective or a barrier until JAX's heartbeat
+    # or shutdown timeouts (minutes) abort them with messages that do not say what went wrong.
 
-    def __init__(self, poll_s: float = FAILURE_POLL_S) -> None:
-        self.me, self.poll_s = jax.process_index(), poll_s
+    def __init__(self) -> None:
+        self.me = jax.process_index()
         self._stop = threading.Event()
         self.failing = False  # this process is failing itself: peers' reports are then not news
         self._thread = threading.Thread(target=self._run, name="failure-watcher", daemon=True)
@@ -220,16 +210,16 @@ class FailureWatcher:
 
     def _run(self) -> None:
         client = _client()
-        while not self._stop.wait(self.poll_s):
+        while not self._stop.wait(FAILURE_POLL_S):
             try:
                 reports = client.key_value_dir_get(f"{_KEY_PREFIX}/failed/")
             except Exception as e:
                 if self._stop.is_set() or self.failing:
                     return
                 _die(f"process {self.me}: lost contact with the coordinator (process 0), stopping: {e}")
-            others = [(k, v) for k, v in reports if not k.endswith(f"/{self.me}")]
+            others = sorted((k, v) for k, v in reports if not k.endswith(f"/{self.me}"))
             if others and not self.failing:
-                key, message = sorted(others)[0]
+                key, message = others[0]
                 _die(f"process {self.me}: stopping because process {key.rsplit('/', 1)[-1]} failed: {message}")
 
     def announce(self, message: str) -> None:
@@ -244,7 +234,7 @@ class FailureWatcher:
         self._thread.join()
 
 
-def _die(message: str) -> None:
+def _die(message: str) -> NoReturn:
     print(message, file=sys.stderr, flush=True)
     sys.stdout.flush()
     # os._exit skips JAX's exit-time shutdown barrier, which would wait for the failed process for minutes.
@@ -295,7 +285,7 @@ def announce_failure(message: str) -> None:
 
 def barrier(name: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
     """Wait until every process reaches `name` (a no-op in a single-process run)."""
-    if is_multiprocess():
+    if jax.process_count() > 1:
         _client().wait_at_barrier(f"{_KEY_PREFIX}/{name}", int(timeout_s * 1000))
 
 
