@@ -7,9 +7,6 @@ ask this). Which launch is a cluster's (SLURM, Open MPI) is read from their task
 (coordinator, ranks) are left to `jax.distributed.initialize`'s own cluster detection. A SIGTERM stops every
 process at one agreed step through JAX's preemption service (see train.loop).
 
-Over 300 lines because each failure mode of a multi-process launch (bad flags, an unreachable coordinator, a
-process that fails, a process count that differs) needs its own handling, and they read best together.
-
 The second half is data parallelism with jax.sharding: one mesh axis over every device, the batch split, the
 state replicated.
 """
@@ -25,10 +22,11 @@ import socket
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from porting.errors import EXIT_PEER_FAILED
@@ -42,12 +40,8 @@ FAILURE_LINGER_S = 3 * FAILURE_POLL_S
 _KEY_PREFIX = "darknet53"
 DATA_AXIS = "data"  # the one mesh axis: data parallelism over every device
 
-# Environment variables by which JAX's own cluster detection recognises a multi-process launch.
-_CLUSTER_ENVS = {
-    "slurm": ("SLURM_JOB_ID", "SLURM_NTASKS"),
-    "ompi": ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"),
-}
-_CLUSTER_SIZE_VAR = {"slurm": "SLURM_NTASKS", "ompi": "OMPI_COMM_WORLD_SIZE"}
+# The environment variables by which JAX's own cluster detection recognises a launch: the task count first.
+_CLUSTER_ENVS = {"slurm": ("SLURM_NTASKS", "SLURM_JOB_ID"), "ompi": ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK")}
 
 
 class DistributedError(RuntimeError):
@@ -77,17 +71,8 @@ def parse_host_port(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-@dataclasses.dataclass(frozen=True)
-class Launch:
-    """An explicit multi-process launch, its three flags checked and given."""
-
-    coordinator: str
-    num_processes: int
-    process_id: int
-
-
-def validate(opts: DistributedOptions) -> Launch | None:
-    """The launch the flags describe (None: no explicit flags); DistributedError unless it is consistent."""
+def validate(opts: DistributedOptions) -> tuple[str, int, int] | None:
+    """(coordinator, num_processes, process_id) of the flags (None: none given); DistributedError unless consistent."""
     if opts.timeout_s <= 0:
         raise DistributedError(f"the distributed timeout must be positive, got {opts.timeout_s} s")
     if not opts.explicit:
@@ -104,20 +89,15 @@ def validate(opts: DistributedOptions) -> Launch | None:
         raise DistributedError(f"--num-processes must be >= 1, got {num}")
     if not 0 <= pid < num:
         raise DistributedError(f"--process-id must be in 0..{num - 1} for --num-processes {num}, got {pid}")
-    return Launch(coordinator, num, pid)
+    return coordinator, num, pid
 
 
 def detect_cluster(environ: dict[str, str] | None = None) -> str | None:
     """'slurm' or 'ompi' when this process was launched as one of several tasks by them, else None."""
     env = os.environ if environ is None else environ
-    for name, variables in _CLUSTER_ENVS.items():
-        if all(v in env for v in variables):
-            try:
-                size = int(env[_CLUSTER_SIZE_VAR[name]])
-            except ValueError:
-                continue
-            if size > 1:
-                return name
+    for name, (size, other) in _CLUSTER_ENVS.items():
+        if other in env and env.get(size, "").isdecimal() and int(env[size]) > 1:
+            return name
     return None
 
 
@@ -142,35 +122,24 @@ def wait_for_coordinator(address: str, timeout_s: float, process_id: int) -> Non
 def initialize(opts: DistributedOptions) -> bool:
     """Join the distributed runtime if the flags or the environment ask for it; True when it did."""
     launch = validate(opts)
-    cluster = None if launch is not None else detect_cluster()
-    if launch is None and cluster is None:
+    if launch is None and detect_cluster() is None:
         return False
-    import jax
-
     # Cross-process collectives on CPU need an implementation; GPU and TPU backends ignore this setting.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if launch is None:  # a cluster's launch: JAX's own detection finds the coordinator and ranks
         jax.distributed.initialize(initialization_timeout=opts.timeout_s)
         return True
-    if launch.process_id != 0:
-        wait_for_coordinator(launch.coordinator, opts.timeout_s, launch.process_id)
+    coordinator, num, pid = launch
+    if pid != 0:
+        wait_for_coordinator(coordinator, opts.timeout_s, pid)
     else:
-        print(
-            f"process 0: coordinating {launch.num_processes} processes at {launch.coordinator}; "
-            f"waiting up to {opts.timeout_s} s for the others",
-            file=sys.stderr,
-            flush=True,
-        )
-    jax.distributed.initialize(
-        launch.coordinator,
-        num_processes=launch.num_processes,
-        process_id=launch.process_id,
-        initialization_timeout=opts.timeout_s,
-    )
-    if jax.process_count() != launch.num_processes:
+        waiting = f"waiting up to {opts.timeout_s} s for the others"
+        print(f"process 0: coordinating {num} processes at {coordinator}; {waiting}", file=sys.stderr, flush=True)
+    jax.distributed.initialize(coordinator, num_processes=num, process_id=pid, initialization_timeout=opts.timeout_s)
+    if jax.process_count() != num:
         message = (
-            f"process {launch.process_id}: --num-processes {launch.num_processes}, but the coordinator at "
-            f"{launch.coordinator} runs {jax.process_count()} processes; give every process the same --num-processes"
+            f"process {pid}: --num-processes {num}, but the coordinator at {coordinator} runs "
+            f"{jax.process_count()} processes; give every process the same --num-processes"
         )
         with contextlib.suppress(Exception):  # so that the others' failure watchers stop them too
             _client().key_value_set(f"{_KEY_PREFIX}/failed/{jax.process_index()}", message)
@@ -180,7 +149,7 @@ def initialize(opts: DistributedOptions) -> bool:
 
 def joined() -> bool:
     """True once this process is connected to the distributed runtime (its exit must then not wait for others)."""
-    return _client() is not None
+    return jax.distributed.is_initialized()
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -189,12 +158,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (the same on every process)")
     g.add_argument("--num-processes", type=int, default=None, help="how many processes take part")
     g.add_argument("--process-id", type=int, default=None, help="this process's index, 0..N-1 (0 coordinates)")
-    g.add_argument(
-        "--distributed-timeout",
-        type=int,
-        default=DEFAULT_TIMEOUT_S,
-        help="seconds to wait for the coordinator and for all processes to join",
-    )
+    timeout_help = "seconds to wait for the coordinator and for all processes to join"
+    g.add_argument("--distributed-timeout", type=int, default=DEFAULT_TIMEOUT_S, help=timeout_help)
 
 
 def options_from_args(args: argparse.Namespace) -> DistributedOptions:
@@ -203,27 +168,15 @@ def options_from_args(args: argparse.Namespace) -> DistributedOptions:
 
 
 def _client() -> Any:
-    """JAX's distributed key-value client (None before initialize), through orbax's public multi-host helper."""
+    """JAX's distributed key-value client, through orbax's public multi-host helper (JAX has no public accessor)."""
     from orbax.checkpoint import multihost
 
-    try:
-        return multihost.get_jax_distributed_client()
-    except ValueError:  # not initialised: a single-process run
-        return None
-
-
-def is_multiprocess() -> bool:
-    """True after initialize() joined a run of more than one process."""
-    import jax
-
-    return _client() is not None and jax.process_count() > 1
+    return multihost.get_jax_distributed_client()
 
 
 def check_same_config(config: dict[str, Any], timeout_s: float) -> None:
     """Raise DistributedError unless every process was given the same training flags (compared with process 0's)."""
-    import jax
-
-    if not is_multiprocess():
+    if jax.process_count() == 1:  # more than one only after initialize() joined them
         return
     client, me = _client(), jax.process_index()
     client.key_value_set(f"{_KEY_PREFIX}/config/{me}", json.dumps(config, sort_keys=True))
@@ -243,16 +196,13 @@ def check_same_config(config: dict[str, Any], timeout_s: float) -> None:
 
 
 class FailureWatcher:
-    """Stops this process promptly when another process reports a failure (or the coordinator disappears).
+    """Stops this process promptly when another process reports a failure (or the coordinator disappears)."""
 
-    Without it a failed process leaves the others blocked in a collective or a barrier until JAX's heartbeat
-    or shutdown timeouts (minutes) abort them with messages that do not say what went wrong.
-    """
+    # Without it a failed process leaves the others blocked in a collective or a barrier until JAX's heartbeat
+    # or shutdown timeouts (minutes) abort them with messages that do not say what went wrong.
 
-    def __init__(self, poll_s: float = FAILURE_POLL_S) -> None:
-        import jax
-
-        self.me, self.poll_s = jax.process_index(), poll_s
+    def __init__(self) -> None:
+        self.me = jax.process_index()
         self._stop = threading.Event()
         self.failing = False  # this process is failing itself: peers' reports are then not news
         self._thread = threading.Thread(target=self._run, name="failure-watcher", daemon=True)
@@ -260,16 +210,16 @@ class FailureWatcher:
 
     def _run(self) -> None:
         client = _client()
-        while not self._stop.wait(self.poll_s):
+        while not self._stop.wait(FAILURE_POLL_S):
             try:
                 reports = client.key_value_dir_get(f"{_KEY_PREFIX}/failed/")
             except Exception as e:
                 if self._stop.is_set() or self.failing:
                     return
                 _die(f"process {self.me}: lost contact with the coordinator (process 0), stopping: {e}")
-            others = [(k, v) for k, v in reports if not k.endswith(f"/{self.me}")]
+            others = sorted((k, v) for k, v in reports if not k.endswith(f"/{self.me}"))
             if others and not self.failing:
-                key, message = sorted(others)[0]
+                key, message = others[0]
                 _die(f"process {self.me}: stopping because process {key.rsplit('/', 1)[-1]} failed: {message}")
 
     def announce(self, message: str) -> None:
@@ -284,7 +234,7 @@ class FailureWatcher:
         self._thread.join()
 
 
-def _die(message: str) -> None:
+def _die(message: str) -> NoReturn:
     print(message, file=sys.stderr, flush=True)
     sys.stdout.flush()
     # os._exit skips JAX's exit-time shutdown barrier, which would wait for the failed process for minutes.
@@ -297,8 +247,6 @@ def exit_now(code: int) -> None:
     Process 0 hosts the key-value store, so it lingers until the others have read its report; the others leave
     at once (lingering, they would be aborted by JAX when process 0 goes, with another exit code).
     """
-    import jax
-
     if jax.process_index() == 0:
         time.sleep(FAILURE_LINGER_S)
     sys.stdout.flush()
@@ -307,11 +255,8 @@ def exit_now(code: int) -> None:
 
 
 def shutdown() -> None:
-    """Leave the distributed runtime in step with the other processes (after a successful run)."""
-    import jax
-
-    if _client() is not None:
-        jax.distributed.shutdown()
+    """Leave the distributed runtime in step with the other processes (after a successful run; else a no-op)."""
+    jax.distributed.shutdown()
 
 
 _watcher: FailureWatcher | None = None
@@ -340,7 +285,7 @@ def announce_failure(message: str) -> None:
 
 def barrier(name: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
     """Wait until every process reaches `name` (a no-op in a single-process run)."""
-    if is_multiprocess():
+    if jax.process_count() > 1:
         _client().wait_at_barrier(f"{_KEY_PREFIX}/{name}", int(timeout_s * 1000))
 
 
@@ -376,14 +321,6 @@ class Topology:
         """Process 0 writes files and logs."""
         return self.process_index == 0
 
-    @property
-    def batch_sharding(self) -> NamedSharding:
-        return NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
-
-    @property
-    def replicated(self) -> NamedSharding:
-        return NamedSharding(self.mesh, PartitionSpec())
-
     def local_batch_size(self, global_batch: int) -> int:
         """This process's rows of a global batch."""
         return global_batch // self.process_count
@@ -393,36 +330,30 @@ class ShardingError(ValueError):
     """A batch size that cannot be split over the devices."""
 
 
-def make_topology(devices: list[Any] | None = None) -> Topology:
+def make_topology() -> Topology:
     """A 1-D mesh over all global devices (jax.devices(), so multi-host works unchanged)."""
-    devices = devices if devices is not None else jax.devices()
-    mesh = Mesh(np.asarray(devices), (DATA_AXIS,))
+    mesh = Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
     return Topology(mesh=mesh, process_index=jax.process_index(), process_count=jax.process_count())
 
 
-def check_batch_size(batch_size: int, topology: Topology, what: str = "--batch-size") -> None:
+def check_batch_size(batch_size: int, topology: Topology) -> None:
     """Raise ShardingError unless the global batch splits evenly over the devices."""
-    if batch_size % topology.num_devices:
-        raise ShardingError(
-            f"{what} {batch_size} cannot be split over {topology.num_devices} devices; "
-            f"use a multiple of {topology.num_devices}"
-        )
+    n = topology.num_devices
+    if batch_size % n:
+        raise ShardingError(f"--batch-size {batch_size} cannot be split over {n} devices; use a multiple of {n}")
 
 
 def place_batch(batch: dict[str, np.ndarray], topology: Topology) -> dict[str, jax.Array]:
     """This process's numpy batch -> global arrays sharded on the leading (batch) axis."""
-    return {k: jax.make_array_from_process_local_data(topology.batch_sharding, np.asarray(v)) for k, v in batch.items()}
+    sharding = NamedSharding(topology.mesh, PartitionSpec(DATA_AXIS))
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
 
 def replicate(tree: Any, topology: Topology) -> Any:
     """Put a pytree (the train state) on every device."""
-    return jax.device_put(tree, topology.replicated)
+    return jax.device_put(tree, NamedSharding(topology.mesh, PartitionSpec()))
 
 
 def to_host(x: jax.Array) -> np.ndarray:
     """A global array as one numpy array on every process (gathers across hosts when there are several)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
