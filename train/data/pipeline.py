@@ -14,6 +14,7 @@ stream. The step counter keeps both guarantees (tests/test_data_pipeline.py, tes
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -24,6 +25,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from .cache import DecodedCache
 from .decode import NO_AUGMENT, AugmentConfig, as_augment_config, decode_image, example_rng
 from .errors import DataError
 from .records import Records
@@ -41,12 +43,9 @@ class ImageSource:
     def __init__(
         self, records: Records, image_size: int, cache_dir: str | os.PathLike | None = None, num_workers: int = 0
     ) -> None:
-        self.paths = records.paths
-        self.image_size = image_size
+        self.paths, self.image_size = records.paths, image_size
         self.cache = None
         if cache_dir is not None:
-            from .cache import DecodedCache  # only needed with a cache
-
             self.cache = DecodedCache.build(records, image_size, cache_dir, num_workers=num_workers)
 
     def get(self, i: int, aug: AugmentConfig, rng: np.random.Generator | None) -> np.ndarray:
@@ -81,53 +80,61 @@ def records_fingerprint(records: Records) -> str:
     return h.hexdigest()[:16]
 
 
-class _TrainBatch:
-    """Step k -> the batch dict of this process (picklable, for grain's worker processes)."""
+@dataclasses.dataclass(eq=False)
+class _Batches:
+    """Batch b of this process: its slice of the global batch (picklable, for grain's worker processes)."""
 
-    def __init__(
-        self,
-        source: ImageSource,
-        labels: np.ndarray,
-        batch_size: int,
-        seed: int,
-        aug: AugmentConfig,
-        steps_per_epoch: int,
-        process_index: int,
-        process_count: int,
-    ) -> None:
-        self.source, self.labels, self.batch_size, self.seed, self.aug = source, labels, batch_size, seed, aug
-        self.steps_per_epoch, self.process_index, self.process_count = steps_per_epoch, process_index, process_count
-        self._perm: tuple[int, np.ndarray] | None = None
+    source: ImageSource
+    labels: np.ndarray
+    batch_size: int
+    process_index: int
+    process_count: int
 
-    def permutation(self, epoch: int) -> np.ndarray:
-        if self._perm is None or self._perm[0] != epoch:
-            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.labels)))
-        return self._perm[1]
+    def start(self, b: int) -> int:
+        """The first position of this process's slice of global batch b (processes take consecutive slices)."""
+        return (b * self.process_count + self.process_index) * self.batch_size
 
-    def indices(self, step: int) -> tuple[int, np.ndarray]:
-        """(epoch, record indices) of this process's batch at `step`."""
-        epoch, b = divmod(step, self.steps_per_epoch)
-        start = (b * self.process_count + self.process_index) * self.batch_size
-        return epoch, self.permutation(epoch)[start : start + self.batch_size]
+
+@dataclasses.dataclass(eq=False)
+class _TrainBatch(_Batches):
+    """Step k -> this process's batch dict: epoch k // steps_per_epoch, its permutation, each image's rng."""
+
+    seed: int
+    aug: AugmentConfig
+    steps_per_epoch: int
+    _perm: tuple[int, np.ndarray] | None = dataclasses.field(default=None, init=False)
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
-        epoch, idx = self.indices(step)
+        epoch, b = divmod(step, self.steps_per_epoch)
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.labels)))
+        idx = self._perm[1][self.start(b) : self.start(b) + self.batch_size]
         rngs = [example_rng(self.seed, epoch, int(i)) for i in idx] if self.aug.enabled else None
         return {"image": self.source.get_batch(idx, self.aug, rngs), "label": self.labels[idx].astype(np.int32)}
 
 
-def _parse_absl_flags() -> None:
-    # grain's worker processes read absl flags; outside an absl app nobody parsed them, so take the defaults.
-    from absl import flags
+class _EvalBatch(_Batches):
+    """Batch b -> this process's batch padded to batch_size, with its mask."""
 
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS(sys.argv[:1], known_only=True)
+    def __call__(self, b: int) -> dict[str, np.ndarray]:
+        idx = np.arange(self.start(b), min(self.start(b) + self.batch_size, len(self.labels)))
+        s = self.source.image_size
+        image = np.zeros((self.batch_size, s, s, 3), np.uint8)
+        label = np.full((self.batch_size,), PAD_LABEL, np.int32)
+        if len(idx):
+            image[: len(idx)] = self.source.get_batch(idx, NO_AUGMENT, None)
+        label[: len(idx)] = self.labels[idx]
+        return {"image": image, "label": label, "mask": np.arange(self.batch_size) < len(idx)}
 
 
 def _grain_iter(ds: grain.MapDataset, num_workers: int) -> Iterator[dict[str, np.ndarray]]:
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=2 * READ_THREADS))
     if num_workers > 0:
-        _parse_absl_flags()
+        # grain's worker processes read absl flags; outside an absl app nobody parsed them, so take the defaults.
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS(sys.argv[:1], known_only=True)
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return iter(it_ds)
 
@@ -138,7 +145,7 @@ def _check_process(process_index: int, process_count: int) -> None:
 
 
 class TrainIterator:
-    """Infinite iterator of training batches; get_state()/set_state() resume exactly mid-epoch."""
+    """Infinite training batches {"image": uint8 (B, S, S, 3), "label": int32 (B,)}, B per process; resumable."""
 
     def __init__(
         self,
@@ -154,26 +161,17 @@ class TrainIterator:
         cache_dir: str | os.PathLike | None = None,
     ) -> None:
         _check_process(process_index, process_count)
-        global_batch = batch_size * process_count
-        if batch_size < 1 or len(records) < global_batch:
+        if batch_size < 1 or len(records) < batch_size * process_count:
             raise DataError(
                 f"need at least one full batch: {len(records)} training records < batch_size {batch_size} x "
                 f"{process_count} process(es)"
             )
-        self.steps_per_epoch = len(records) // global_batch  # the remainder of each epoch is dropped
-        self.batch_size, self.image_size, self.seed, self.num_workers = batch_size, image_size, seed, num_workers
-        self.process_index, self.process_count = process_index, process_count
-        self._fingerprint = records_fingerprint(records)
+        self.steps_per_epoch = len(records) // (batch_size * process_count)  # each epoch's remainder is dropped
+        self.num_workers, self._fingerprint = num_workers, records_fingerprint(records)
         source = ImageSource(records, image_size, cache_dir, num_workers)
+        aug = as_augment_config(augment)
         self._fn = _TrainBatch(
-            source,
-            records.labels,
-            batch_size,
-            seed,
-            as_augment_config(augment),
-            self.steps_per_epoch,
-            process_index,
-            process_count,
+            source, records.labels, batch_size, process_index, process_count, seed, aug, self.steps_per_epoch
         )
         self._step = 0
         self._it: Iterator | None = None
@@ -190,12 +188,13 @@ class TrainIterator:
 
     def get_state(self) -> dict[str, Any]:
         """JSON-able state; identical on every process (restore any process from any one's state)."""
+        fn = self._fn
         return {
             "version": STATE_VERSION,
             "step": self._step,
-            "seed": self.seed,
-            "batch_size": self.batch_size,
-            "process_count": self.process_count,
+            "seed": fn.seed,
+            "batch_size": fn.batch_size,
+            "process_count": fn.process_count,
             "records": self._fingerprint,
         }
 
@@ -220,57 +219,8 @@ class TrainIterator:
             it.close()
 
 
-def make_train_iter(
-    records: Records,
-    *,
-    batch_size: int,
-    image_size: int,
-    seed: int,
-    augment: bool | AugmentConfig = True,
-    num_workers: int = 0,
-    process_index: int = 0,
-    process_count: int = 1,
-    cache_dir: str | os.PathLike | None = None,
-) -> TrainIterator:
-    """Infinite training batches {"image": uint8 (B, S, S, 3), "label": int32 (B,)}, B per process."""
-    return TrainIterator(
-        records,
-        batch_size=batch_size,
-        image_size=image_size,
-        seed=seed,
-        augment=augment,
-        num_workers=num_workers,
-        process_index=process_index,
-        process_count=process_count,
-        cache_dir=cache_dir,
-    )
-
-
-class _EvalBatch:
-    """Batch b -> this process's padded batch with its mask."""
-
-    def __init__(
-        self, source: ImageSource, labels: np.ndarray, batch_size: int, process_index: int, process_count: int
-    ) -> None:
-        self.source, self.labels, self.batch_size = source, labels, batch_size
-        self.process_index, self.process_count = process_index, process_count
-
-    def __call__(self, b: int) -> dict[str, np.ndarray]:
-        start = (b * self.process_count + self.process_index) * self.batch_size
-        idx = np.arange(start, min(start + self.batch_size, len(self.labels)))
-        s = self.source.image_size
-        image = np.zeros((self.batch_size, s, s, 3), np.uint8)
-        label = np.full((self.batch_size,), PAD_LABEL, np.int32)
-        mask = np.zeros((self.batch_size,), np.bool_)
-        if len(idx):
-            image[: len(idx)] = self.source.get_batch(idx, NO_AUGMENT, None)
-        label[: len(idx)] = self.labels[idx]
-        mask[: len(idx)] = True
-        return {"image": image, "label": label, "mask": mask}
-
-
 class EvalIterable:
-    """Finite, re-iterable evaluation batches; the same number of batches on every process."""
+    """Every record once over all processes: {"image", "label", "mask"}, padding rows mask False; re-iterable."""
 
     def __init__(
         self,
@@ -286,7 +236,7 @@ class EvalIterable:
         _check_process(process_index, process_count)
         if batch_size < 1:
             raise DataError(f"batch_size must be >= 1, got {batch_size}")
-        self.num_batches = math.ceil(len(records) / (batch_size * process_count))
+        self.num_batches = math.ceil(len(records) / (batch_size * process_count))  # the same on every process
         self.num_workers = num_workers
         source = ImageSource(records, image_size, cache_dir, num_workers)
         self._fn = _EvalBatch(source, records.labels, batch_size, process_index, process_count)
@@ -300,23 +250,6 @@ class EvalIterable:
         return _grain_iter(grain.MapDataset.range(self.num_batches).map(self._fn), self.num_workers)
 
 
-def make_eval_iter(
-    records: Records,
-    *,
-    batch_size: int,
-    image_size: int,
-    num_workers: int = 0,
-    process_index: int = 0,
-    process_count: int = 1,
-    cache_dir: str | os.PathLike | None = None,
-) -> EvalIterable:
-    """Every record exactly once over all processes: {"image", "label", "mask"}; padding rows have mask False."""
-    return EvalIterable(
-        records,
-        batch_size=batch_size,
-        image_size=image_size,
-        num_workers=num_workers,
-        process_index=process_index,
-        process_count=process_count,
-        cache_dir=cache_dir,
-    )
+# The iterators' constructors are the factories: make_train_iter(records, batch_size=..., image_size=..., seed=...).
+make_train_iter = TrainIterator
+make_eval_iter = EvalIterable
