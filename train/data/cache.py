@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .checks import DataError
 from .decode import NO_AUGMENT, RESAMPLE, AugmentConfig, crop_and_flip, decode_image
-from .errors import DataError
 from .records import Records
 
 CACHE_VERSION = 1  # bump when the decoded pixels change (decode.py), so stale caches are not reused

@@ -10,8 +10,7 @@ import os
 import re
 from pathlib import Path
 
-from .checks import names_list, read_csv_rows, resolve_inside, rows_message, show
-from .errors import DataError
+from .checks import DataError, check_row_files, names_list, read_csv_rows, rows_message
 from .formats import Loaded, finish_loading
 
 CLASSES_FILE = "classes.txt"  # optional class list beside a CSV dataset, one name per line
@@ -86,34 +85,16 @@ def load_csv(path: Path, *, allow_empty_classes: bool = False) -> Loaded:
     Labels are integers or class names. The class list comes from classes.txt beside the CSV when present
     (labels must then be in range / known); else sorted names, or 0..K-1 for integer labels (see _integer_labels).
     """
-    rows = read_csv_rows(path, ("path", "label"))
-    if not rows:
-        raise DataError(f"{path}: no data rows, only the header; add one path,label row per image")
+    rows = read_csv_rows(path, ("path", "label"), per="image")
     empty_rows = [(line, r["path"] or r["label"]) for line, r in rows if not r["path"] or not r["label"]]
     if empty_rows:
         raise DataError(rows_message(path, "empty path or label", empty_rows, "Every row needs a path and a label."))
     base = path.parent
-    inside = [resolve_inside(base, r["path"]) for _, r in rows]
-    outside = [(line, r["path"]) for (line, r), full in zip(rows, inside, strict=True) if full is None]
-    if outside:
-        raise DataError(
-            rows_message(
-                path,
-                f"path outside the data root {os.path.abspath(base)}",
-                outside,
-                "Paths are relative to the CSV's folder and must stay inside it (no '..' out of it, no absolute "
-                "path elsewhere): move the CSV into a folder that holds the images, or fix the paths.",
-            )
-        )
-    first_row: dict[str, int] = {}
-    dupes = []
-    checked = [full for full in inside if full is not None]  # every row's, checked above
-    for (line, r), full in zip(rows, checked, strict=True):
-        if full in first_row:
-            dupes.append(f"{show(r['path'])} (rows {first_row[full]} and {line})")
-        first_row.setdefault(full, line)
-    if dupes:
-        raise DataError(f"{path}: duplicate paths: {names_list(dupes)}. List each image once.")
+    fix = (
+        "Paths are relative to the CSV's folder and must stay inside it (no '..' out of it, no absolute "
+        "path elsewhere): move the CSV into a folder that holds the images, or fix the paths."
+    )
+    check_row_files(path, rows, "path", base, f"path outside the data root {os.path.abspath(base)}", fix)
     classes_file = base / CLASSES_FILE
     declared = _read_classes_file(classes_file) if classes_file.is_file() else None
     labels_text = [r["label"] for _, r in rows]

@@ -16,7 +16,7 @@ from PIL import Image, ImageOps
 from porting.preprocessing import BACKGROUND_RGB as BACKGROUND_RGB  # re-exported: train.data names it
 from porting.preprocessing import TRAINER_INTERPOLATION, to_rgb
 
-from .errors import DataError
+from .checks import DataError
 
 # EXIF tag 0x0112; values 5..8 swap width and height.
 EXIF_ORIENTATION_TAG = 0x0112

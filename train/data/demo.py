@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .errors import DataError
+from .checks import DataError
 from .formats import AGE_BANDS, GENDERS, MASK_FILE_STEMS
 
 # Recommended training size on a CPU: Darknet-53 costs 18.6 GFLOP forward at 256 px and ~0.29 at 32 px.

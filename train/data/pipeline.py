@@ -26,8 +26,8 @@ import grain
 import numpy as np
 
 from .cache import DecodedCache
+from .checks import DataError
 from .decode import NO_AUGMENT, AugmentConfig, as_augment_config, decode_image, example_rng
-from .errors import DataError
 from .records import Records
 
 STATE_VERSION = 1
