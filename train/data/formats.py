@@ -194,9 +194,7 @@ def load_image_folder(root: Path, *, allow_empty_classes: bool = False) -> Loade
             linked = sorted(d for d in dirnames if os.path.islink(os.path.join(dirpath, d)))
             skipped += [(os.path.join(dirpath, d), "symlinked folder in a class folder: not followed") for d in linked]
             dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in linked)
-            for name in sorted(filenames):
-                if name.startswith("."):
-                    continue
+            for name in sorted(n for n in filenames if not n.startswith(".")):
                 full = os.path.join(dirpath, name)
                 if is_image_name(name):
                     files.append(full)

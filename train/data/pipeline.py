@@ -27,7 +27,7 @@ import numpy as np
 
 from .cache import DecodedCache
 from .checks import DataError
-from .decode import NO_AUGMENT, AugmentConfig, as_augment_config, decode_image, example_rng
+from .decode import NO_AUGMENT, AugmentConfig, decode_image, example_rng
 from .records import Records
 
 STATE_VERSION = 1
@@ -169,7 +169,7 @@ class TrainIterator:
         self.steps_per_epoch = len(records) // (batch_size * process_count)  # each epoch's remainder is dropped
         self.num_workers, self._fingerprint = num_workers, records_fingerprint(records)
         source = ImageSource(records, image_size, cache_dir, num_workers)
-        aug = as_augment_config(augment)
+        aug = augment if isinstance(augment, AugmentConfig) else AugmentConfig(random_crop=augment, hflip=augment)
         self._fn = _TrainBatch(
             source, records.labels, batch_size, process_index, process_count, seed, aug, self.steps_per_epoch
         )
