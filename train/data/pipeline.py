@@ -65,90 +65,72 @@ def _decode_chunk(paths: list[str], image_size: int) -> np.ndarray:
     return np.stack([decode_image(p, image_size) for p in paths])
 
 
-class DecodedCache:
-    """Records decoded to one (N, S, S, 3) uint8 file; opened read-only (memory-mapped) after the build."""
-
-    def __init__(self, path: Path, num_records: int, image_size: int) -> None:
-        self.path, self.num_records, self.image_size = Path(path), num_records, image_size
-        self._array: np.ndarray | None = None
-
-    @property
-    def array(self) -> np.ndarray:
-        """The (N, S, S, 3) memory map (opened lazily, so the object pickles cheaply into workers)."""
-        if self._array is None:
-            shape = (self.num_records, self.image_size, self.image_size, 3)
-            self._array = np.memmap(self.path, dtype=np.uint8, mode="r", shape=shape)
-        return self._array
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_array": None}
-
-    @classmethod
-    def build(
-        cls, records: Records, image_size: int, cache_dir: str | os.PathLike, *, num_workers: int = 0
-    ) -> DecodedCache:
-        """Open the cache for `records`, decoding them first when it does not exist yet."""
-        folder = Path(cache_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        n = len(records)
-        path = folder / f"decoded-{cache_key(records, image_size)}-{n}x{image_size}.u8"
-        expected = n * image_size * image_size * 3
-        if path.is_file() and path.stat().st_size == expected:
-            return cls(path, n, image_size)
-        fd, tmp = tempfile.mkstemp(prefix=".decoding-", dir=folder)
-        os.close(fd)
-        try:
-            out = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(max(n, 1), image_size, image_size, 3))
-            chunks = [list(records.paths[i : i + _CACHE_CHUNK]) for i in range(0, n, _CACHE_CHUNK)]
-            pool_cls = ProcessPoolExecutor if num_workers > 0 else ThreadPoolExecutor
-            with pool_cls(max(1, num_workers or os.cpu_count() or 1)) as pool:
-                for i, block in enumerate(pool.map(_decode_chunk, chunks, [image_size] * len(chunks))):
-                    out[i * _CACHE_CHUNK : i * _CACHE_CHUNK + len(block)] = block
-            out.flush()
-            del out
-            os.replace(tmp, path)  # complete caches only: a crash leaves a temporary file, never a short cache
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        (folder / f"{path.stem}.json").write_text(
-            json.dumps({"records": n, "image_size": image_size, "version": CACHE_VERSION})
-        )
-        return cls(path, n, image_size)
-
-    def get(self, i: int, aug: AugmentConfig = NO_AUGMENT, rng: np.random.Generator | None = None) -> np.ndarray:
-        """Record i, optionally cropped (resampled back to S x S) and flipped."""
-        image = self.array[i]
-        if not aug.enabled:
-            return np.array(image)
-        s = self.image_size
-        box, flip = crop_and_flip(s, s, aug, rng)
-        if aug.random_crop:
-            image = np.asarray(Image.fromarray(np.asarray(image)).resize((s, s), RESAMPLE, box=box))
-        return np.array(image[:, ::-1] if flip else image)
+def build_cache(records: Records, image_size: int, cache_dir: str | os.PathLike, num_workers: int) -> Path:
+    """The decoded cache's file for `records`, decoding them first when it does not exist yet."""
+    folder = Path(cache_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    n = len(records)
+    path = folder / f"decoded-{cache_key(records, image_size)}-{n}x{image_size}.u8"
+    if path.is_file() and path.stat().st_size == n * image_size * image_size * 3:
+        return path
+    fd, tmp = tempfile.mkstemp(prefix=".decoding-", dir=folder)
+    os.close(fd)
+    try:
+        out = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(max(n, 1), image_size, image_size, 3))
+        chunks = [list(records.paths[i : i + _CACHE_CHUNK]) for i in range(0, n, _CACHE_CHUNK)]
+        pool_cls = ProcessPoolExecutor if num_workers > 0 else ThreadPoolExecutor
+        with pool_cls(max(1, num_workers or os.cpu_count() or 1)) as pool:
+            for i, block in enumerate(pool.map(_decode_chunk, chunks, [image_size] * len(chunks))):
+                out[i * _CACHE_CHUNK : i * _CACHE_CHUNK + len(block)] = block
+        out.flush()
+        del out
+        os.replace(tmp, path)  # complete caches only: a crash leaves a temporary file, never a short cache
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    (folder / f"{path.stem}.json").write_text(
+        json.dumps({"records": n, "image_size": image_size, "version": CACHE_VERSION})
+    )
+    return path
 
 
 class ImageSource:
-    """Decodes record i to uint8 (S, S, 3), from its file or from a decoded cache."""
+    """Decodes record i to uint8 (S, S, 3), from its file or from the decoded cache."""
 
     def __init__(
         self, records: Records, image_size: int, cache_dir: str | os.PathLike | None = None, num_workers: int = 0
     ) -> None:
         self.paths, self.image_size = records.paths, image_size
-        self.cache = None
-        if cache_dir is not None:
-            self.cache = DecodedCache.build(records, image_size, cache_dir, num_workers=num_workers)
+        self.cache_path = None if cache_dir is None else build_cache(records, image_size, cache_dir, num_workers)
+        self._cache: np.ndarray | None = None
+
+    @property
+    def cache(self) -> np.ndarray | None:
+        """The cache's (N, S, S, 3) memory map, None without one (opened lazily: the source pickles cheaply)."""
+        if self._cache is None and self.cache_path is not None:
+            shape = (len(self.paths), self.image_size, self.image_size, 3)
+            self._cache = np.memmap(self.cache_path, dtype=np.uint8, mode="r", shape=shape)
+        return self._cache
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_cache": None}
 
     def get(self, i: int, aug: AugmentConfig, rng: np.random.Generator | None) -> np.ndarray:
-        """Record i's image, augmented by `aug` with `rng`."""
-        if self.cache is not None:
-            return self.cache.get(i, aug, rng)
-        return decode_image(self.paths[i], self.image_size, aug, rng)
+        """Record i's image, augmented by `aug` with `rng` (a crop from the cache is resampled back to S x S)."""
+        if self.cache is None:
+            return decode_image(self.paths[i], self.image_size, aug, rng)
+        s = self.image_size
+        box, flip = crop_and_flip(s, s, aug, rng)
+        image = self.cache[i]
+        if aug.random_crop:
+            image = np.asarray(Image.fromarray(np.asarray(image)).resize((s, s), RESAMPLE, box=box))
+        return np.array(image[:, ::-1] if flip else image)
 
     def get_batch(self, indices: np.ndarray, aug: AugmentConfig, rngs: list[np.random.Generator] | None) -> np.ndarray:
         """Records `indices` stacked to (len, S, S, 3); without crops, one gather from the cache."""
         if self.cache is not None and not aug.random_crop:
-            images = self.cache.array[np.asarray(indices, dtype=np.int64)]
-            if aug.hflip:  # the same draw as DecodedCache.get / decode_image: one integer per image
+            images = self.cache[np.asarray(indices, dtype=np.int64)]
+            if aug.hflip:  # the same draw as get / decode_image: one integer per image
                 if rngs is None:
                     raise ValueError("augmentation needs an rng per image")
                 flips = np.array([bool(rng.integers(2)) for rng in rngs], dtype=np.bool_)
