@@ -40,11 +40,11 @@ def names_list(names: Sequence[str]) -> str:
     return ", ".join(printable(n) for n in names[:SHOWN_NAMES]) + more
 
 
-def rows_message(path: Path | str, what: str, rows: Sequence[tuple[int, str]], fix: str = "") -> str:
-    """'{path}: {what} on row(s) 3 ('value'), 7 ('value') (+N more). {fix}' (rows are file line numbers)."""
+def rows_error(path: Path | str, what: str, rows: Sequence[tuple[int, str]], fix: str) -> DataError:
+    """DataError('{path}: {what} on row(s) 3 ('value'), 7 ('value') (+N more). {fix}'); rows are file line numbers."""
     shown = ", ".join(f"{line} ({show(value)})" for line, value in rows[:SHOWN_ROWS])
     more = f" (+{len(rows) - SHOWN_ROWS} more)" if len(rows) > SHOWN_ROWS else ""
-    return f"{path}: {what} on row(s) {shown}{more}." + (f" {fix}" if fix else "")
+    return DataError(f"{path}: {what} on row(s) {shown}{more}. {fix}")
 
 
 def read_csv_rows(path: Path, required: tuple[str, ...], per: str) -> Rows:
@@ -82,7 +82,7 @@ def read_csv_rows(path: Path, required: tuple[str, ...], per: str) -> Rows:
         raise DataError(f'{path}: malformed CSV (it must be UTF-8 text, fields quoted with "): {e}') from e
     if too_long:
         what = f"more fields than the {len(header)} header columns"
-        raise DataError(rows_message(path, what, too_long, 'Quote a field that holds a comma ("a,b.jpg").'))
+        raise rows_error(path, what, too_long, 'Quote a field that holds a comma ("a,b.jpg").')
     if not rows:
         raise DataError(f"{path}: no data rows, only the header; add one {','.join(required)} row per {per}")
     return rows
@@ -105,11 +105,11 @@ def resolve_inside(root: Path | str, relative: str) -> str | None:
 
 def check_row_files(path: Path, rows: Rows, column: str, root: Path, outside_what: str, outside_fix: str) -> None:
     """DataError naming the rows whose `column` is not a path inside `root` (resolve_inside; the message is
-    rows_message's with `outside_what` and `outside_fix`), else those naming an earlier row's file again."""
+    rows_error's with `outside_what` and `outside_fix`), else those naming an earlier row's file again."""
     resolved = [resolve_inside(root, r[column]) for _, r in rows]
     outside = [(line, r[column]) for (line, r), full in zip(rows, resolved, strict=True) if full is None]
     if outside:
-        raise DataError(rows_message(path, outside_what, outside, outside_fix))
+        raise rows_error(path, outside_what, outside, outside_fix)
     first: dict[str | None, int] = {}
     dupes = [
         f"{show(r[column])} (rows {first[full]} and {line})"

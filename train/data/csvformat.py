@@ -10,7 +10,7 @@ import os
 import re
 from pathlib import Path
 
-from .checks import DataError, Rows, check_row_files, names_list, read_csv_rows, rows_message
+from .checks import DataError, Rows, check_row_files, names_list, read_csv_rows, rows_error
 from .formats import Loaded, finish_loading
 
 CLASSES_FILE = "classes.txt"  # optional class list beside a CSV dataset, one name per line
@@ -34,7 +34,7 @@ def _read_classes_file(path: Path) -> tuple[str, ...]:
     first: dict[str, int] = {}
     repeated = [(i, n) for i, n in names if first.setdefault(n, i) != i]
     if repeated:
-        raise DataError(rows_message(path, "class name listed twice", repeated, "Each class must appear once."))
+        raise rows_error(path, "class name listed twice", repeated, "Each class must appear once.")
     return tuple(n for _, n in names)
 
 
@@ -66,19 +66,17 @@ def _labels(path: Path, rows: Rows, declared: tuple[str, ...] | None) -> tuple[l
     if declared is not None:
         what = f"label out of range 0..{len(names) - 1}" if integers else f"label not in {CLASSES_FILE}"
         fix = f"{CLASSES_FILE} lists {len(names)} classes: fix the labels or add the classes to it."
-        raise DataError(rows_message(path, what, bad, fix))
+        raise rows_error(path, what, bad, fix)
     k, present = len(names), set(labels)
     unused = [str(i) for i in range(k) if i not in present]
     note = f"; no row has label {names_list(unused)}" if unused else ""
-    raise DataError(
-        rows_message(
-            path,
-            f"integer label not in 0..{k - 1}",
-            bad,
-            f"Without {CLASSES_FILE}, integer labels must be 0..K-1 with every one used, K being the number of "
-            f"distinct labels ({k} here{note}). Fix the mistyped labels, or write {path.parent / CLASSES_FILE} "
-            "(one class name per line, in label order) to declare the classes.",
-        )
+    raise rows_error(
+        path,
+        f"integer label not in 0..{k - 1}",
+        bad,
+        f"Without {CLASSES_FILE}, integer labels must be 0..K-1 with every one used, K being the number of "
+        f"distinct labels ({k} here{note}). Fix the mistyped labels, or write {path.parent / CLASSES_FILE} "
+        "(one class name per line, in label order) to declare the classes.",
     )
 
 
@@ -92,7 +90,7 @@ def load_csv(path: Path, *, allow_empty_classes: bool = False) -> Loaded:
     rows = read_csv_rows(path, ("path", "label"), per="image")
     empty_rows = [(line, r["path"] or r["label"]) for line, r in rows if not r["path"] or not r["label"]]
     if empty_rows:
-        raise DataError(rows_message(path, "empty path or label", empty_rows, "Every row needs a path and a label."))
+        raise rows_error(path, "empty path or label", empty_rows, "Every row needs a path and a label.")
     base = path.parent
     fix = (
         "Paths are relative to the CSV's folder and must stay inside it (no '..' out of it, no absolute "

@@ -31,7 +31,7 @@ from .checks import (
     printable,
     read_csv_rows,
     resolve_inside,
-    rows_message,
+    rows_error,
 )
 from .records import NO_LABEL, Records
 from .scan import IMAGE_EXTENSIONS, check_image_files, is_image_name
@@ -186,10 +186,10 @@ def load_image_folder(root: Path, *, allow_empty_classes: bool = False) -> Loade
     def unreadable(e: OSError) -> None:
         skipped.append((str(e.filename), f"cannot read folder: {e.strerror}"))
 
-    found: list[tuple[str, int, str]] = []
+    found: list[tuple[str, int, str]] = []  # (path, label, group): each file is its own group
     empty: list[str] = []
     for label, entry in enumerate(classes):
-        files: list[str] = []
+        before = len(found)
         for dirpath, dirnames, filenames in os.walk(entry.path, onerror=unreadable):
             linked = sorted(d for d in dirnames if os.path.islink(os.path.join(dirpath, d)))
             skipped += [(os.path.join(dirpath, d), "symlinked folder in a class folder: not followed") for d in linked]
@@ -197,12 +197,11 @@ def load_image_folder(root: Path, *, allow_empty_classes: bool = False) -> Loade
             for name in sorted(n for n in filenames if not n.startswith(".")):
                 full = os.path.join(dirpath, name)
                 if is_image_name(name):
-                    files.append(full)
+                    found.append((full, label, full))
                 else:
                     skipped.append((full, "not an image file extension"))
-        if not files:
+        if len(found) == before:
             empty.append(entry.path)
-        found += [(p, label, p) for p in files]
     if empty and not allow_empty_classes:
         raise DataError(
             f"{root}: empty class folder(s) (no image files): {names_list(empty)}. Add images, remove the "
@@ -262,7 +261,7 @@ def _persons_from_csv(csv_path: Path, images: Path) -> tuple[list[tuple[str, int
         (dupes, "duplicate path"),
     ):
         if rows_:
-            raise DataError(rows_message(csv_path, what, rows_, f"Fix these rows of {TRAIN_CSV}."))
+            raise rows_error(csv_path, what, rows_, f"Fix these rows of {TRAIN_CSV}.")
     unlisted = [
         (e.path, f"person folder not listed in {TRAIN_CSV}")
         for e in list_dir(images)
