@@ -5,11 +5,10 @@ it = make_train_iter(splits.train, batch_size=32, image_size=DEMO_IMAGE_SIZE, se
 batch = next(it)  # {"image": uint8 (32, 32, 32, 3), "label": int32 (32,)}
 """
 
+from .checks import DataError
 from .decode import BACKGROUND_RGB, AugmentConfig, decode_image
 from .demo import DEMO_IMAGE_SIZE, default_cache_dir, demo_file_height, generate_demo_dataset
-from .errors import DataError
-from .formats import MASK_CLASS_NAMES, age_band, mask_class
-from .mask import load_eval_folder
+from .formats import MASK_CLASS_NAMES, age_band, load_eval_folder, mask_class
 from .pipeline import PAD_LABEL, EvalIterable, TrainIterator, make_eval_iter, make_train_iter
 from .records import NO_LABEL, DataSplits, Records
 from .splits import load_splits, split_indices

@@ -8,7 +8,7 @@ import sys
 
 from porting.errors import EXIT_BAD_INPUT, EXIT_OK
 
-from .errors import DataError
+from .checks import DataError
 from .splits import load_splits
 
 _MAX_SKIPPED_SHOWN = 50  # the text summary lists this many skipped files; --json lists all

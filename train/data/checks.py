@@ -1,5 +1,5 @@
-"""Guards for hostile or careless input: CSV rows with their line numbers, values quoted safely in messages,
-paths kept inside the data root, symlinks that lead back into (or above) it.
+"""DataError, and the guards for hostile or careless input: CSV rows with their line numbers, values quoted safely
+in messages, paths kept inside the data root, symlinks that lead back into (or above) it.
 
 Every guard raises DataError (or reports a skipped file); nothing here follows a path or allocates in
 proportion to a number read from the input.
@@ -13,11 +13,14 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import DataError
-
 SHOWN_ROWS = 10  # rows named in one message; the rest are counted
 SHOWN_CHARS = 60  # characters of one value quoted in a message
 SHOWN_NAMES = 20  # names listed in one message; the rest are counted
+Rows = list[tuple[int, dict[str, str]]]  # CSV data rows: (file line number, {column: stripped value})
+
+
+class DataError(ValueError):
+    """A data problem; the message names the file, folder or row and what is wrong."""
 
 
 def show(value: str) -> str:
@@ -37,18 +40,19 @@ def names_list(names: Sequence[str]) -> str:
     return ", ".join(printable(n) for n in names[:SHOWN_NAMES]) + more
 
 
-def rows_message(path: Path | str, what: str, rows: Sequence[tuple[int, str]], fix: str = "") -> str:
-    """'{path}: {what} on row(s) 3 ('value'), 7 ('value') (+N more). {fix}' (rows are file line numbers)."""
+def rows_error(path: Path | str, what: str, rows: Sequence[tuple[int, str]], fix: str) -> DataError:
+    """DataError('{path}: {what} on row(s) 3 ('value'), 7 ('value') (+N more). {fix}'); rows are file line numbers."""
     shown = ", ".join(f"{line} ({show(value)})" for line, value in rows[:SHOWN_ROWS])
     more = f" (+{len(rows) - SHOWN_ROWS} more)" if len(rows) > SHOWN_ROWS else ""
-    return f"{path}: {what} on row(s) {shown}{more}." + (f" {fix}" if fix else "")
+    return DataError(f"{path}: {what} on row(s) {shown}{more}. {fix}")
 
 
-def read_csv_rows(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
+def read_csv_rows(path: Path, required: tuple[str, ...], per: str) -> Rows:
     """(line number, {column: stripped value}) for each non-blank data row; the header is line 1.
 
-    DataError for an unreadable or malformed file, a missing or repeated column, or a row with more fields than
-    the header (an unquoted comma shifts every later column: guessing which field is the path would be wrong).
+    DataError for an unreadable or malformed file, a missing or repeated column, no data rows (one is needed
+    `per` image or person), or a row with more fields than the header (an unquoted comma shifts every later
+    column: guessing which field is the path would be wrong).
     """
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
@@ -78,7 +82,9 @@ def read_csv_rows(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict
         raise DataError(f'{path}: malformed CSV (it must be UTF-8 text, fields quoted with "): {e}') from e
     if too_long:
         what = f"more fields than the {len(header)} header columns"
-        raise DataError(rows_message(path, what, too_long, 'Quote a field that holds a comma ("a,b.jpg").'))
+        raise rows_error(path, what, too_long, 'Quote a field that holds a comma ("a,b.jpg").')
+    if not rows:
+        raise DataError(f"{path}: no data rows, only the header; add one {','.join(required)} row per {per}")
     return rows
 
 
@@ -95,6 +101,23 @@ def resolve_inside(root: Path | str, relative: str) -> str | None:
     base = os.path.abspath(root)
     full = os.path.normpath(os.path.join(base, relative))
     return full if full != base and is_within(base, full) else None
+
+
+def check_row_files(path: Path, rows: Rows, column: str, root: Path, outside_what: str, outside_fix: str) -> None:
+    """DataError naming the rows whose `column` is not a path inside `root` (resolve_inside; the message is
+    rows_error's with `outside_what` and `outside_fix`), else those naming an earlier row's file again."""
+    resolved = [resolve_inside(root, r[column]) for _, r in rows]
+    outside = [(line, r[column]) for (line, r), full in zip(rows, resolved, strict=True) if full is None]
+    if outside:
+        raise rows_error(path, outside_what, outside, outside_fix)
+    first: dict[str | None, int] = {}
+    dupes = [
+        f"{show(r[column])} (rows {first[full]} and {line})"
+        for (line, r), full in zip(rows, resolved, strict=True)
+        if first.setdefault(full, line) != line
+    ]
+    if dupes:
+        raise DataError(f"{path}: duplicate {column}s: {names_list(dupes)}. List each image once.")
 
 
 def links_back(path: str, root: Path | str) -> bool:

@@ -11,15 +11,14 @@ import dataclasses
 import math
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from porting.preprocessing import BACKGROUND_RGB as BACKGROUND_RGB  # re-exported: train.data names it
 from porting.preprocessing import TRAINER_INTERPOLATION, to_rgb
 
-from .errors import DataError
+from .checks import DataError
 
-# EXIF tag 0x0112; values 5..8 swap width and height.
-EXIF_ORIENTATION_TAG = 0x0112
+# EXIF orientations that swap width and height.
 _TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 # The trainers' resize (bilinear), antialiased when shrinking (Pillow scales the filter support)
 RESAMPLE = Image.Resampling[TRAINER_INTERPOLATION.upper()]
@@ -57,13 +56,6 @@ class AugmentConfig:
 NO_AUGMENT = AugmentConfig(random_crop=False, hflip=False)
 
 
-def as_augment_config(augment: bool | AugmentConfig) -> AugmentConfig:
-    """True -> the default AugmentConfig, False -> none."""
-    if isinstance(augment, AugmentConfig):
-        return augment
-    return AugmentConfig() if augment else NO_AUGMENT
-
-
 def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     """The random stream of one (seed, epoch, record index): independent of batch size and worker count."""
     return np.random.default_rng([seed, epoch, index])
@@ -73,8 +65,6 @@ def sample_crop(
     width: int, height: int, aug: AugmentConfig, rng: np.random.Generator
 ) -> tuple[float, float, float, float]:
     """A random (left, top, right, bottom) crop box inside a width x height image."""
-    if not aug.random_crop:
-        return (0.0, 0.0, float(width), float(height))
     area = width * height
     log_lo, log_hi = math.log(aug.crop_ratio[0]), math.log(aug.crop_ratio[1])
     aspect = width / height
@@ -117,7 +107,7 @@ def decode_image(
     try:
         with Image.open(path) as img:
             width, height = img.size
-            upright = img.getexif().get(EXIF_ORIENTATION_TAG, 1) in _TRANSPOSING_ORIENTATIONS
+            upright = img.getexif().get(ExifTags.Base.Orientation, 1) in _TRANSPOSING_ORIENTATIONS
             up_w, up_h = (height, width) if upright else (width, height)
             box, flip = crop_and_flip(up_w, up_h, aug, rng)
             if img.format == "JPEG":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import colorsys
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .errors import DataError
+from .checks import DataError
 from .formats import AGE_BANDS, GENDERS, MASK_FILE_STEMS
 
 # Recommended training size on a CPU: Darknet-53 costs 18.6 GFLOP forward at 256 px and ~0.29 at 32 px.
@@ -60,29 +61,21 @@ def _jitter(rng: np.random.Generator, scale: float) -> float:
     return float(rng.uniform(-scale, scale))
 
 
-def _vivid_colour(rng: np.random.Generator) -> tuple[int, int, int]:
-    # Saturated backgrounds keep grey hair distinguishable from the background.
-    r, g, b = colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0.35, 0.8), rng.uniform(0.35, 0.9))
-    return (int(r * 255), int(g * 255), int(b * 255))
-
-
 def _contrasting_colour(rng: np.random.Generator, avoid: tuple[tuple[int, int, int], ...]) -> tuple[int, int, int]:
-    # A background far from hair and skin, so the hair outline (the gender trait) stays visible.
+    # A background far from hair and skin, so the hair outline (the gender trait) stays visible; saturated, so
+    # grey hair stays distinguishable from it.
     for _ in range(_BACKGROUND_ATTEMPTS):
-        colour = _vivid_colour(rng)
-        if all(_distance(colour, c) >= _MIN_CONTRAST for c in avoid):
+        r, g, b = colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0.35, 0.8), rng.uniform(0.35, 0.9))
+        colour = (int(r * 255), int(g * 255), int(b * 255))
+        if all(math.dist(colour, c) >= _MIN_CONTRAST for c in avoid):
             break
     return colour
 
 
 def _mask_colour(rng: np.random.Generator, skin: tuple[int, int, int]) -> tuple[int, int, int]:
     # A mask the colour of the skin would make "incorrect" (a mask on the chin) look like "not worn".
-    choices = [c for c in _MASK_COLOURS if _distance(c, skin) >= _MIN_CONTRAST]
+    choices = [c for c in _MASK_COLOURS if math.dist(c, skin) >= _MIN_CONTRAST]
     return choices[int(rng.integers(len(choices)))]
-
-
-def _distance(a: tuple[int, int, int], b: tuple[int, int, int]) -> float:
-    return sum((x - y) ** 2 for x, y in zip(a, b, strict=True)) ** 0.5
 
 
 def _identity(rng: np.random.Generator, age_band: int) -> dict:

@@ -3,7 +3,7 @@
 Formats (detected in this order):
 - ``mask``: the mask competition's layout, ``PATH/images/<id>_<gender>_<race>_<age>/{mask1..5,incorrect_mask,
   normal}.<ext>`` with optional ``PATH/train.csv`` (id, gender, race, age, path). PATH may also be the
-  ``images`` folder itself. See mask.py.
+  ``images`` folder itself. The competition's eval/ folder (info.csv + images/) is read by load_eval_folder.
 - ``csv``: a CSV file with a ``path,label`` header (optional ``group`` column); paths relative to the file.
   See csvformat.py.
 - ``folder``: one subfolder per class; classes in sorted folder-name order (torchvision ImageFolder's order).
@@ -21,9 +21,19 @@ from pathlib import Path
 
 import numpy as np
 
-from .checks import LINKS_BACK_REASON, links_back, names_list, printable
-from .errors import DataError
-from .records import Records
+from .checks import (
+    LINKS_BACK_REASON,
+    SHOWN_NAMES,
+    DataError,
+    check_row_files,
+    links_back,
+    names_list,
+    printable,
+    read_csv_rows,
+    resolve_inside,
+    rows_error,
+)
+from .records import NO_LABEL, Records
 from .scan import IMAGE_EXTENSIONS, check_image_files, is_image_name
 
 # The 18-class formula: class = 6 * mask + 3 * gender + age_band.
@@ -38,6 +48,8 @@ MAX_AGE = 150
 # ASCII digits only: int() also reads other scripts' digits, which would make two spellings of one folder.
 PERSON_FOLDER_RE = re.compile(r"(?P<id>[^_]+)_(?P<gender>[A-Za-z]+)_(?P<race>.+)_(?P<age>[0-9]+)", re.ASCII | re.DOTALL)
 PERSON_FOLDER_FORM = f"<id>_<male|female>_<race>_<age 0..{MAX_AGE}>"
+TRAIN_CSV = "train.csv"
+EVAL_CSV = "info.csv"
 
 
 def age_band(age: int) -> int:
@@ -59,12 +71,9 @@ def parse_gender(text: str) -> int | None:
 def parse_age(text: str) -> int | None:
     """A whole number of ASCII digits in 0..MAX_AGE, else None (never builds an int from a long digit string)."""
     text = text.strip()
-    if not (text.isascii() and text.isdigit()):
-        return None
     digits = text.lstrip("0") or "0"
-    if len(digits) > len(str(MAX_AGE)) or int(digits) > MAX_AGE:
-        return None
-    return int(digits)
+    valid = text.isascii() and text.isdigit() and len(digits) <= len(str(MAX_AGE)) and int(digits) <= MAX_AGE
+    return int(digits) if valid else None
 
 
 def parse_person_folder(name: str) -> tuple[int, int] | None:
@@ -74,12 +83,6 @@ def parse_person_folder(name: str) -> tuple[int, int] | None:
         return None
     gender, age = parse_gender(m["gender"]), parse_age(m["age"])
     return None if gender is None or age is None else (gender, age)
-
-
-def mask_slot(file_name: str) -> int | None:
-    """The mask state (0 wear, 1 incorrect, 2 not worn) a mask-layout image file name stands for, else None."""
-    stem, _ = os.path.splitext(file_name)
-    return MASK_FILE_STEMS.get(stem.lower()) if is_image_name(file_name) else None
 
 
 @dataclasses.dataclass
@@ -121,20 +124,6 @@ def detect_format(path: Path) -> tuple[str, Path]:
     return "folder", path
 
 
-def _drop_repeats(found: list[tuple[str, int, str]]) -> tuple[list[tuple[str, int, str]], list[tuple[str, str]]]:
-    """`found` without files reached a second time through a symlink (the first path wins), and those skipped."""
-    first: dict[str, str] = {}
-    kept, repeats = [], []
-    for item in found:
-        real = os.path.realpath(item[0])
-        if real in first:
-            repeats.append((item[0], f"the same file as {first[real]} (reached again through a symlink)"))
-        else:
-            first[real] = item[0]
-            kept.append(item)
-    return kept, repeats
-
-
 def finish_loading(
     fmt: str,
     class_names: tuple[str, ...],
@@ -144,16 +133,24 @@ def finish_loading(
     *,
     allow_empty_classes: bool,
 ) -> Loaded:
-    """Check the candidate files, drop bad ones (keeping every other label in place), check classes."""
+    """Drop files reached again through a symlink (the first path wins) and unreadable ones (keeping every other
+    label in place), then check that each class kept an image."""
     if not found:
         raise DataError(f"{root}: no images found (image files end in {', '.join(sorted(IMAGE_EXTENSIONS))})")
-    found, repeats = _drop_repeats(found)
-    reasons = check_image_files([p for p, _, _ in found])
-    good = [item for item, reason in zip(found, reasons, strict=True) if reason is None]
-    bad = [(p, reason) for (p, _, _), reason in zip(found, reasons, strict=True) if reason is not None]
-    counts = [0] * len(class_names)
-    for _, label, _ in good:
-        counts[label] += 1
+    first: dict[str, str] = {}
+    candidates, repeats = [], []
+    for item in found:
+        real = os.path.realpath(item[0])
+        if real in first:
+            repeats.append((item[0], f"the same file as {first[real]} (reached again through a symlink)"))
+        else:
+            first[real] = item[0]
+            candidates.append(item)
+    reasons = check_image_files([p for p, _, _ in candidates])
+    good = [item for item, reason in zip(candidates, reasons, strict=True) if reason is None]
+    bad = [(p, reason) for (p, _, _), reason in zip(candidates, reasons, strict=True) if reason is not None]
+    labels = np.asarray([lbl for _, lbl, _ in good], np.int32)
+    counts = np.bincount(labels, minlength=len(class_names))
     empty = [name for name, count in zip(class_names, counts, strict=True) if count == 0]
     if empty and not allow_empty_classes:
         unreadable = f" ({len(bad)} file(s) could not be read, e.g. {printable(bad[0][0])}: {bad[0][1]})" if bad else ""
@@ -161,7 +158,6 @@ def finish_loading(
             f"{root}: classes with no usable images: {names_list(empty)}{unreadable}. Add images to them, or "
             "pass allow_empty_classes=True (--allow-empty-classes) to keep them as classes without images."
         )
-    labels = np.asarray([lbl for _, lbl, _ in good], np.int32)
     records = Records(tuple(p for p, _, _ in good), labels, tuple(g for _, _, g in good))
     return Loaded(fmt, class_names, records, skipped + repeats + bad, len(bad), str(root))
 
@@ -190,25 +186,22 @@ def load_image_folder(root: Path, *, allow_empty_classes: bool = False) -> Loade
     def unreadable(e: OSError) -> None:
         skipped.append((str(e.filename), f"cannot read folder: {e.strerror}"))
 
-    found: list[tuple[str, int, str]] = []
+    found: list[tuple[str, int, str]] = []  # (path, label, group): each file is its own group
     empty: list[str] = []
     for label, entry in enumerate(classes):
-        files: list[str] = []
+        before = len(found)
         for dirpath, dirnames, filenames in os.walk(entry.path, onerror=unreadable):
             linked = sorted(d for d in dirnames if os.path.islink(os.path.join(dirpath, d)))
             skipped += [(os.path.join(dirpath, d), "symlinked folder in a class folder: not followed") for d in linked]
             dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in linked)
-            for name in sorted(filenames):
-                if name.startswith("."):
-                    continue
+            for name in sorted(n for n in filenames if not n.startswith(".")):
                 full = os.path.join(dirpath, name)
                 if is_image_name(name):
-                    files.append(full)
+                    found.append((full, label, full))
                 else:
                     skipped.append((full, "not an image file extension"))
-        if not files:
+        if len(found) == before:
             empty.append(entry.path)
-        found += [(p, label, p) for p in files]
     if empty and not allow_empty_classes:
         raise DataError(
             f"{root}: empty class folder(s) (no image files): {names_list(empty)}. Add images, remove the "
@@ -216,3 +209,122 @@ def load_image_folder(root: Path, *, allow_empty_classes: bool = False) -> Loade
         )
     names = tuple(e.name for e in classes)
     return finish_loading("folder", names, found, skipped, root, allow_empty_classes=allow_empty_classes)
+
+
+def _persons_from_folders(images: Path) -> list[tuple[str, int, int]]:
+    """(folder name, gender, age) for every person folder; DataError listing the names that do not parse."""
+    persons, unparsed = [], []
+    for entry in list_dir(images):
+        if not entry.is_dir():
+            continue
+        parsed = parse_person_folder(entry.name)
+        if parsed is None:
+            unparsed.append(repr(entry.name))
+        else:
+            persons.append((entry.name, *parsed))
+    if unparsed:
+        raise DataError(
+            f"{images}: person folder names must be {PERSON_FOLDER_FORM}; cannot parse: {names_list(unparsed)}. "
+            f"Rename them, or list the persons in {TRAIN_CSV} (id,gender,race,age,path)."
+        )
+    if not persons:
+        raise DataError(f"{images}: no person folders ({PERSON_FOLDER_FORM}, each holding its 7 images)")
+    return persons
+
+
+def _persons_from_csv(csv_path: Path, images: Path) -> tuple[list[tuple[str, int, int]], list[tuple[str, str]]]:
+    """Persons listed in train.csv (its gender and age win), and the folders it does not list."""
+    rows = read_csv_rows(csv_path, ("gender", "age", "path"), per="person")
+    persons, bad_gender, bad_age, outside, missing, dupes = [], [], [], [], [], []
+    seen: set[str] = set()
+    for line, row in rows:
+        gender, age, folder = parse_gender(row["gender"]), parse_age(row["age"]), resolve_inside(images, row["path"])
+        if gender is None:
+            bad_gender.append((line, row["gender"]))
+        if age is None:
+            bad_age.append((line, row["age"]))
+        if folder is None:
+            outside.append((line, row["path"]))
+        elif not os.path.isdir(folder):
+            missing.append((line, row["path"]))
+        elif folder in seen:
+            dupes.append((line, row["path"]))
+        else:
+            seen.add(folder)
+            if gender is not None and age is not None:
+                persons.append((row["path"], gender, age))
+    for rows_, what in (
+        (bad_gender, "gender not male/female"),
+        (bad_age, f"age not a whole number 0..{MAX_AGE}"),
+        (outside, f"path not a folder inside {images} (a '..' escape, an absolute path elsewhere, or empty)"),
+        (missing, f"no such folder in {images}"),
+        (dupes, "duplicate path"),
+    ):
+        if rows_:
+            raise rows_error(csv_path, what, rows_, f"Fix these rows of {TRAIN_CSV}.")
+    unlisted = [
+        (e.path, f"person folder not listed in {TRAIN_CSV}")
+        for e in list_dir(images)
+        if e.is_dir() and os.path.abspath(e.path) not in seen
+    ]
+    return persons, unlisted
+
+
+def load_mask_layout(root: Path, *, allow_empty_classes: bool = False) -> Loaded:
+    """images/<person>/ folders labelled by the 18-class formula; train.csv used when present.
+
+    A person folder that is a symlink into (or above) images/ is not followed (a double count, or a loop).
+    """
+    images = root / "images"
+    if not images.is_dir():
+        raise DataError(f"{root}: no images/ folder")
+    csv_path = root / TRAIN_CSV
+    if csv_path.is_file():
+        persons, skipped = _persons_from_csv(csv_path, images)
+    else:
+        persons, skipped = _persons_from_folders(images), []
+    found = []
+    for name, gender, age in persons:
+        folder = images / name
+        if links_back(str(folder), images):
+            skipped.append((str(folder), LINKS_BACK_REASON))
+            continue
+        stems: dict[str, str] = {}
+        for entry in list_dir(folder):
+            stem = os.path.splitext(entry.name)[0].lower()
+            if not entry.is_file():
+                skipped.append((entry.path, "not a file"))
+            elif not is_image_name(entry.name):
+                skipped.append((entry.path, "not an image file extension"))
+            elif stem not in MASK_FILE_STEMS:
+                skipped.append((entry.path, f"unexpected name (expected {', '.join(MASK_FILE_STEMS)})"))
+            elif stem in stems:
+                raise DataError(
+                    f"{printable(str(folder))}: two images for {stem}: {names_list([stems[stem], entry.name])}; "
+                    "keep one of them."
+                )
+            else:
+                stems[stem] = entry.name
+                found.append((entry.path, mask_class(MASK_FILE_STEMS[stem], gender, age_band(age)), name))
+    return finish_loading("mask", MASK_CLASS_NAMES, found, skipped, root, allow_empty_classes=allow_empty_classes)
+
+
+def load_eval_folder(path: str | os.PathLike) -> Records:
+    """The competition's eval/ folder: records (label -1) in info.csv row order, one per ImageID.
+
+    Every row must name a readable image inside eval/images/: the predictor has to fill each row's `ans`.
+    """
+    root = Path(path)
+    csv_path = root / EVAL_CSV
+    if not csv_path.is_file():
+        raise DataError(f"{root}: no {EVAL_CSV} (an eval folder holds {EVAL_CSV} and images/)")
+    rows = read_csv_rows(csv_path, ("ImageID",), per="image")
+    images = root / "images"
+    what = f"ImageID not a file inside {images} (a '..' escape, an absolute path elsewhere, or empty)"
+    check_row_files(csv_path, rows, "ImageID", images, what, f"Fix these rows of {EVAL_CSV}.")
+    paths = [str(images / r["ImageID"]) for _, r in rows]
+    checked = zip(rows, paths, check_image_files(paths), strict=True)
+    bad = [f"row {line} {printable(p)}: {r}" for (line, _), p, r in checked if r is not None]
+    if bad:
+        raise DataError(f"{csv_path}: {len(bad)} unusable image(s): " + "; ".join(bad[:SHOWN_NAMES]))
+    return Records(tuple(paths), np.full(len(paths), NO_LABEL, np.int32), tuple(r["ImageID"] for _, r in rows))

@@ -10,24 +10,38 @@ shuffle/repeat/batch and iterator checkpoints: their state is a position in this
 worker count, so a run resumed with another --num-workers (a flag that may change on --resume) or another number
 of processes (docs/multihost.md: a 2-process checkpoint continues on 1 process) would not continue the same global
 stream. The step counter keeps both guarantees (tests/test_data_pipeline.py, tests/test_train_multihost.py).
+
+The decoded cache (cache_dir): every record decoded once to uint8 (S, S, 3) in one memory-mapped file. JPEG
+decoding on a CPU cannot feed a fast GPU; reading a memory-mapped uint8 array can. The cache holds the
+evaluation transform's output (the whole image resized to S x S). Train-time crops are cut from it with the
+same normalised boxes as from the file (sample_crop's box, as fractions of width and height, does not depend
+on the image's aspect), so the same seed gives the same crops, only resampled from S x S pixels.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import math
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import grain
 import numpy as np
+from PIL import Image
 
-from .decode import NO_AUGMENT, AugmentConfig, as_augment_config, decode_image, example_rng
-from .errors import DataError
+from .checks import DataError
+from .decode import NO_AUGMENT, RESAMPLE, AugmentConfig, crop_and_flip, decode_image, example_rng
 from .records import Records
 
+CACHE_VERSION = 1  # bump when the decoded pixels change (decode.py), so stale caches are not reused
+_CACHE_CHUNK = 64  # records per decode task of a cache build
 STATE_VERSION = 1
 # Padding rows of an eval batch: zero image, label 0 (a valid index keeps per-example losses finite), mask False.
 PAD_LABEL = 0
@@ -35,31 +49,88 @@ PAD_LABEL = 0
 READ_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
+def cache_key(records: Records, image_size: int) -> str:
+    """Hash of the files (path, size, mtime) and the output size: a changed file means a new cache."""
+    h = hashlib.sha1(f"v{CACHE_VERSION} s{image_size}\n".encode())
+    for p in records.paths:
+        try:
+            st = os.stat(p)
+        except OSError as e:
+            raise DataError(f"{p}: cannot stat for the decoded cache: {e}") from e
+        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def _decode_chunk(paths: list[str], image_size: int) -> np.ndarray:
+    return np.stack([decode_image(p, image_size) for p in paths])
+
+
+def build_cache(records: Records, image_size: int, cache_dir: str | os.PathLike, num_workers: int) -> Path:
+    """The decoded cache's file for `records`, decoding them first when it does not exist yet."""
+    folder = Path(cache_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    n = len(records)
+    path = folder / f"decoded-{cache_key(records, image_size)}-{n}x{image_size}.u8"
+    if path.is_file() and path.stat().st_size == n * image_size * image_size * 3:
+        return path
+    fd, tmp = tempfile.mkstemp(prefix=".decoding-", dir=folder)
+    os.close(fd)
+    try:
+        out = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(max(n, 1), image_size, image_size, 3))
+        chunks = [list(records.paths[i : i + _CACHE_CHUNK]) for i in range(0, n, _CACHE_CHUNK)]
+        pool_cls = ProcessPoolExecutor if num_workers > 0 else ThreadPoolExecutor
+        with pool_cls(max(1, num_workers or os.cpu_count() or 1)) as pool:
+            for i, block in enumerate(pool.map(_decode_chunk, chunks, [image_size] * len(chunks))):
+                out[i * _CACHE_CHUNK : i * _CACHE_CHUNK + len(block)] = block
+        out.flush()
+        del out
+        os.replace(tmp, path)  # complete caches only: a crash leaves a temporary file, never a short cache
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    (folder / f"{path.stem}.json").write_text(
+        json.dumps({"records": n, "image_size": image_size, "version": CACHE_VERSION})
+    )
+    return path
+
+
 class ImageSource:
-    """Decodes record i to uint8 (S, S, 3), from its file or from a decoded cache."""
+    """Decodes record i to uint8 (S, S, 3), from its file or from the decoded cache."""
 
     def __init__(
         self, records: Records, image_size: int, cache_dir: str | os.PathLike | None = None, num_workers: int = 0
     ) -> None:
-        self.paths = records.paths
-        self.image_size = image_size
-        self.cache = None
-        if cache_dir is not None:
-            from .cache import DecodedCache  # only needed with a cache
+        self.paths, self.image_size = records.paths, image_size
+        self.cache_path = None if cache_dir is None else build_cache(records, image_size, cache_dir, num_workers)
+        self._cache: np.ndarray | None = None
 
-            self.cache = DecodedCache.build(records, image_size, cache_dir, num_workers=num_workers)
+    @property
+    def cache(self) -> np.ndarray | None:
+        """The cache's (N, S, S, 3) memory map, None without one (opened lazily: the source pickles cheaply)."""
+        if self._cache is None and self.cache_path is not None:
+            shape = (len(self.paths), self.image_size, self.image_size, 3)
+            self._cache = np.memmap(self.cache_path, dtype=np.uint8, mode="r", shape=shape)
+        return self._cache
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_cache": None}
 
     def get(self, i: int, aug: AugmentConfig, rng: np.random.Generator | None) -> np.ndarray:
-        """Record i's image, augmented by `aug` with `rng`."""
-        if self.cache is not None:
-            return self.cache.get(i, aug, rng)
-        return decode_image(self.paths[i], self.image_size, aug, rng)
+        """Record i's image, augmented by `aug` with `rng` (a crop from the cache is resampled back to S x S)."""
+        if self.cache is None:
+            return decode_image(self.paths[i], self.image_size, aug, rng)
+        s = self.image_size
+        box, flip = crop_and_flip(s, s, aug, rng)
+        image = self.cache[i]
+        if aug.random_crop:
+            image = np.asarray(Image.fromarray(np.asarray(image)).resize((s, s), RESAMPLE, box=box))
+        return np.array(image[:, ::-1] if flip else image)
 
     def get_batch(self, indices: np.ndarray, aug: AugmentConfig, rngs: list[np.random.Generator] | None) -> np.ndarray:
         """Records `indices` stacked to (len, S, S, 3); without crops, one gather from the cache."""
         if self.cache is not None and not aug.random_crop:
-            images = self.cache.array[np.asarray(indices, dtype=np.int64)]
-            if aug.hflip:  # the same draw as DecodedCache.get / decode_image: one integer per image
+            images = self.cache[np.asarray(indices, dtype=np.int64)]
+            if aug.hflip:  # the same draw as get / decode_image: one integer per image
                 if rngs is None:
                     raise ValueError("augmentation needs an rng per image")
                 flips = np.array([bool(rng.integers(2)) for rng in rngs], dtype=np.bool_)
@@ -81,53 +152,61 @@ def records_fingerprint(records: Records) -> str:
     return h.hexdigest()[:16]
 
 
-class _TrainBatch:
-    """Step k -> the batch dict of this process (picklable, for grain's worker processes)."""
+@dataclasses.dataclass(eq=False)
+class _Batches:
+    """Batch b of this process: its slice of the global batch (picklable, for grain's worker processes)."""
 
-    def __init__(
-        self,
-        source: ImageSource,
-        labels: np.ndarray,
-        batch_size: int,
-        seed: int,
-        aug: AugmentConfig,
-        steps_per_epoch: int,
-        process_index: int,
-        process_count: int,
-    ) -> None:
-        self.source, self.labels, self.batch_size, self.seed, self.aug = source, labels, batch_size, seed, aug
-        self.steps_per_epoch, self.process_index, self.process_count = steps_per_epoch, process_index, process_count
-        self._perm: tuple[int, np.ndarray] | None = None
+    source: ImageSource
+    labels: np.ndarray
+    batch_size: int
+    process_index: int
+    process_count: int
 
-    def permutation(self, epoch: int) -> np.ndarray:
-        if self._perm is None or self._perm[0] != epoch:
-            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.labels)))
-        return self._perm[1]
+    def start(self, b: int) -> int:
+        """The first position of this process's slice of global batch b (processes take consecutive slices)."""
+        return (b * self.process_count + self.process_index) * self.batch_size
 
-    def indices(self, step: int) -> tuple[int, np.ndarray]:
-        """(epoch, record indices) of this process's batch at `step`."""
-        epoch, b = divmod(step, self.steps_per_epoch)
-        start = (b * self.process_count + self.process_index) * self.batch_size
-        return epoch, self.permutation(epoch)[start : start + self.batch_size]
+
+@dataclasses.dataclass(eq=False)
+class _TrainBatch(_Batches):
+    """Step k -> this process's batch dict: epoch k // steps_per_epoch, its permutation, each image's rng."""
+
+    seed: int
+    aug: AugmentConfig
+    steps_per_epoch: int
+    _perm: tuple[int, np.ndarray] | None = dataclasses.field(default=None, init=False)
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
-        epoch, idx = self.indices(step)
+        epoch, b = divmod(step, self.steps_per_epoch)
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.labels)))
+        idx = self._perm[1][self.start(b) : self.start(b) + self.batch_size]
         rngs = [example_rng(self.seed, epoch, int(i)) for i in idx] if self.aug.enabled else None
         return {"image": self.source.get_batch(idx, self.aug, rngs), "label": self.labels[idx].astype(np.int32)}
 
 
-def _parse_absl_flags() -> None:
-    # grain's worker processes read absl flags; outside an absl app nobody parsed them, so take the defaults.
-    from absl import flags
+class _EvalBatch(_Batches):
+    """Batch b -> this process's batch padded to batch_size, with its mask."""
 
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS(sys.argv[:1], known_only=True)
+    def __call__(self, b: int) -> dict[str, np.ndarray]:
+        idx = np.arange(self.start(b), min(self.start(b) + self.batch_size, len(self.labels)))
+        s = self.source.image_size
+        image = np.zeros((self.batch_size, s, s, 3), np.uint8)
+        label = np.full((self.batch_size,), PAD_LABEL, np.int32)
+        if len(idx):
+            image[: len(idx)] = self.source.get_batch(idx, NO_AUGMENT, None)
+        label[: len(idx)] = self.labels[idx]
+        return {"image": image, "label": label, "mask": np.arange(self.batch_size) < len(idx)}
 
 
 def _grain_iter(ds: grain.MapDataset, num_workers: int) -> Iterator[dict[str, np.ndarray]]:
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=2 * READ_THREADS))
     if num_workers > 0:
-        _parse_absl_flags()
+        # grain's worker processes read absl flags; outside an absl app nobody parsed them, so take the defaults.
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS(sys.argv[:1], known_only=True)
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return iter(it_ds)
 
@@ -138,7 +217,7 @@ def _check_process(process_index: int, process_count: int) -> None:
 
 
 class TrainIterator:
-    """Infinite iterator of training batches; get_state()/set_state() resume exactly mid-epoch."""
+    """Infinite training batches {"image": uint8 (B, S, S, 3), "label": int32 (B,)}, B per process; resumable."""
 
     def __init__(
         self,
@@ -154,26 +233,17 @@ class TrainIterator:
         cache_dir: str | os.PathLike | None = None,
     ) -> None:
         _check_process(process_index, process_count)
-        global_batch = batch_size * process_count
-        if batch_size < 1 or len(records) < global_batch:
+        if batch_size < 1 or len(records) < batch_size * process_count:
             raise DataError(
                 f"need at least one full batch: {len(records)} training records < batch_size {batch_size} x "
                 f"{process_count} process(es)"
             )
-        self.steps_per_epoch = len(records) // global_batch  # the remainder of each epoch is dropped
-        self.batch_size, self.image_size, self.seed, self.num_workers = batch_size, image_size, seed, num_workers
-        self.process_index, self.process_count = process_index, process_count
-        self._fingerprint = records_fingerprint(records)
+        self.steps_per_epoch = len(records) // (batch_size * process_count)  # each epoch's remainder is dropped
+        self.num_workers, self._fingerprint = num_workers, records_fingerprint(records)
         source = ImageSource(records, image_size, cache_dir, num_workers)
+        aug = augment if isinstance(augment, AugmentConfig) else AugmentConfig(random_crop=augment, hflip=augment)
         self._fn = _TrainBatch(
-            source,
-            records.labels,
-            batch_size,
-            seed,
-            as_augment_config(augment),
-            self.steps_per_epoch,
-            process_index,
-            process_count,
+            source, records.labels, batch_size, process_index, process_count, seed, aug, self.steps_per_epoch
         )
         self._step = 0
         self._it: Iterator | None = None
@@ -190,12 +260,13 @@ class TrainIterator:
 
     def get_state(self) -> dict[str, Any]:
         """JSON-able state; identical on every process (restore any process from any one's state)."""
+        fn = self._fn
         return {
             "version": STATE_VERSION,
             "step": self._step,
-            "seed": self.seed,
-            "batch_size": self.batch_size,
-            "process_count": self.process_count,
+            "seed": fn.seed,
+            "batch_size": fn.batch_size,
+            "process_count": fn.process_count,
             "records": self._fingerprint,
         }
 
@@ -220,57 +291,8 @@ class TrainIterator:
             it.close()
 
 
-def make_train_iter(
-    records: Records,
-    *,
-    batch_size: int,
-    image_size: int,
-    seed: int,
-    augment: bool | AugmentConfig = True,
-    num_workers: int = 0,
-    process_index: int = 0,
-    process_count: int = 1,
-    cache_dir: str | os.PathLike | None = None,
-) -> TrainIterator:
-    """Infinite training batches {"image": uint8 (B, S, S, 3), "label": int32 (B,)}, B per process."""
-    return TrainIterator(
-        records,
-        batch_size=batch_size,
-        image_size=image_size,
-        seed=seed,
-        augment=augment,
-        num_workers=num_workers,
-        process_index=process_index,
-        process_count=process_count,
-        cache_dir=cache_dir,
-    )
-
-
-class _EvalBatch:
-    """Batch b -> this process's padded batch with its mask."""
-
-    def __init__(
-        self, source: ImageSource, labels: np.ndarray, batch_size: int, process_index: int, process_count: int
-    ) -> None:
-        self.source, self.labels, self.batch_size = source, labels, batch_size
-        self.process_index, self.process_count = process_index, process_count
-
-    def __call__(self, b: int) -> dict[str, np.ndarray]:
-        start = (b * self.process_count + self.process_index) * self.batch_size
-        idx = np.arange(start, min(start + self.batch_size, len(self.labels)))
-        s = self.source.image_size
-        image = np.zeros((self.batch_size, s, s, 3), np.uint8)
-        label = np.full((self.batch_size,), PAD_LABEL, np.int32)
-        mask = np.zeros((self.batch_size,), np.bool_)
-        if len(idx):
-            image[: len(idx)] = self.source.get_batch(idx, NO_AUGMENT, None)
-        label[: len(idx)] = self.labels[idx]
-        mask[: len(idx)] = True
-        return {"image": image, "label": label, "mask": mask}
-
-
 class EvalIterable:
-    """Finite, re-iterable evaluation batches; the same number of batches on every process."""
+    """Every record once over all processes: {"image", "label", "mask"}, padding rows mask False; re-iterable."""
 
     def __init__(
         self,
@@ -286,7 +308,7 @@ class EvalIterable:
         _check_process(process_index, process_count)
         if batch_size < 1:
             raise DataError(f"batch_size must be >= 1, got {batch_size}")
-        self.num_batches = math.ceil(len(records) / (batch_size * process_count))
+        self.num_batches = math.ceil(len(records) / (batch_size * process_count))  # the same on every process
         self.num_workers = num_workers
         source = ImageSource(records, image_size, cache_dir, num_workers)
         self._fn = _EvalBatch(source, records.labels, batch_size, process_index, process_count)
@@ -300,23 +322,6 @@ class EvalIterable:
         return _grain_iter(grain.MapDataset.range(self.num_batches).map(self._fn), self.num_workers)
 
 
-def make_eval_iter(
-    records: Records,
-    *,
-    batch_size: int,
-    image_size: int,
-    num_workers: int = 0,
-    process_index: int = 0,
-    process_count: int = 1,
-    cache_dir: str | os.PathLike | None = None,
-) -> EvalIterable:
-    """Every record exactly once over all processes: {"image", "label", "mask"}; padding rows have mask False."""
-    return EvalIterable(
-        records,
-        batch_size=batch_size,
-        image_size=image_size,
-        num_workers=num_workers,
-        process_index=process_index,
-        process_count=process_count,
-        cache_dir=cache_dir,
-    )
+# The iterators' constructors are the factories: make_train_iter(records, batch_size=..., image_size=..., seed=...).
+make_train_iter = TrainIterator
+make_eval_iter = EvalIterable

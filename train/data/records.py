@@ -37,11 +37,7 @@ class Records:
     def subset(self, indices: np.ndarray | list[int]) -> Records:
         """The records at `indices`, in that order."""
         idx = [int(i) for i in indices]
-        return Records(
-            tuple(self.paths[i] for i in idx),
-            self.labels[idx] if idx else np.zeros(0, np.int32),
-            tuple(self.groups[i] for i in idx),
-        )
+        return Records(tuple(self.paths[i] for i in idx), self.labels[idx], tuple(self.groups[i] for i in idx))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -8,12 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .checks import names_list, printable
+from .checks import DataError, names_list, printable
 from .csvformat import load_csv
 from .demo import DEMO_IMAGE_SIZE, default_cache_dir, demo_file_height, generate_demo_dataset
-from .errors import DataError
-from .formats import Loaded, detect_format, load_image_folder
-from .mask import load_mask_layout
+from .formats import Loaded, detect_format, load_image_folder, load_mask_layout
 from .records import DataSplits, Records
 
 DEMO = "demo"
