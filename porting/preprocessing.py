@@ -44,19 +44,6 @@ MIN_CROP_PCT = 0.25
 # Two recorded floats are the same value when they differ by less than this (JSON and text round-off).
 FLOAT_RTOL = 1e-9
 
-FIELDS = (
-    "input",
-    "scale",
-    "mean",
-    "std",
-    "image_size",
-    "interpolation",
-    "crop_pct",
-    "crop_mode",
-    "class_names",
-    "leaky_slope",
-)
-
 
 @dataclasses.dataclass(frozen=True)
 class Preprocessing:
@@ -99,12 +86,7 @@ class Preprocessing:
 
     def to_json(self) -> dict[str, Any]:
         """The known fields as JSON-ready values (tuples as lists), in FIELDS order."""
-        out = {}
-        for key in FIELDS:
-            value = getattr(self, key)
-            if value is not None:
-                out[key] = list(value) if isinstance(value, tuple) else value
-        return out
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items() if v is not None}
 
     def replace(self, **changes: Any) -> Preprocessing:
         return dataclasses.replace(self, **changes)
@@ -166,20 +148,17 @@ class Preprocessing:
         x = np.asarray(pixels, np.float64) * scale
         return ((x - np.asarray(mean)) / np.asarray(std)).astype(np.float32)
 
-    def prepare(self, image: Any) -> np.ndarray:
-        """One image (PIL, or an HWC uint8 array) -> the (image_size, image_size, C) float32 input these weights expect.
+    def resize(self, img: Any) -> Any:
+        """A PIL image at image_size square, as timm's evaluation transform resizes it (PIL filter `interpolation`;
+        "center": the shorter side to floor(image_size / crop_pct), "squash": both sides), then the central square.
 
-        Resize as timm's evaluation transform does (PIL filter `interpolation`; "center": shorter side to
-        floor(image_size / crop_pct), "squash": both sides), crop the centre, then `normalize`.
+        With crop_mode "squash" and crop_pct 1 (what the trainers record) that is the whole image resized.
         """
         from PIL import Image  # only here: the record itself is plain data
 
         size, interpolation, crop_pct = self.image_size, self.interpolation, self.crop_pct
         if size is None or interpolation is None or crop_pct is None or self.crop_mode is None:
-            raise self.missing(("image_size", "interpolation", "crop_pct", "crop_mode"), "resizing an image")
-        img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, np.uint8))
-        img = img.convert("RGB")
-        resample = Image.Resampling[interpolation.upper()]
+            raise self.missing(RESIZE_FIELDS, "resizing an image")
         scaled = math.floor(size / crop_pct)
         w, h = img.size
         if self.crop_mode == "squash":
@@ -188,9 +167,23 @@ class Preprocessing:
             new_w, new_h = scaled, int(scaled * h / w)
         else:
             new_w, new_h = int(scaled * w / h), scaled
-        img = img.resize((new_w, new_h), resample)
         top, left = round((new_h - size) / 2.0), round((new_w - size) / 2.0)  # torchvision's CenterCrop
-        return self.normalize(np.asarray(img)[top : top + size, left : left + size])
+        img = img.resize((new_w, new_h), Image.Resampling[interpolation.upper()])
+        return img.crop((left, top, left + size, top + size))
+
+    def prepare(self, image: Any) -> np.ndarray:
+        """One image (PIL, or an HWC uint8 array) -> the (image_size, image_size, C) float32 input these weights
+        expect: in RGB, `resize`d, then `normalize`d."""
+        from PIL import Image
+
+        img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, np.uint8))
+        return self.normalize(np.asarray(self.resize(img.convert("RGB"))))
+
+
+# Every field, in the order records are written and described.
+FIELDS = tuple(f.name for f in dataclasses.fields(Preprocessing))
+# The fields a resize needs (Preprocessing.resize).
+RESIZE_FIELDS = ("image_size", "interpolation", "crop_pct", "crop_mode")
 
 
 def _fraction(value: float) -> str:
@@ -278,9 +271,7 @@ def combine(records: Sequence[tuple[str, Preprocessing]], where: str) -> Preproc
     problems = contradictions(records)
     if problems:
         raise PortingError(f"{where}: contradictory preprocessing:\n  " + "\n  ".join(problems))
-    values = {}
-    for key in FIELDS:
-        values[key] = next((getattr(r, key) for _, r in records if getattr(r, key) is not None), None)
+    values = {k: next((v for _, r in records if (v := getattr(r, k)) is not None), None) for k in FIELDS}
     return Preprocessing(**values)
 
 
