@@ -111,7 +111,10 @@ class Preprocessing:
         """One line for messages: 'uint8 RGB x 1/255, mean (...), std (...), 256 px bicubic center crop, ...'."""
         parts = []
         if self.scale is not None:
-            parts.append(f"{self.input or 'pixels'} x {_fraction(self.scale)}")
+            inverse = 1.0 / self.scale
+            exact = math.isclose(inverse, round(inverse), rel_tol=FLOAT_RTOL)
+            scale = f"1/{round(inverse)}" if exact else f"{self.scale:g}"  # 1/255 rather than 0.00392157
+            parts.append(f"{self.input or 'pixels'} x {scale}")
         if self.mean is not None or self.std is not None:
             parts.append(f"mean {self.mean}, std {self.std}")
         if self.image_size is not None:
@@ -184,11 +187,6 @@ class Preprocessing:
 FIELDS = tuple(f.name for f in dataclasses.fields(Preprocessing))
 # The fields a resize needs (Preprocessing.resize).
 RESIZE_FIELDS = ("image_size", "interpolation", "crop_pct", "crop_mode")
-
-
-def _fraction(value: float) -> str:
-    inverse = 1.0 / value
-    return f"1/{round(inverse)}" if math.isclose(inverse, round(inverse), rel_tol=FLOAT_RTOL) else f"{value:g}"
 
 
 def _finite_floats(value: Any, key: str, positive: bool = False) -> tuple[float, ...]:
