@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from porting.atomic import write_bytes
-from porting.errors import EXIT_BAD_INPUT, EXIT_OK, PortingError, parse_json, shown
+from porting.errors import EXIT_BAD_INPUT, EXIT_OK, PortingError, failing_as, parse_json, shown
 from porting.preprocessing import RESIZE_FIELDS, Preprocessing, to_rgb
 
 # The contract every artefact's sidecar follows (written by porting.export).
@@ -119,7 +119,7 @@ def read_sidecar(artefact: str | os.PathLike) -> dict[str, Any]:
         raise ServingError(f"{str(path)!r}: input must hold a shape [null, height, width, channels], got {shown(spec)}")
     if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
         raise ServingError(f"{str(path)!r}: class_names must be a non-empty list of strings")
-    size = resize_record(pre, f"{str(path)!r} preprocessing").image_size
+    size = resize_record(pre, repr(str(path))).image_size
     if size != shape[1]:  # the resize would make images the artefact refuses, after decoding them all
         raise ServingError(f"{str(path)!r}: preprocessing image_size {size} is not the input's side "
                            f"{shape[1]}: the sidecar contradicts itself; export again")  # fmt: skip
@@ -160,10 +160,8 @@ class Artefact:
     def _load_jax(self, data: bytes) -> Any:
         import jax
 
-        try:
+        with failing_as(f"{self.path!r} is not a serialised jax.export program"):  # flatbuffer, version errors
             exported = jax.export.deserialize(bytearray(data))
-        except Exception as e:  # jax raises flatbuffer and version errors of several types
-            raise ServingError(f"{self.path!r} is not a serialised jax.export program: {type(e).__name__}: {e}") from e
         self._check_shapes(exported.in_avals[0].shape, exported.out_avals[0].shape)
         backend = jax.export.default_export_platform()  # 'cuda', not jax's 'gpu'
         if backend not in exported.platforms:
@@ -178,10 +176,8 @@ class Artefact:
     def _load_onnx(self, data: bytes) -> Any:
         import onnxruntime as ort
 
-        try:
+        with failing_as(f"{self.path!r} is not an ONNX model onnxruntime can load"):  # its own pybind error types
             session = ort.InferenceSession(data, providers=ort.get_available_providers())
-        except Exception as e:  # onnxruntime's errors are its own pybind types
-            raise ServingError(f"{self.path!r} is not an ONNX model onnxruntime can load: {e}") from e
         self._check_shapes(session.get_inputs()[0].shape, session.get_outputs()[0].shape)
         return lambda batch: tuple(session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch}))
 
@@ -197,13 +193,13 @@ def resize_record(pre: Any, where: str) -> Preprocessing:
     record = Preprocessing.from_json(pre, where, strict=False)[0]
     missing = [k for k in RESIZE_FIELDS if getattr(record, k) is None]
     if missing:
-        raise ServingError(f"{where} {shown(pre)} gives no {', '.join(missing)}, which the resize needs; export again")
+        raise ServingError(f"{where}: preprocessing {shown(pre)} gives no {', '.join(missing)}, which the resize needs")
     return record
 
 
 def load_image(path: str | os.PathLike, pre: dict[str, Any]) -> np.ndarray:
     """uint8 (image_size, image_size, 3): upright (EXIF), RGB, resized as `pre` (a sidecar's preprocessing) says."""
-    record = resize_record(pre, "preprocessing")
+    record = resize_record(pre, "load_image")
     try:
         with Image.open(path) as img:
             if img.format == "JPEG" and (record.crop_mode, record.crop_pct) == WHOLE_IMAGE:
