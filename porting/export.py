@@ -36,12 +36,12 @@ from porting.serve_predict import (
     OUTPUT_NAMES,
     SERVING_FORMAT,
     SERVING_FORMAT_VERSION,
-    SIDECAR_SUFFIX,
     check_batch,
     input_spec,
     list_images,
     load_image,
     output_specs,
+    sidecar_path,
 )
 from porting.state import weights_sha256
 
@@ -232,21 +232,16 @@ def torch_serving_module(weights: Loaded, pre: dict[str, Any]) -> Any:
 
     net = Darknet53(num_classes=weights.num_classes, config=weights.config)
     net.load_state_dict(flax_to_torch_state_dict(weights.variables, config=weights.config), strict=True)
+    scale = torch.tensor(pre["scale"], dtype=torch.float32)  # constants of the traced graph
+    mean, std = (torch.tensor(pre[k], dtype=torch.float32).view(1, -1, 1, 1) for k in ("mean", "std"))
 
     class Serving(torch.nn.Module):
-        scale: torch.Tensor  # buffers, registered below
-        mean: torch.Tensor
-        std: torch.Tensor
-
         def __init__(self) -> None:
             super().__init__()
             self.net = net
-            self.register_buffer("scale", torch.tensor(pre["scale"], dtype=torch.float32))
-            self.register_buffer("mean", torch.tensor(pre["mean"], dtype=torch.float32).view(1, -1, 1, 1))
-            self.register_buffer("std", torch.tensor(pre["std"], dtype=torch.float32).view(1, -1, 1, 1))
 
         def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            x = (images.permute(0, 3, 1, 2).to(torch.float32) * self.scale - self.mean) / self.std
+            x = (images.permute(0, 3, 1, 2).to(torch.float32) * scale - mean) / std
             logits = self.net(x)
             return logits, torch.softmax(logits, dim=-1)
 
@@ -329,15 +324,11 @@ def export(
             raise ExportError(f"unknown, repeated or no {what}s {list(given)}; choose from {list(choices)}")
     out = Path(out_dir)
     paths = {t: out / TARGETS[t][0] for t in targets}
-    destinations = [p for t in targets for p in (paths[t], Path(f"{paths[t]}{SIDECAR_SUFFIX}"))]
     if out.exists() and not out.is_dir():
         raise ExportError(f"OUT {os.fspath(out)!r} is a file; give a folder")
-    for dst in destinations if out.is_dir() else ():
-        check_destination(dst, force)  # before any work: an existing output without --force, a read-only folder
-    if not out.parent.is_dir():
-        raise ExportError(f"cannot write {os.fspath(out)!r}: folder {os.fspath(out.parent)!r} does not exist")
-    if not out.is_dir():
-        check_destination(out, force)  # the folder to create: a read-only parent is refused before any work
+    # Before any work: an existing output without --force, a read-only folder, or (OUT to create) a missing parent.
+    for dst in [p for t in targets for p in (paths[t], sidecar_path(paths[t]))] if out.is_dir() else [out]:
+        check_destination(dst, force)
     weights = read_weights(src, arch=arch, leaky_slope=leaky_slope, class_names=class_names,
                            preprocessing=preprocessing)  # fmt: skip
     pre, names, notes = serving_preprocessing(weights)
@@ -355,7 +346,7 @@ def export(
                               "written")  # fmt: skip
         sidecars[target] = sidecar(target, weights, pre, names, platforms, check, data)
         outputs[paths[target]] = data
-        outputs[Path(f"{paths[target]}{SIDECAR_SUFFIX}")] = (json.dumps(sidecars[target], indent=2) + "\n").encode()
+        outputs[sidecar_path(paths[target])] = (json.dumps(sidecars[target], indent=2) + "\n").encode()
     created = not out.exists()
     out.mkdir(exist_ok=True)
     try:
