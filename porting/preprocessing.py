@@ -73,14 +73,8 @@ class Preprocessing:
         unknown = sorted(str(k) for k in raw if k not in FIELDS)
         if unknown and strict:
             raise PortingError(f"{where}: unknown preprocessing field(s) {unknown}; the fields are {', '.join(FIELDS)}")
-        values = {k: raw[k] for k in FIELDS if raw.get(k) is not None}
         try:
-            for key in ("mean", "std", "class_names"):
-                if key in values:
-                    if isinstance(values[key], str | bytes) or not isinstance(values[key], Sequence):
-                        raise PortingError(f"{key} must be a list, got {values[key]!r}")
-                    values[key] = tuple(values[key])
-            return cls(**values), unknown
+            return cls(**{k: raw[k] for k in FIELDS if raw.get(k) is not None}), unknown
         except PortingError as exc:
             raise PortingError(f"{where}: {exc}") from None
 
@@ -190,6 +184,8 @@ RESIZE_FIELDS = ("image_size", "interpolation", "crop_pct", "crop_mode")
 
 
 def _finite_floats(value: Any, key: str, positive: bool = False) -> tuple[float, ...]:
+    if isinstance(value, str | bytes | Mapping):  # iterable, but not a list of numbers
+        raise PortingError(f"{key} must be a list of numbers, got {value!r}")
     try:
         floats = tuple(_number(v, key) for v in value)
     except TypeError:
