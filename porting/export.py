@@ -112,9 +112,8 @@ def serving_preprocessing(weights: Loaded) -> tuple[dict[str, Any], list[str], l
                           "random head); export a run or a file with its head")  # fmt: skip
     defaults = TRAINER_DEFAULTS.replace(image_size=DEFAULT_IMAGE_SIZE, leaky_slope=weights.config.leaky_slope,
                                         class_names=tuple(str(i) for i in range(n)))  # fmt: skip
-    filled = record.filled(defaults)
     assumed = [k for k in defaults.known() if k not in record.known()]
-    pre = filled.to_json()
+    pre = record.filled(defaults).to_json()
     names = list(pre.pop("class_names"))  # strings: the record checked
     shown = [f"{k} {pre[k]}" if k != "class_names" else f"class names 0..{n - 1}" for k in assumed]
     notes = [f"{os.path.basename(os.path.normpath(weights.location.given))} records no {', '.join(assumed)}: "
