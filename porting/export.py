@@ -18,10 +18,11 @@ import importlib.metadata
 import json
 import os
 import platform
+import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
@@ -35,12 +36,12 @@ from porting.serve_predict import (
     OUTPUT_NAMES,
     SERVING_FORMAT,
     SERVING_FORMAT_VERSION,
-    SIDECAR_SUFFIX,
     check_batch,
     input_spec,
     list_images,
     load_image,
     output_specs,
+    sidecar_path,
 )
 from porting.state import weights_sha256
 
@@ -87,22 +88,14 @@ def read_weights(
     class_names: Sequence[str] | None = None,
     preprocessing: Preprocessing | dict[str, Any] | None = None,
 ) -> Loaded:
-    """THE weights lookup of the export: porting's shared reader (porting.locations.ACCEPTED: a run folder, its
-    checkpoints/, a step, <run>/best|latest, an orbax or Hub-layout directory, any weights file), in this one
-    function so the export reads exactly what port-weights reads.
-
-    arch None: the architecture the location records or the tensors fit. leaky_slope, class_names and
-    preprocessing add to the weights' own record; one that contradicts it is refused.
+    """THE weights lookup of the export: porting's shared reader (any of porting.locations.ACCEPTED), so the export
+    reads exactly what port-weights reads. arch None: the one the location records or the tensors fit; the other
+    options add to the weights' own record, and one that contradicts it is refused.
     """
     if arch is not None and arch not in ARCHS:
         raise ExportError(f"unknown --arch {arch!r}; choose one of {sorted(ARCHS)}")
     return load_flax_variables(src, config=None if arch is None else ARCHS[arch], leaky_slope=leaky_slope,
                                class_names=class_names, preprocessing=preprocessing)  # fmt: skip
-
-
-def source_record(weights: Loaded) -> dict[str, Any]:
-    """What a sidecar records of the weights' origin: the path given, its format and, for a run, the step."""
-    return {"path": weights.location.given, "format": weights.source_format, "step": weights.location.step}
 
 
 def serving_preprocessing(weights: Loaded) -> tuple[dict[str, Any], list[str], list[str]]:
@@ -119,10 +112,9 @@ def serving_preprocessing(weights: Loaded) -> tuple[dict[str, Any], list[str], l
                           "random head); export a run or a file with its head")  # fmt: skip
     defaults = TRAINER_DEFAULTS.replace(image_size=DEFAULT_IMAGE_SIZE, leaky_slope=weights.config.leaky_slope,
                                         class_names=tuple(str(i) for i in range(n)))  # fmt: skip
-    filled = record.filled(defaults)
     assumed = [k for k in defaults.known() if k not in record.known()]
-    pre = filled.to_json()
-    names = [str(x) for x in pre.pop("class_names")]
+    pre = record.filled(defaults).to_json()
+    names = list(pre.pop("class_names"))  # strings: the record checked
     shown = [f"{k} {pre[k]}" if k != "class_names" else f"class names 0..{n - 1}" for k in assumed]
     notes = [f"{os.path.basename(os.path.normpath(weights.location.given))} records no {', '.join(assumed)}: "
              f"exported with {', '.join(shown)} (--preprocessing, --class-names and --leaky-slope say otherwise)"
@@ -159,25 +151,29 @@ def check_images(pre: dict[str, Any], channels: int, folder: str | os.PathLike |
 
 
 def compare(got: Callable[[np.ndarray], np.ndarray], want: Callable[[np.ndarray], np.ndarray],
-            images: np.ndarray, reference: str) -> dict[str, Any]:  # fmt: skip
-    """Logits of `got` against `want` on every image (batch sizes 1, then CHECK_BATCH): differences, agreement."""
-    diff, scale, agree, total, sizes = 0.0, 0.0, 0, 0, []
-    for batch in [images[:1]] + [images[i : i + CHECK_BATCH] for i in range(1, len(images), CHECK_BATCH)]:
+            images: np.ndarray, reference: str, backend: str, gated: bool) -> dict[str, Any]:  # fmt: skip
+    """Logits of `got` against `want` on every image (batch sizes 1, then CHECK_BATCH) on `backend`: differences,
+    agreement; not ok if `gated` and they differ by more than GATE_REL of the reference's max."""
+    batches = [images[:1]] + [images[i : i + CHECK_BATCH] for i in range(1, len(images), CHECK_BATCH)]
+    diff, scale, agree = 0.0, 0.0, 0
+    for batch in batches:
         a, r = np.asarray(got(batch), np.float64), np.asarray(want(batch), np.float64)
         if a.shape != r.shape or not np.all(np.isfinite(a)):
-            return {"reference": reference, "ok": False, "reason": f"logits of shape {a.shape}, finite: "
-                    f"{bool(np.all(np.isfinite(a)))}; the reference's are {r.shape}"}  # fmt: skip
+            return {"reference": reference, "platform": backend, "ok": False, "reason": f"logits of shape "
+                    f"{a.shape}, finite: {bool(np.all(np.isfinite(a)))}; the reference's are {r.shape}"}  # fmt: skip
         diff, scale = max(diff, float(np.max(np.abs(a - r)))), max(scale, float(np.max(np.abs(r))))
-        agree, total = agree + int(np.sum(a.argmax(-1) == r.argmax(-1))), total + len(batch)
-        sizes.append(len(batch))
+        agree += int(np.sum(a.argmax(-1) == r.argmax(-1)))
     relative = diff / scale if scale else diff
-    return {"reference": reference, "batch_sizes": sizes, "max_abs_diff": diff, "max_abs_reference": scale,
-            "relative_diff": relative, "top1_agreement": agree / total, "ok": True}  # fmt: skip
+    check = {"reference": reference, "batch_sizes": [len(b) for b in batches], "max_abs_diff": diff,
+             "max_abs_reference": scale, "relative_diff": relative, "top1_agreement": agree / len(images),
+             "ok": not gated or relative <= GATE_REL, "platform": backend}  # fmt: skip
+    if not check["ok"]:
+        check["reason"] = f"differs from its reference ({reference}) by {relative:.2e} of its max"
+    return check
 
 
-def flax_logits(weights: Loaded, pre: dict[str, Any], precision: str = "fp32") -> Callable:
-    """images -> the Flax model's logits, preprocessing as recorded (jitted; the whole batch at once)."""
-    import jax
+def flax_forward(weights: Loaded, pre: dict[str, Any], precision: str = "fp32") -> Callable[[Any, Any], Any]:
+    """(variables, uint8 NHWC images) -> the Flax model's logits, the recorded preprocessing in front."""
     import jax.numpy as jnp
 
     from flax_darknet import Darknet53
@@ -185,61 +181,45 @@ def flax_logits(weights: Loaded, pre: dict[str, Any], precision: str = "fp32") -
     dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[precision]
     model = Darknet53(num_classes=weights.num_classes, config=weights.config, dtype=dtype, param_dtype=jnp.float32)
     scale, mean, std = (np.asarray(pre[k], np.float32) for k in ("scale", "mean", "std"))
+    return lambda variables, images: model.apply(variables, (images.astype(jnp.float32) * scale - mean) / std)
 
-    def serve(variables: Any, images: jax.Array) -> jax.Array:
-        # flax types apply's result as a union for its `mutable` form; without it, it is the logits
-        return cast(jax.Array, model.apply(variables, (images.astype(jnp.float32) * scale - mean) / std))
 
-    fn = jax.jit(serve)
+def flax_logits(weights: Loaded, pre: dict[str, Any]) -> Callable[[np.ndarray], np.ndarray]:
+    """images -> the fp32 Flax model's logits (jitted; the whole batch at once): the JAX artefacts' reference."""
+    import jax
+
+    fn = jax.jit(flax_forward(weights, pre))
     return lambda images: np.asarray(fn(weights.variables, images))
-
-
-def jax_program(weights: Loaded, pre: dict[str, Any], precision: str, platforms: Sequence[str]) -> Any:
-    """jax.export.Exported of uint8 (batch, S, S, C) -> (logits, probabilities), the weights as constants."""
-    import jax
-    import jax.numpy as jnp
-
-    from flax_darknet import Darknet53
-
-    dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[precision]
-    model = Darknet53(num_classes=weights.num_classes, config=weights.config, dtype=dtype, param_dtype=jnp.float32)
-    scale, mean, std = (np.asarray(pre[k], np.float32) for k in ("scale", "mean", "std"))
-    variables = weights.variables
-
-    def one(image: jax.Array) -> jax.Array:
-        # The model checks its input's shape with Python ints, which a symbolic batch size is not: it sees one
-        # image of concrete shape and vmap carries the batch (the same convolutions over the whole batch).
-        x = (image.astype(jnp.float32) * scale - mean) / std
-        return model.apply(variables, x[None])[0]
-
-    def serve(images: jax.Array) -> tuple[jax.Array, jax.Array]:
-        logits = jax.vmap(one)(images)
-        return logits, jax.nn.softmax(logits, axis=-1)
-
-    (batch,) = jax.export.symbolic_shape(BATCH_DIM)
-    size, c = pre["image_size"], weights.config.in_channels
-    return jax.export.export(jax.jit(serve), platforms=tuple(platforms))(
-        jax.ShapeDtypeStruct((batch, size, size, c), jnp.uint8)
-    )
 
 
 def export_jax(
     weights: Loaded, pre: dict[str, Any], precision: str, platforms: Sequence[str], images: np.ndarray
 ) -> tuple[bytes, dict[str, Any]]:
-    """(serialised program, check): the deserialised program against the fp32 Flax model, gated when fp32."""
+    """(serialised jax.export program of uint8 (batch, S, S, C) -> (logits, probabilities), the weights as
+    constants; check): the deserialised program against the fp32 Flax model, gated when fp32."""
     import jax
+    import jax.numpy as jnp
 
-    exported = jax_program(weights, pre, precision, platforms)
+    forward, variables = flax_forward(weights, pre, precision), weights.variables
+
+    def serve(images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        # The model checks its input's shape with Python ints, which a symbolic batch size is not: it sees one
+        # image of concrete shape and vmap carries the batch (the same convolutions over the whole batch).
+        logits = jax.vmap(lambda image: forward(variables, image[None])[0])(images)
+        return logits, jax.nn.softmax(logits, axis=-1)
+
+    (batch,) = jax.export.symbolic_shape(BATCH_DIM)
+    size, c = pre["image_size"], weights.config.in_channels
+    exported = jax.export.export(jax.jit(serve), platforms=tuple(platforms))(
+        jax.ShapeDtypeStruct((batch, size, size, c), jnp.uint8)
+    )
     data = bytes(exported.serialize())
     backend = jax.export.default_export_platform()  # 'cuda', not jax's 'gpu'
     if backend not in exported.platforms:
         return data, {"ok": True, "skipped": f"lowered for {list(platforms)}; this process runs jax on {backend}"}
-    program = jax.export.deserialize(bytearray(data))
-    check = compare(lambda x: program.call(x)[0], flax_logits(weights, pre), images, "Flax model, fp32")
-    check["platform"] = backend
-    if precision == "fp32" and check["ok"] and check["relative_diff"] > GATE_REL:
-        check.update(ok=False, reason=f"differs from the Flax model by {check['relative_diff']:.2e} of its max")
-    return data, check
+    program, reference = jax.export.deserialize(bytearray(data)), flax_logits(weights, pre)
+    gated = precision == "fp32"  # bf16 only records its error against fp32
+    return data, compare(lambda x: program.call(x)[0], reference, images, "Flax model, fp32", backend, gated)
 
 
 def torch_serving_module(weights: Loaded, pre: dict[str, Any]) -> Any:
@@ -251,57 +231,42 @@ def torch_serving_module(weights: Loaded, pre: dict[str, Any]) -> Any:
 
     net = Darknet53(num_classes=weights.num_classes, config=weights.config)
     net.load_state_dict(flax_to_torch_state_dict(weights.variables, config=weights.config), strict=True)
+    scale = torch.tensor(pre["scale"], dtype=torch.float32)  # constants of the traced graph
+    mean, std = (torch.tensor(pre[k], dtype=torch.float32).view(1, -1, 1, 1) for k in ("mean", "std"))
 
     class Serving(torch.nn.Module):
-        scale: torch.Tensor  # buffers, registered below
-        mean: torch.Tensor
-        std: torch.Tensor
-
         def __init__(self) -> None:
             super().__init__()
             self.net = net
-            self.register_buffer("scale", torch.tensor(pre["scale"], dtype=torch.float32))
-            self.register_buffer("mean", torch.tensor(pre["mean"], dtype=torch.float32).view(1, -1, 1, 1))
-            self.register_buffer("std", torch.tensor(pre["std"], dtype=torch.float32).view(1, -1, 1, 1))
 
         def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            x = (images.permute(0, 3, 1, 2).to(torch.float32) * self.scale - self.mean) / self.std
+            x = (images.permute(0, 3, 1, 2).to(torch.float32) * scale - mean) / std
             logits = self.net(x)
             return logits, torch.softmax(logits, dim=-1)
 
     return Serving().eval()
 
 
-def onnx_bytes(module: Any, images: np.ndarray) -> bytes:
-    """The module as ONNX with a dynamic batch dimension (the TorchScript-based exporter: see docs/export.md).
-
-    torch.export (dynamo=True) specialises the batch size to the example's: torch_ref's input check reads the
-    shape as Python ints. Tracing records that check as constants, and dynamic_axes keeps the batch symbolic.
-    """
-    import tempfile
-
-    import torch
-
-    dynamic = {name: {0: BATCH_DIM} for name in (INPUT_NAME, *OUTPUT_NAMES)}
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the shape check's int() calls, as above
-        warnings.simplefilter("ignore", DeprecationWarning)  # "legacy TorchScript-based exporter"
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "model.onnx"
-            torch.onnx.export(module, (torch.from_numpy(images[:1]),), path, dynamo=False,
-                              opset_version=ONNX_OPSET, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                              dynamic_axes=dynamic)  # fmt: skip
-            return path.read_bytes()
-
-
 def export_onnx(weights: Loaded, pre: dict[str, Any], images: np.ndarray) -> tuple[bytes, dict[str, Any]]:
-    """(ONNX bytes, check): onnxruntime on the model against torch_ref's logits, gated."""
+    """(ONNX bytes with a dynamic batch dimension, check): onnxruntime on the model against torch_ref's logits, gated.
+
+    The TorchScript-based exporter (see docs/export.md): torch.export (dynamo=True) specialises the batch size to
+    the example's, as torch_ref's input check reads the shape as Python ints. Tracing records that check as
+    constants, and dynamic_axes keeps the batch symbolic.
+    """
     import onnx
     import onnxruntime as ort
     import torch
 
     module = torch_serving_module(weights, pre)
-    data = onnx_bytes(module, images)
+    dynamic = {name: {0: BATCH_DIM} for name in (INPUT_NAME, *OUTPUT_NAMES)}
+    with warnings.catch_warnings(), torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the shape check's int() calls, as above
+        warnings.simplefilter("ignore", DeprecationWarning)  # "legacy TorchScript-based exporter"
+        path = Path(tmp) / "model.onnx"  # the exporter writes to a path
+        torch.onnx.export(module, (torch.from_numpy(images[:1]),), path, dynamo=False, opset_version=ONNX_OPSET,
+                          input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES), dynamic_axes=dynamic)  # fmt: skip
+        data = path.read_bytes()
     onnx.checker.check_model(onnx.load_from_string(data))
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
 
@@ -309,11 +274,7 @@ def export_onnx(weights: Loaded, pre: dict[str, Any], images: np.ndarray) -> tup
         with torch.no_grad():
             return module(torch.from_numpy(batch))[0].numpy()
 
-    check = compare(lambda x: onnx_run(session, x)[0], torch_logits, images, "torch_ref, fp32")
-    check["platform"] = "cpu"
-    if check["ok"] and check["relative_diff"] > GATE_REL:
-        check.update(ok=False, reason=f"differs from torch_ref by {check['relative_diff']:.2e} of its max")
-    return data, check
+    return data, compare(lambda x: onnx_run(session, x)[0], torch_logits, images, "torch_ref, fp32", "cpu", gated=True)
 
 
 def onnx_run(session: Any, images: np.ndarray) -> list[np.ndarray]:
@@ -330,21 +291,13 @@ def sidecar(target: str, weights: Loaded, pre: dict[str, Any], names: list[str],
             "artefact": file_name, "runtime": runtime, "precision": precision, "input": spec,
             "outputs": output_specs(len(names)), "class_names": names, "preprocessing": pre,
             "model": {"num_classes": weights.num_classes, "config": weights.config.to_dict()},
-            "source": source_record(weights), "weights_sha256": weights_sha256(weights.variables),
+            "source": {"path": weights.location.given, "format": weights.source_format,
+                       "step": weights.location.step},
+            "weights_sha256": weights_sha256(weights.variables),
             "artefact_sha256": hashlib.sha256(artefact).hexdigest(), "check": check}  # fmt: skip
-    if runtime == "jax":
-        meta.update(platforms=list(platforms), written_by=versions(JAX_DISTRIBUTIONS))
-    else:
-        meta.update(opset=ONNX_OPSET, written_by=versions(ONNX_DISTRIBUTIONS))
+    meta.update({"platforms": list(platforms)} if runtime == "jax" else {"opset": ONNX_OPSET})
+    meta["written_by"] = versions(JAX_DISTRIBUTIONS if runtime == "jax" else ONNX_DISTRIBUTIONS)
     return meta
-
-
-def check_choices(targets: Sequence[str], platforms: Sequence[str]) -> None:
-    """Refuse an empty, repeated or unknown target or platform, naming the choices."""
-    for what, given, choices in (("target", targets, tuple(TARGETS)), ("platform", platforms, PLATFORMS)):
-        unknown = [x for x in given if x not in choices]
-        if unknown or not given or len(set(given)) != len(given):
-            raise ExportError(f"unknown, repeated or no {what}s {list(given)}; choose from {list(choices)}")
 
 
 def export(
@@ -365,18 +318,16 @@ def export(
     arch, leaky_slope, class_names and preprocessing (record fields) say what the weights' own record does not;
     one that contradicts it is refused. Nothing is written when any check fails or any output exists without `force`.
     """
-    check_choices(targets, platforms)
+    for what, given, choices in (("target", targets, tuple(TARGETS)), ("platform", platforms, PLATFORMS)):
+        if not given or len(set(given)) != len(given) or any(x not in choices for x in given):
+            raise ExportError(f"unknown, repeated or no {what}s {list(given)}; choose from {list(choices)}")
     out = Path(out_dir)
     paths = {t: out / TARGETS[t][0] for t in targets}
-    destinations = [p for t in targets for p in (paths[t], Path(f"{paths[t]}{SIDECAR_SUFFIX}"))]
     if out.exists() and not out.is_dir():
         raise ExportError(f"OUT {os.fspath(out)!r} is a file; give a folder")
-    for dst in destinations if out.is_dir() else ():
-        check_destination(dst, force)  # before any work: an existing output without --force, a read-only folder
-    if not out.parent.is_dir():
-        raise ExportError(f"cannot write {os.fspath(out)!r}: folder {os.fspath(out.parent)!r} does not exist")
-    if not out.is_dir():
-        check_destination(out, force)  # the folder to create: a read-only parent is refused before any work
+    # Before any work: an existing output without --force, a read-only folder, or (OUT to create) a missing parent.
+    for dst in [p for t in targets for p in (paths[t], sidecar_path(paths[t]))] if out.is_dir() else [out]:
+        check_destination(dst, force)
     weights = read_weights(src, arch=arch, leaky_slope=leaky_slope, class_names=class_names,
                            preprocessing=preprocessing)  # fmt: skip
     pre, names, notes = serving_preprocessing(weights)
@@ -394,7 +345,7 @@ def export(
                               "written")  # fmt: skip
         sidecars[target] = sidecar(target, weights, pre, names, platforms, check, data)
         outputs[paths[target]] = data
-        outputs[Path(f"{paths[target]}{SIDECAR_SUFFIX}")] = (json.dumps(sidecars[target], indent=2) + "\n").encode()
+        outputs[sidecar_path(paths[target])] = (json.dumps(sidecars[target], indent=2) + "\n").encode()
     created = not out.exists()
     out.mkdir(exist_ok=True)
     try:
@@ -404,7 +355,5 @@ def export(
             with contextlib.suppress(OSError):
                 out.rmdir()  # only if nothing else appeared in it meanwhile
         raise
-    notes = [*weights.notes, *notes]
-    notes += [f"{t}: not checked ({c['skipped']})" for t, c in ((t, sidecars[t]["check"]) for t in targets)
-              if "skipped" in c]  # fmt: skip
-    return ExportResult(paths, sidecars, tuple(notes))
+    skipped = [f"{t}: not checked ({m['check']['skipped']})" for t, m in sidecars.items() if "skipped" in m["check"]]
+    return ExportResult(paths, sidecars, (*weights.notes, *notes, *skipped))

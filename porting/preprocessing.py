@@ -44,19 +44,6 @@ MIN_CROP_PCT = 0.25
 # Two recorded floats are the same value when they differ by less than this (JSON and text round-off).
 FLOAT_RTOL = 1e-9
 
-FIELDS = (
-    "input",
-    "scale",
-    "mean",
-    "std",
-    "image_size",
-    "interpolation",
-    "crop_pct",
-    "crop_mode",
-    "class_names",
-    "leaky_slope",
-)
-
 
 @dataclasses.dataclass(frozen=True)
 class Preprocessing:
@@ -86,25 +73,14 @@ class Preprocessing:
         unknown = sorted(str(k) for k in raw if k not in FIELDS)
         if unknown and strict:
             raise PortingError(f"{where}: unknown preprocessing field(s) {unknown}; the fields are {', '.join(FIELDS)}")
-        values = {k: raw[k] for k in FIELDS if raw.get(k) is not None}
         try:
-            for key in ("mean", "std", "class_names"):
-                if key in values:
-                    if isinstance(values[key], str | bytes) or not isinstance(values[key], Sequence):
-                        raise PortingError(f"{key} must be a list, got {values[key]!r}")
-                    values[key] = tuple(values[key])
-            return cls(**values), unknown
+            return cls(**{k: raw[k] for k in FIELDS if raw.get(k) is not None}), unknown
         except PortingError as exc:
             raise PortingError(f"{where}: {exc}") from None
 
     def to_json(self) -> dict[str, Any]:
         """The known fields as JSON-ready values (tuples as lists), in FIELDS order."""
-        out = {}
-        for key in FIELDS:
-            value = getattr(self, key)
-            if value is not None:
-                out[key] = list(value) if isinstance(value, tuple) else value
-        return out
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items() if v is not None}
 
     def replace(self, **changes: Any) -> Preprocessing:
         return dataclasses.replace(self, **changes)
@@ -129,7 +105,10 @@ class Preprocessing:
         """One line for messages: 'uint8 RGB x 1/255, mean (...), std (...), 256 px bicubic center crop, ...'."""
         parts = []
         if self.scale is not None:
-            parts.append(f"{self.input or 'pixels'} x {_fraction(self.scale)}")
+            inverse = 1.0 / self.scale
+            exact = math.isclose(inverse, round(inverse), rel_tol=FLOAT_RTOL)
+            scale = f"1/{round(inverse)}" if exact else f"{self.scale:g}"  # 1/255 rather than 0.00392157
+            parts.append(f"{self.input or 'pixels'} x {scale}")
         if self.mean is not None or self.std is not None:
             parts.append(f"mean {self.mean}, std {self.std}")
         if self.image_size is not None:
@@ -166,20 +145,17 @@ class Preprocessing:
         x = np.asarray(pixels, np.float64) * scale
         return ((x - np.asarray(mean)) / np.asarray(std)).astype(np.float32)
 
-    def prepare(self, image: Any) -> np.ndarray:
-        """One image (PIL, or an HWC uint8 array) -> the (image_size, image_size, C) float32 input these weights expect.
+    def resize(self, img: Any) -> Any:
+        """A PIL image at image_size square, as timm's evaluation transform resizes it (PIL filter `interpolation`;
+        "center": the shorter side to floor(image_size / crop_pct), "squash": both sides), then the central square.
 
-        Resize as timm's evaluation transform does (PIL filter `interpolation`; "center": shorter side to
-        floor(image_size / crop_pct), "squash": both sides), crop the centre, then `normalize`.
+        With crop_mode "squash" and crop_pct 1 (what the trainers record) that is the whole image resized.
         """
         from PIL import Image  # only here: the record itself is plain data
 
         size, interpolation, crop_pct = self.image_size, self.interpolation, self.crop_pct
         if size is None or interpolation is None or crop_pct is None or self.crop_mode is None:
-            raise self.missing(("image_size", "interpolation", "crop_pct", "crop_mode"), "resizing an image")
-        img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, np.uint8))
-        img = img.convert("RGB")
-        resample = Image.Resampling[interpolation.upper()]
+            raise self.missing(RESIZE_FIELDS, "resizing an image")
         scaled = math.floor(size / crop_pct)
         w, h = img.size
         if self.crop_mode == "squash":
@@ -188,17 +164,28 @@ class Preprocessing:
             new_w, new_h = scaled, int(scaled * h / w)
         else:
             new_w, new_h = int(scaled * w / h), scaled
-        img = img.resize((new_w, new_h), resample)
         top, left = round((new_h - size) / 2.0), round((new_w - size) / 2.0)  # torchvision's CenterCrop
-        return self.normalize(np.asarray(img)[top : top + size, left : left + size])
+        img = img.resize((new_w, new_h), Image.Resampling[interpolation.upper()])
+        return img.crop((left, top, left + size, top + size))
+
+    def prepare(self, image: Any) -> np.ndarray:
+        """One image (PIL, or an HWC uint8 array) -> the (image_size, image_size, C) float32 input these weights
+        expect: in RGB, `resize`d, then `normalize`d."""
+        from PIL import Image
+
+        img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, np.uint8))
+        return self.normalize(np.asarray(self.resize(img.convert("RGB"))))
 
 
-def _fraction(value: float) -> str:
-    inverse = 1.0 / value
-    return f"1/{round(inverse)}" if math.isclose(inverse, round(inverse), rel_tol=FLOAT_RTOL) else f"{value:g}"
+# Every field, in the order records are written and described.
+FIELDS = tuple(f.name for f in dataclasses.fields(Preprocessing))
+# The fields a resize needs (Preprocessing.resize).
+RESIZE_FIELDS = ("image_size", "interpolation", "crop_pct", "crop_mode")
 
 
 def _finite_floats(value: Any, key: str, positive: bool = False) -> tuple[float, ...]:
+    if isinstance(value, str | bytes | Mapping):  # iterable, but not a list of numbers
+        raise PortingError(f"{key} must be a list of numbers, got {value!r}")
     try:
         floats = tuple(_number(v, key) for v in value)
     except TypeError:
@@ -278,9 +265,7 @@ def combine(records: Sequence[tuple[str, Preprocessing]], where: str) -> Preproc
     problems = contradictions(records)
     if problems:
         raise PortingError(f"{where}: contradictory preprocessing:\n  " + "\n  ".join(problems))
-    values = {}
-    for key in FIELDS:
-        values[key] = next((getattr(r, key) for _, r in records if getattr(r, key) is not None), None)
+    values = {k: next((v for _, r in records if (v := getattr(r, k)) is not None), None) for k in FIELDS}
     return Preprocessing(**values)
 
 

@@ -23,8 +23,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from porting.atomic import write_bytes
-from porting.errors import EXIT_BAD_INPUT, EXIT_OK, PortingError, parse_json, shown
-from porting.preprocessing import CROP_MODES, INTERPOLATIONS, MAX_IMAGE_SIZE, MIN_CROP_PCT, Preprocessing, to_rgb
+from porting.errors import EXIT_BAD_INPUT, EXIT_OK, PortingError, failing_as, parse_json, shown
+from porting.preprocessing import RESIZE_FIELDS, Preprocessing, to_rgb
 
 # The contract every artefact's sidecar follows (written by porting.export).
 SIDECAR_SUFFIX = ".json"
@@ -35,11 +35,11 @@ RUNTIMES = ("jax", "onnxruntime")
 SIDECAR_FIELDS = ("format", "format_version", "runtime", "input", "outputs", "class_names", "preprocessing")
 DEFAULT_BATCH_SIZE = 8
 
-# The evaluation decode of train.data.decode (decode_image without augmentation) for the trainers' whole-image
-# resize, restated here because train.data imports grain on import (its mode conversion is the shared
-# porting.preprocessing.to_rgb); timm's resize-and-centre-crop otherwise, as porting.preprocessing's
-# Preprocessing.prepare does it. tests/test_export_serve.py checks both against those.
-WHOLE_IMAGE = {"crop_mode": "squash", "crop_pct": 1.0}  # what the trainers record
+# The evaluation decode of train.data.decode (decode_image without augmentation), restated here because
+# train.data imports grain on import: its mode conversion and resize are porting.preprocessing's (to_rgb,
+# Preprocessing.resize), its reduced-size JPEG decode for the trainers' whole-image resize is below.
+# tests/test_export_serve.py checks it against train.data.
+WHOLE_IMAGE = ("squash", 1.0)  # (crop_mode, crop_pct): what the trainers record
 # A cell starting with one of these is a formula in a spreadsheet (CSV injection): written with a ' before it.
 FORMULA_STARTS = ("=", "+", "-", "@")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -119,10 +119,9 @@ def read_sidecar(artefact: str | os.PathLike) -> dict[str, Any]:
         raise ServingError(f"{str(path)!r}: input must hold a shape [null, height, width, channels], got {shown(spec)}")
     if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
         raise ServingError(f"{str(path)!r}: class_names must be a non-empty list of strings")
-    check_preprocessing(pre)
-    Preprocessing.from_json(pre, f"{str(path)!r} preprocessing", strict=False)  # every field's type and range, once
-    if pre["image_size"] != shape[1]:  # the resize would make images the artefact refuses, after decoding them all
-        raise ServingError(f"{str(path)!r}: preprocessing image_size {pre['image_size']} is not the input's side "
+    size = resize_record(pre, repr(str(path))).image_size
+    if size != shape[1]:  # the resize would make images the artefact refuses, after decoding them all
+        raise ServingError(f"{str(path)!r}: preprocessing image_size {size} is not the input's side "
                            f"{shape[1]}: the sidecar contradicts itself; export again")  # fmt: skip
     return meta
 
@@ -134,21 +133,16 @@ class Artefact:
         self.path = os.fspath(path)
         self.meta = read_sidecar(path)
         self.spec = self.meta["input"]
-        self.class_names = [str(c) for c in self.meta["class_names"]]
-        data = self._read_checked()
-        self._run = self._load_jax(data) if self.meta["runtime"] == "jax" else self._load_onnx(data)
-
-    def _read_checked(self) -> bytes:
-        """The artefact's bytes, refused unless they are the ones its sidecar's artefact_sha256 names."""
+        self.class_names = list(self.meta["class_names"])  # strings: read_sidecar checked
         data = Path(self.path).read_bytes()
         digest, recorded = hashlib.sha256(data).hexdigest(), self.meta.get("artefact_sha256")
-        if digest != recorded:
+        if digest != recorded:  # only the bytes the sidecar was written for
             raise ServingError(
                 f"{self.path!r} does not match its sidecar {str(sidecar_path(self.path))!r}: its sha256 is "
                 f"{digest[:16]}..., the sidecar records {str(recorded)[:16]}...: the artefact was replaced or damaged; "
                 "keep each artefact with the sidecar darknet53-export wrote for it"
             )
-        return data
+        self._run = self._load_jax(data) if self.meta["runtime"] == "jax" else self._load_onnx(data)
 
     def _check_shapes(self, inputs: Sequence[Any], logits: Sequence[Any]) -> None:
         """Refuse a sidecar whose input spec or class names disagree with the model's own input and logits."""
@@ -166,10 +160,8 @@ class Artefact:
     def _load_jax(self, data: bytes) -> Any:
         import jax
 
-        try:
+        with failing_as(f"{self.path!r} is not a serialised jax.export program"):  # flatbuffer, version errors
             exported = jax.export.deserialize(bytearray(data))
-        except Exception as e:  # jax raises flatbuffer and version errors of several types
-            raise ServingError(f"{self.path!r} is not a serialised jax.export program: {type(e).__name__}: {e}") from e
         self._check_shapes(exported.in_avals[0].shape, exported.out_avals[0].shape)
         backend = jax.export.default_export_platform()  # 'cuda', not jax's 'gpu'
         if backend not in exported.platforms:
@@ -184,65 +176,37 @@ class Artefact:
     def _load_onnx(self, data: bytes) -> Any:
         import onnxruntime as ort
 
-        try:
+        with failing_as(f"{self.path!r} is not an ONNX model onnxruntime can load"):  # its own pybind error types
             session = ort.InferenceSession(data, providers=ort.get_available_providers())
-        except Exception as e:  # onnxruntime's errors are its own pybind types
-            raise ServingError(f"{self.path!r} is not an ONNX model onnxruntime can load: {e}") from e
         self._check_shapes(session.get_inputs()[0].shape, session.get_outputs()[0].shape)
         return lambda batch: tuple(session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch}))
 
     def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(logits, probabilities) of a batch checked against the sidecar's spec first."""
         check_batch(batch, self.spec)
-        logits, probabilities = self._run(batch)
-        return logits, probabilities
+        return self._run(batch)
 
 
-def resized(img: Image.Image, pre: dict[str, Any]) -> Image.Image:
-    """The RGB image at pre["image_size"] square: the whole image resized (the trainers' evaluation), or timm's
-    evaluation transform (both sides, "squash", or the shorter one, "center", to floor(size / crop_pct), then the
-    central square)."""
-    size, resample = pre["image_size"], Image.Resampling[pre["interpolation"].upper()]
-    if {k: pre[k] for k in WHOLE_IMAGE} == WHOLE_IMAGE:
-        return img.resize((size, size), resample, box=(0, 0, *img.size))
-    scaled = math.floor(size / pre["crop_pct"])
-    w, h = img.size
-    if pre["crop_mode"] == "squash":
-        new_w = new_h = scaled
-    elif w <= h:
-        new_w, new_h = scaled, int(scaled * h / w)
-    else:
-        new_w, new_h = int(scaled * w / h), scaled
-    top, left = round((new_h - size) / 2.0), round((new_w - size) / 2.0)  # torchvision's CenterCrop
-    return img.resize((new_w, new_h), resample).crop((left, top, left + size, top + size))
-
-
-def check_preprocessing(pre: dict[str, Any]) -> None:
-    """Refuse a sidecar's preprocessing whose resize this runner does not do, or whose sizes are outside
-    porting.preprocessing's bounds (a file's number never sizes an allocation unchecked)."""
-    if not isinstance(pre, dict):
-        raise ServingError(f"preprocessing must be an object, got {shown(pre)}")
-    if pre.get("interpolation") not in INTERPOLATIONS or pre.get("crop_mode") not in CROP_MODES:
-        raise ServingError(f"preprocessing {shown(pre)}: interpolation must be one of {INTERPOLATIONS} and crop_mode "
-                           f"one of {CROP_MODES}")  # fmt: skip
-    size, crop = pre.get("image_size"), pre.get("crop_pct")
-    size_ok = isinstance(size, int) and not isinstance(size, bool) and 1 <= size <= MAX_IMAGE_SIZE
-    crop_ok = isinstance(crop, int | float) and not isinstance(crop, bool) and MIN_CROP_PCT <= crop <= 1
-    if not (size_ok and crop_ok):
-        raise ServingError(f"preprocessing {shown(pre)}: image_size must be an int in 1..{MAX_IMAGE_SIZE} and "
-                           f"crop_pct a number in [{MIN_CROP_PCT}, 1]")  # fmt: skip
+def resize_record(pre: Any, where: str) -> Preprocessing:
+    """A sidecar's preprocessing as a record: every field's type and range checked (porting.preprocessing's bounds:
+    a file's number never sizes an allocation unchecked), and refused unless it names the whole resize."""
+    record = Preprocessing.from_json(pre, where, strict=False)[0]
+    missing = [k for k in RESIZE_FIELDS if getattr(record, k) is None]
+    if missing:
+        raise ServingError(f"{where}: preprocessing {shown(pre)} gives no {', '.join(missing)}, which the resize needs")
+    return record
 
 
 def load_image(path: str | os.PathLike, pre: dict[str, Any]) -> np.ndarray:
     """uint8 (image_size, image_size, 3): upright (EXIF), RGB, resized as `pre` (a sidecar's preprocessing) says."""
-    check_preprocessing(pre)
+    record = resize_record(pre, "load_image")
     try:
         with Image.open(path) as img:
-            if img.format == "JPEG" and {k: pre[k] for k in WHOLE_IMAGE} == WHOLE_IMAGE:
+            if img.format == "JPEG" and (record.crop_mode, record.crop_pct) == WHOLE_IMAGE:
                 scale = pre["image_size"] / min(img.size)  # a reduced-size DCT decode that still covers the size,
                 if scale < 1:  # as the trainers' decode does
                     img.draft(None, (math.ceil(img.width * scale), math.ceil(img.height * scale)))
-            out = resized(to_rgb(ImageOps.exif_transpose(img)), pre)
+            out = record.resize(to_rgb(ImageOps.exif_transpose(img)))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ServingError(f"{os.fspath(path)}: cannot decode image: {e}") from e
     return np.asarray(out, dtype=np.uint8)
@@ -268,13 +232,9 @@ def predict_folder(
     model = Artefact(artefact)
     pre = model.meta["preprocessing"]  # checked with the sidecar (read_sidecar)
     paths = list_images(folder)
-    logits, probs = [], []
-    for start in range(0, len(paths), batch_size):
-        batch = np.stack([load_image(p, pre) for p in paths[start : start + batch_size]])
-        out = model(batch)
-        logits.append(out[0])
-        probs.append(out[1])
-    return paths, np.concatenate(logits), np.concatenate(probs), model.class_names
+    batches = (paths[i : i + batch_size] for i in range(0, len(paths), batch_size))
+    outs = [model(np.stack([load_image(p, pre) for p in batch])) for batch in batches]
+    return paths, np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs]), model.class_names
 
 
 def csv_cell(text: str) -> str:
