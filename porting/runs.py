@@ -148,6 +148,7 @@ def weights_checksum(tree: Mapping[str, Any]) -> str | None:
     leaves = jax.tree_util.tree_leaves(weights)
     if any(isinstance(a, jax.Array) and not a.sharding.is_fully_replicated for a in leaves):
         return None
+
     def host(a: Any) -> np.ndarray:
         return np.asarray(a.addressable_data(0) if isinstance(a, jax.Array) else a)
 
