@@ -114,10 +114,8 @@ def repair_stale(dst: str) -> None:
 @contextlib.contextmanager
 def _stops_recorded(received: list[int]) -> Iterator[None]:
     """Within the block a stop signal is only recorded, so that the renames and their undoing are never cut."""
-    if threading.current_thread() is not threading.main_thread():  # only the main thread gets Python's signals
-        yield
-        return
-    previous = {s: signal.signal(s, lambda signum, _frame: received.append(signum)) for s in STOP_SIGNALS}
+    main = threading.current_thread() is threading.main_thread()  # only the main thread gets Python's signals
+    previous = {s: signal.signal(s, lambda signum, _frame: received.append(signum)) for s in STOP_SIGNALS if main}
     try:
         yield
     finally:
