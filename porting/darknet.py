@@ -124,12 +124,12 @@ def _resolve_head(
     """The head width (None: backbone only) the file's exact size implies, or PortingError with both sizes."""
     total = header.size + payload_bytes
     if num_classes is not None:
-        expected = header.size + FLOAT32.itemsize * darknet_float_count(config, num_classes)
-        if total != expected:
+        floats = darknet_float_count(config, num_classes)
+        if payload_bytes != FLOAT32.itemsize * floats:
             raise LayoutMismatch(
-                f"Darknet .weights size mismatch: expected {expected} bytes ({header.size}-byte header + 4 x "
-                f"{darknet_float_count(config, num_classes)} floats for this network with a {num_classes}-class "
-                f"head), got {total}"
+                f"Darknet .weights size mismatch: expected {header.size + FLOAT32.itemsize * floats} bytes "
+                f"({header.size}-byte header + 4 x {floats} floats for this network with a {num_classes}-class head), "
+                f"got {total}"
             )
         return num_classes
     backbone = darknet_float_count(config, None)
@@ -154,11 +154,9 @@ def _read(f: BinaryIO, size: int, config: DarknetConfig, num_classes: int | None
     data = f.read(want)
     if len(data) != want:
         raise PortingError(f"Darknet .weights file changed while reading: wanted {want} bytes, got {len(data)}")
-    floats, offset, state = np.frombuffer(data, FLOAT32), 0, {}
-    for key, shape in _unit_orders(config, classes):
-        n = int(np.prod(shape))
-        state[key] = floats[offset : offset + n].reshape(shape)
-        offset += n
+    order = _unit_orders(config, classes)
+    chunks = np.split(np.frombuffer(data, FLOAT32), np.cumsum([int(np.prod(shape)) for _, shape in order])[:-1])
+    state = {key: chunk.reshape(shape) for (key, shape), chunk in zip(order, chunks, strict=True)}
     canonical = check_and_convert(state, keymap.expected_torch_shapes(config, classes), what="reading Darknet weights")
     check_running_var(canonical)
     return DarknetWeights(header, canonical, classes)
