@@ -25,8 +25,8 @@ from porting.errors import STOP_SIGNALS, PortingError, Stopped, failing_as, rais
 # Hidden names beside a DST: `.<name><TAG><pid>-<random>`: a new file being written, or an old one moved aside.
 TMP_TAG, OLD_TAG = ".porting-tmp-", ".porting-old-"
 # A failed write's temporaries are removed until none reappeared for QUIET seconds, for GRACE at most (see
-# remove_temporaries).
-CLEANUP_QUIET_S, CLEANUP_GRACE_S, CLEANUP_POLL_S = 0.5, 10.0, 0.05
+# remove_temporaries; QUIET suits a training checkpoint's many writer threads too).
+CLEANUP_QUIET_S, CLEANUP_GRACE_S, CLEANUP_POLL_S = 1.0, 10.0, 0.05
 NOT_WRITTEN = "; nothing was written (free space on that disk, or choose a writable DST)"
 
 
@@ -38,17 +38,17 @@ def _remove(path: str) -> None:
             os.remove(path)
 
 
-def remove_temporaries(tmp: str, settle: bool) -> None:
-    """Remove `tmp` and all a writer put beside it under its name (orbax's `<tmp>.orbax-checkpoint-tmp`).
+def remove_temporaries(directory: str | os.PathLike, marker: str, settle: bool) -> None:
+    """Remove every entry of `directory` whose name holds `marker` (a temporary's name: also what a writer put beside
+    it, orbax's `<tmp>.orbax-checkpoint-tmp`).
 
     After a failure (`settle`), keep removing until nothing has reappeared for CLEANUP_QUIET_S: orbax raises at
     its first failed write while its other writer threads are still finishing (and creating) theirs.
     """
-    directory, name = os.path.split(tmp)
     start = quiet_since = time.monotonic()
     while True:
         try:
-            left = [os.path.join(directory, e) for e in os.listdir(directory) if e.startswith(name)]
+            left = [os.path.join(directory, e) for e in os.listdir(directory) if marker in e]
         except OSError:
             return
         for path in left:
@@ -86,14 +86,11 @@ def _hidden(dst: str, tag: str) -> str:
 def _writer_alive(name: str, tag: str) -> bool:
     """Whether the process whose id a hidden name carries still runs (a name not ours to parse counts as alive)."""
     try:
-        pid = int(name.rsplit(tag, 1)[1].split("-", 1)[0])
-        os.kill(pid, 0)
-    except (ValueError, IndexError):
-        return True
+        os.kill(int(name.rsplit(tag, 1)[1].split("-", 1)[0]), 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process
-        return True
+    except (ValueError, IndexError, OverflowError, PermissionError):  # not our name; another user's process
+        pass
     return True
 
 
@@ -117,10 +114,8 @@ def repair_stale(dst: str) -> None:
 @contextlib.contextmanager
 def _stops_recorded(received: list[int]) -> Iterator[None]:
     """Within the block a stop signal is only recorded, so that the renames and their undoing are never cut."""
-    if threading.current_thread() is not threading.main_thread():  # only the main thread gets Python's signals
-        yield
-        return
-    previous = {s: signal.signal(s, lambda signum, _frame: received.append(signum)) for s in STOP_SIGNALS}
+    main = threading.current_thread() is threading.main_thread()  # only the main thread gets Python's signals
+    previous = {s: signal.signal(s, lambda signum, _frame: received.append(signum)) for s in STOP_SIGNALS if main}
     try:
         yield
     finally:
@@ -155,9 +150,7 @@ def _commit(temps: Mapping[str, str]) -> None:
         _remove(old)
 
 
-def atomic_write(
-    writes: Mapping[str | os.PathLike, Callable[[str], None]], force: bool, need_bytes: int = 0
-) -> None:
+def atomic_write(writes: Mapping[str | os.PathLike, Callable[[str], None]], force: bool, need_bytes: int = 0) -> None:
     """Call each write(tmp) for a temporary name beside its DST, then rename every temporary onto its DST.
 
     The DSTs appear together or not at all (a .pt and its sidecar): after any failure or signal, no temporary is
@@ -178,7 +171,7 @@ def atomic_write(
         _commit(temps)
     finally:
         for tmp in temps.values():
-            remove_temporaries(tmp, settle=False)
+            remove_temporaries(*os.path.split(tmp), settle=False)
 
 
 def write_file(path: str, data: bytes) -> None:

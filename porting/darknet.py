@@ -26,12 +26,11 @@ from porting import atomic, files, keymap
 from porting.errors import LayoutMismatch, PortingError
 from porting.state import CanonicalStateDict, check_and_convert, check_num_classes, check_running_var
 
-INT32 = struct.Struct("<i")
+VERSION = struct.Struct("<3i")  # major, minor, revision
 SEEN_LONG = struct.Struct("<Q")  # size_t on the 64-bit machines Darknet runs on
 SEEN_SHORT = struct.Struct("<i")
-HEADER_INTS = 3
-LONG_HEADER_BYTES = HEADER_INTS * INT32.size + SEEN_LONG.size  # 20
-SHORT_HEADER_BYTES = HEADER_INTS * INT32.size + SEEN_SHORT.size  # 16
+LONG_HEADER_BYTES = VERSION.size + SEEN_LONG.size  # 20
+SHORT_HEADER_BYTES = VERSION.size + SEEN_SHORT.size  # 16
 FLOAT32 = np.dtype("<f4")
 # Darknet reads `seen` as size_t only for version >= 0.2 with sane major/minor; >= 1000 flags transposed FC weights.
 LONG_SEEN_MIN_VERSION = 2
@@ -70,11 +69,10 @@ class DarknetHeader:
     @property
     def size(self) -> int:
         """16 or 20 bytes."""
-        return HEADER_INTS * INT32.size + self.seen_struct.size
+        return VERSION.size + self.seen_struct.size
 
     def to_bytes(self) -> bytes:
-        ints = b"".join(INT32.pack(v) for v in (self.major, self.minor, self.revision))
-        return ints + self.seen_struct.pack(self.seen)
+        return VERSION.pack(self.major, self.minor, self.revision) + self.seen_struct.pack(self.seen)
 
 
 # What our exports write: version 0.2.0, seen 0, an 8-byte seen (20-byte header).
@@ -94,7 +92,7 @@ def parse_header(data: bytes) -> DarknetHeader:
     """Parse the first 16 or 20 bytes; PortingError for a short or impossible header."""
     if len(data) < SHORT_HEADER_BYTES:
         raise PortingError(f"not a Darknet .weights file: {len(data)} bytes, shorter than the 16-byte header")
-    major, minor, revision = (INT32.unpack_from(data, i * INT32.size)[0] for i in range(HEADER_INTS))
+    major, minor, revision = VERSION.unpack_from(data)
     if min(major, minor, revision) < 0:
         raise PortingError(
             f"not a Darknet .weights file: header version {major}.{minor}.{revision} has a negative number"
@@ -102,7 +100,7 @@ def parse_header(data: bytes) -> DarknetHeader:
     header = DarknetHeader(major, minor, revision)
     if len(data) < header.size:
         raise PortingError(f"not a Darknet .weights file: {len(data)} bytes, less than its {header.size}-byte header")
-    return dataclasses.replace(header, seen=header.seen_struct.unpack_from(data, HEADER_INTS * INT32.size)[0])
+    return dataclasses.replace(header, seen=header.seen_struct.unpack_from(data, VERSION.size)[0])
 
 
 def _unit_orders(config: DarknetConfig, num_classes: int | None) -> list[tuple[str, tuple[int, ...]]]:
@@ -126,12 +124,12 @@ def _resolve_head(
     """The head width (None: backbone only) the file's exact size implies, or PortingError with both sizes."""
     total = header.size + payload_bytes
     if num_classes is not None:
-        expected = header.size + FLOAT32.itemsize * darknet_float_count(config, num_classes)
-        if total != expected:
+        floats = darknet_float_count(config, num_classes)
+        if payload_bytes != FLOAT32.itemsize * floats:
             raise LayoutMismatch(
-                f"Darknet .weights size mismatch: expected {expected} bytes ({header.size}-byte header + 4 x "
-                f"{darknet_float_count(config, num_classes)} floats for this network with a {num_classes}-class "
-                f"head), got {total}"
+                f"Darknet .weights size mismatch: expected {header.size + FLOAT32.itemsize * floats} bytes "
+                f"({header.size}-byte header + 4 x {floats} floats for this network with a {num_classes}-class head), "
+                f"got {total}"
             )
         return num_classes
     backbone = darknet_float_count(config, None)
@@ -156,11 +154,9 @@ def _read(f: BinaryIO, size: int, config: DarknetConfig, num_classes: int | None
     data = f.read(want)
     if len(data) != want:
         raise PortingError(f"Darknet .weights file changed while reading: wanted {want} bytes, got {len(data)}")
-    floats, offset, state = np.frombuffer(data, FLOAT32), 0, {}
-    for key, shape in _unit_orders(config, classes):
-        n = int(np.prod(shape))
-        state[key] = floats[offset : offset + n].reshape(shape)
-        offset += n
+    order = _unit_orders(config, classes)
+    chunks = np.split(np.frombuffer(data, FLOAT32), np.cumsum([int(np.prod(shape)) for _, shape in order])[:-1])
+    state = {key: chunk.reshape(shape) for (key, shape), chunk in zip(order, chunks, strict=True)}
     canonical = check_and_convert(state, keymap.expected_torch_shapes(config, classes), what="reading Darknet weights")
     check_running_var(canonical)
     return DarknetWeights(header, canonical, classes)

@@ -39,6 +39,7 @@ PT_SIDECAR_SUFFIX = ".meta.json"
 ORBAX_META_FILE = "porting_meta.json"
 ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt")
 META_KEY = "meta"
+VARIABLES = ("params", "batch_stats")  # the Flax collections a weights file holds
 # What port-weights writes; files written before the preprocessing record held a top-level "leaky_slope" instead.
 META_FIELDS = ("num_classes", "source_format", "preprocessing")
 LEGACY_SLOPE = "leaky_slope"
@@ -87,8 +88,7 @@ def clean_meta(raw: Any, where: str) -> Meta:
     "preprocessing" is always present (the record's JSON form, {} when nothing is known); an old file's top-level
     "leaky_slope" is folded into it, and refused if the record says otherwise.
     """
-    if raw is None:
-        raw = {}
+    raw = {} if raw is None else raw
     if not isinstance(raw, Mapping):
         raise PortingError(f"{where}: metadata must be a mapping, got {type(raw).__name__}")
     meta: Meta = {}
@@ -127,10 +127,6 @@ def _written(meta: Meta, where: str) -> Meta:
     return {k: meta[k] for k in META_FIELDS if k in meta}
 
 
-def _meta_to_strings(meta: Meta) -> dict[str, str]:
-    return {k: json.dumps(meta[k]) for k in META_FIELDS if meta.get(k) is not None}
-
-
 def _strings_to_meta(raw: Mapping[str, str] | None, where: str) -> Meta:
     parsed = {}
     for k in (*META_FIELDS, LEGACY_SLOPE):
@@ -167,19 +163,17 @@ def _orbax_failing_quietly(tmp: str) -> Iterator[None]:
     saved = os.dup(2)
     with tempfile.TemporaryFile() as log:
         os.dup2(log.fileno(), 2)
-        failed = True
         try:
             yield
-            failed = False
+        except BaseException:
+            remove_temporaries(*os.path.split(tmp), settle=True)
+            raise
         finally:
-            if failed:
-                remove_temporaries(tmp, settle=True)
             sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
-            if not failed:
-                log.seek(0)
-                os.write(2, log.read())
+        log.seek(0)
+        os.write(2, log.read())
 
 
 # ------------------------------------------------------------------------------------------------ PyTorch
@@ -226,7 +220,8 @@ def write_torch_file(dst: str | os.PathLike, state_dict: Mapping[str, Any], meta
     if check_side(dst, "torch", "PyTorch output") == "safetensors":
         from safetensors.torch import save
 
-        write_bytes({dst: save({k: v.contiguous() for k, v in state_dict.items()}, _meta_to_strings(meta))}, force)
+        header = {k: json.dumps(v) for k, v in meta.items()}  # safetensors metadata values are strings
+        write_bytes({dst: save({k: v.contiguous() for k, v in state_dict.items()}, header)}, force)
         return
     import torch
 
@@ -273,9 +268,9 @@ def _pick_variables(tree: Any, where: str) -> tuple[dict[str, Any], list[str]]:
     if not isinstance(tree, Mapping) or "params" not in tree:
         keys = list(tree)[:10] if isinstance(tree, Mapping) else type(tree).__name__
         raise PortingError(f"{where}: expected a checkpoint holding 'params' and 'batch_stats', got {keys}")
-    ignored = sorted(str(k) for k in tree if k not in ("params", "batch_stats", META_KEY))
+    ignored = sorted(str(k) for k in tree if k not in (*VARIABLES, META_KEY))
     notes = [f"ignored checkpoint entries: {', '.join(ignored)}"] if ignored else []
-    return {k: tree[k] for k in ("params", "batch_stats") if k in tree}, notes
+    return {k: tree[k] for k in VARIABLES if k in tree}, notes
 
 
 def read_flax_file(path: str | os.PathLike) -> tuple[dict[str, Any], Meta, list[str]]:
@@ -289,12 +284,12 @@ def read_flax_file(path: str | os.PathLike) -> tuple[dict[str, Any], Meta, list[
         if not isinstance(tree, Mapping):
             raise PortingError(f"{where}: expected a msgpack dict of params and batch_stats, got {type(tree).__name__}")
         meta = clean_meta(tree.get(META_KEY), where)
-        unexpected = [k for k in tree if k not in ("params", "batch_stats", META_KEY)]
+        unexpected = [k for k in tree if k not in (*VARIABLES, META_KEY)]
         if unexpected:
             raise PortingError(
                 f"{where}: unexpected top-level entries {unexpected}; expected params, batch_stats, meta"
             )
-        return {k: tree[k] for k in ("params", "batch_stats") if k in tree}, meta, []
+        return {k: tree[k] for k in VARIABLES if k in tree}, meta, []
     directory = Path(where)
     if not directory.is_dir():
         raise PortingError(f"{where!r} is not an orbax checkpoint directory (or a .msgpack file)")

@@ -24,7 +24,6 @@ ACCEPTED = (
     ".safetensors, .msgpack or .weights/.conv.NN file, or a Hugging Face Hub id (hf-hub:owner/name, or owner/name "
     "where no local path of that name exists), read from huggingface_hub's cache"
 )
-KINDS = ("file", "orbax", "train_step", "hub_dir")
 HUB_PREFIX = "hf-hub:"  # timm's spelling of an explicit Hub id
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name: a Hub id where no local path of that name exists
 
@@ -35,7 +34,7 @@ class Location:
 
     given: str  # the path as the user wrote it
     path: str  # what is read: a file, an orbax directory, a train.flax step folder, or a Hub-layout directory
-    kind: str  # one of KINDS
+    kind: str  # file, orbax, train_step or hub_dir
     format: str  # torch, safetensors, msgpack, orbax or darknet (a Hub directory: its weights file's)
     step: int | None = None  # a training run's step
     notes: tuple[str, ...] = ()  # how `given` led to `path`
@@ -115,42 +114,36 @@ def hub_location(
             f"reading Hub id {repo_id!r} needs huggingface_hub: pip install 'darknet53-jax[porting]'"
         ) from exc
     label = f"{HUB_PREFIX}{repo_id}"
-    not_cached = (
-        f"Hub id {repo_id!r}" + (" (no local path of that name exists either)" if also_a_path else "")
-        + f" is not in the Hugging Face cache {cache_dir or constants.HF_HUB_CACHE}, and "
-        + ("HF_HUB_OFFLINE is set, so nothing is downloaded: unset HF_HUB_OFFLINE to download it once, or pass a "
-           "local directory" if constants.HF_HUB_OFFLINE else "the Hub could not be reached: connect and retry, or "
-           "pass a local directory (HF_HUB_OFFLINE=1 uses the cache only)")
-    )  # fmt: skip
+    missing: list[Exception] = []  # the files neither the cache (Local...) nor the repository (Remote...) holds
 
-    def download(filename: str) -> str:
+    def download(filename: str) -> str | None:
         with failing_as(f"{label}: cannot fetch {filename}"):
-            return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir)
-
-    try:
-        config = download(HUB_CONFIG)
-        missing_here = False
-        for weights in HUB_WEIGHTS:
             try:
-                download(weights)
-                break
-            except PortingError as exc:
-                if isinstance(exc.__cause__, LocalEntryNotFoundError):
-                    missing_here = True
-                elif not isinstance(exc.__cause__, RemoteEntryNotFoundError):
-                    raise
-        else:
-            if missing_here:
-                raise PortingError(not_cached)
-            raise PortingError(f"{label}: the repository holds no weights ({' or '.join(HUB_WEIGHTS)})")
-    except PortingError as exc:
-        if isinstance(exc.__cause__, LocalEntryNotFoundError):
-            raise PortingError(not_cached) from None
-        if isinstance(exc.__cause__, RepositoryNotFoundError):
-            where = " (and no local path of that name exists)" if also_a_path else ""
-            raise PortingError(f"{label}: no such Hub repository{where} (or it is private or gated: log in "
-                               "first)") from None  # fmt: skip
-        raise
+                return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir)
+            except (LocalEntryNotFoundError, RemoteEntryNotFoundError) as exc:
+                missing.append(exc)
+                return None
+            except RepositoryNotFoundError:
+                where = " (and no local path of that name exists)" if also_a_path else ""
+                raise PortingError(
+                    f"{label}: no such Hub repository{where} (or it is private or gated: log in first)"
+                ) from None
+
+    config = download(HUB_CONFIG)
+    if config is None or not any(download(weights) is not None for weights in HUB_WEIGHTS):
+        if any(isinstance(exc, LocalEntryNotFoundError) for exc in missing):
+            either = " (no local path of that name exists either)" if also_a_path else ""
+            cache = cache_dir or constants.HF_HUB_CACHE
+            if constants.HF_HUB_OFFLINE:
+                then = "HF_HUB_OFFLINE is set, so nothing is downloaded: unset HF_HUB_OFFLINE to download it once"
+            else:
+                then = "the Hub could not be reached: connect and retry (HF_HUB_OFFLINE=1 uses the cache only)"
+            raise PortingError(
+                f"Hub id {repo_id!r}{either} is not in the Hugging Face cache {cache}, and {then}, or pass a local "
+                "directory"
+            )
+        wanted = HUB_CONFIG if config is None else f"weights ({' or '.join(HUB_WEIGHTS)})"
+        raise PortingError(f"{label}: the repository holds no {wanted}")
     location = _locate_local(str(Path(config).parent))
     return dataclasses.replace(location, given=label, notes=(*location.notes, f"{label}: read {location.path}"))
 
@@ -188,18 +181,8 @@ def _json_object(path: Path) -> dict | None:
     return raw if isinstance(raw, dict) else None
 
 
-def _is_run_config(path: Path) -> bool:
-    """Whether `path` is a trainer's config.json (a JSON object with the fields every run records)."""
-    raw = _json_object(path)
-    return raw is not None and all(k in raw for k in runs.RUN_CONFIG_KEYS)
-
-
 def _is_train_step(d: Path) -> bool:
     return d.name.isdigit() and (d / runs.STATE).is_dir() and (d / runs.META).is_dir()
-
-
-def _train_steps(d: Path) -> list[Path]:
-    return [p for p in d.iterdir() if p.is_dir() and _is_train_step(p)]
 
 
 def _locate_dir(given: str, d: Path, selector: str | None) -> Location:
@@ -222,15 +205,18 @@ def _locate_dir(given: str, d: Path, selector: str | None) -> Location:
         return _locate_torch_run(given, d / runs.TORCH_CHECKPOINT_DIR if torch_run else d, selector)
     if _is_train_step(d) and selector is None:
         return Location(given, str(d), "train_step", "orbax", int(d.name))
-    if _train_steps(d):
+    if any(p.is_dir() and _is_train_step(p) for p in d.iterdir()):
         return _locate_step(given, d, selector)
     if selector is not None:
         raise nothing_matches(given, f"names a {selector} checkpoint, but {str(d)!r} is not a training run")
     if (d / runs.RUN_CONFIG).is_file():
-        if _is_run_config(d / runs.RUN_CONFIG):
+        raw = _json_object(d / runs.RUN_CONFIG)
+        if raw is not None and all(k in raw for k in runs.RUN_CONFIG_KEYS):  # the fields every run records
             raise nothing_matches(given, "is a training run folder without checkpoints (none was saved yet)")
-        raise nothing_matches(given, f"holds a {runs.RUN_CONFIG} that is neither a training run's nor a timm/Hub "
-                                     f"model's (one with {' or '.join(HUB_CONFIG_KEYS)})")  # fmt: skip
+        hub = " or ".join(HUB_CONFIG_KEYS)
+        raise nothing_matches(
+            given, f"holds a {runs.RUN_CONFIG} that is neither a training run's nor a timm/Hub model's (one with {hub})"
+        )
     if files.is_orbax_dir(d):
         return Location(given, str(d), "orbax", "orbax")
     raise nothing_matches(given, "is a folder that holds no checkpoint or weights file porting can read")

@@ -17,7 +17,6 @@ import dataclasses
 import logging
 import os
 import shutil
-import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from darknet_arch import ARCHS, DarknetConfig
+from porting.atomic import remove_temporaries
 from porting.errors import PortingError, failing_as
 from porting.preprocessing import TRAINER_DEFAULTS, Preprocessing, combine
 from porting.state import weights_sha256
@@ -44,8 +44,6 @@ RUN_CONFIG_KEYS = ("data", "arch", "workdir")  # fields every trainer's config.j
 # Orbax writes into "<step>.orbax-checkpoint-tmp*" and renames when done; a crash can leave these behind.
 TMP_MARKER = ".orbax-checkpoint-tmp"
 UNREADABLE_SUFFIX = ".unreadable"  # step folders a --resume could not read, kept beside the good ones
-# After a failed save: how long to keep removing the temporaries of orbax's writes still in flight.
-CLEANUP_GRACE_S, CLEANUP_QUIET_S, CLEANUP_POLL_S = 10.0, 1.0, 0.1
 BEST_METRIC = "macro_f1"  # the competition metric; higher is better
 EMA = "ema"  # the averaged weights (--ema-decay) in both trainers' checkpoints: evaluated, so read as the run's
 WEIGHTS = ("params", "batch_stats", EMA)  # the parts of a state tree that are weights (the EMA when kept)
@@ -105,8 +103,10 @@ def trainer_preprocessing(
     mean_std: tuple[tuple[float, ...], tuple[float, ...]], image_size: int, class_names: list[str], leaky_slope: float
 ) -> dict[str, Any]:
     """The preprocessing record both trainers write into every checkpoint: TRAINER_DEFAULTS with the run's values."""
-    record = TRAINER_DEFAULTS.replace(mean=mean_std[0], std=mean_std[1], image_size=image_size,
-                                      class_names=tuple(class_names), leaky_slope=leaky_slope)  # fmt: skip
+    mean, std = mean_std
+    record = TRAINER_DEFAULTS.replace(
+        mean=mean, std=std, image_size=image_size, class_names=tuple(class_names), leaky_slope=leaky_slope
+    )
     return record.to_json()
 
 
@@ -150,32 +150,24 @@ def weights_checksum(tree: Mapping[str, Any]) -> str | None:
     leaves = jax.tree_util.tree_leaves(weights)
     if any(isinstance(a, jax.Array) and not a.sharding.is_fully_replicated for a in leaves):
         return None
-    host = jax.tree_util.tree_map(lambda a: np.asarray(a.addressable_data(0) if isinstance(a, jax.Array) else a),
-                                  weights)  # fmt: skip
-    return weights_sha256(host)
+
+    def host(a: Any) -> np.ndarray:
+        return np.asarray(a.addressable_data(0) if isinstance(a, jax.Array) else a)
+
+    return weights_sha256(jax.tree_util.tree_map(host, weights))
 
 
-def _verified(tree: dict[str, Any], meta: Mapping[str, Any], step: int, directory: str | Path) -> dict[str, Any]:
-    """`tree`, unless its weights differ from the checksum recorded when they were saved (bit rot on disk)."""
-    recorded = meta.get("weights_sha256")  # checkpoints saved before the checksum was recorded have none
-    if recorded is not None and weights_checksum(tree) != recorded:
-        raise CheckpointError(
-            f"checkpoint step {step} ({Path(directory) / str(step)}) is damaged: its weights differ from the checksum "
-            "recorded when it was saved (a byte changed on disk); read another step (<run>/latest or "
-            "checkpoints/<step>) or a backup"
-        )
-    return tree
+def _step_name(directory: str | Path, step: int) -> str:
+    return f"checkpoint step {step} ({Path(directory) / str(step)})"
 
 
-def _registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
-    import orbax.checkpoint as ocp
-
-    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-    for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
-        registry.add(STATE, args, ocp.StandardCheckpointHandler)
-    for args in (ocp.args.JsonSave, ocp.args.JsonRestore):
-        registry.add(META, args, ocp.JsonCheckpointHandler)
-    return registry
+@contextlib.contextmanager
+def _step_failing(directory: str | Path, step: int, what: str) -> Iterator[None]:
+    """Whatever orbax raises reading `step` as ONE CheckpointError naming the step, `what` went wrong, and why."""
+    try:
+        yield
+    except Exception as e:
+        raise CheckpointError(f"{_step_name(directory, step)} {what}: {e}") from e
 
 
 def _manager(directory: Path, keep: int | None = None, async_save: bool = False) -> ocp.CheckpointManager:
@@ -196,7 +188,8 @@ def _manager(directory: Path, keep: int | None = None, async_save: bool = False)
         cleanup_tmp_directories=keep is not None,
         enable_async_checkpointing=async_save,
     )
-    return ocp.CheckpointManager(directory.absolute(), options=options, handler_registry=_registry())
+    handlers = {STATE: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(directory.absolute(), options=options, item_handlers=handlers)
 
 
 class Checkpointer:
@@ -255,18 +248,14 @@ class Checkpointer:
             # manager then would tear their event loop down under them (a page of "Event loop is closed"
             # tracebacks). Leave them to finish or fail, and remove what they write until nothing reappears.
             if jax.process_index() == 0:
-                deadline, quiet_since = time.monotonic() + CLEANUP_GRACE_S, time.monotonic()
-                while time.monotonic() < deadline and time.monotonic() - quiet_since < CLEANUP_QUIET_S:
-                    for p in self.directory.glob(f"*{TMP_MARKER}*"):
-                        shutil.rmtree(p, ignore_errors=True)
-                        quiet_since = time.monotonic()
-                    time.sleep(CLEANUP_POLL_S)
+                remove_temporaries(self.directory, TMP_MARKER, settle=True)
             raise
         self.manager.close()
 
 
-def save_torch_checkpoint(path: Path, model: Mapping[str, Any], optimizer: Mapping[str, Any], meta: RunMeta,
-                          **extra: Any) -> None:  # fmt: skip
+def save_torch_checkpoint(
+    path: Path, model: Mapping[str, Any], optimizer: Mapping[str, Any], meta: RunMeta, **extra: Any
+) -> None:
     """A train.torch checkpoint: the model and optimizer state dicts beside the meta fields, written whole or not at
     all (a temporary, then a rename), readable with weights_only=True."""
     import torch
@@ -307,8 +296,7 @@ def ranked_steps(directory: str | Path) -> tuple[int | None, int | None, bool]:
 
 def checkpoint_steps(directory: str | Path) -> tuple[int | None, int | None]:
     """(latest step, best step by macro F1) of a checkpoint folder; the best falls back to the latest."""
-    latest, best, _ = ranked_steps(directory)
-    return latest, best
+    return ranked_steps(directory)[:2]
 
 
 def all_steps(directory: str | Path) -> list[int]:
@@ -339,27 +327,28 @@ def read_meta(directory: str | Path, step: int | None = None) -> tuple[int, dict
         step = m.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint in {directory}")
-        try:
+        with _step_failing(directory, step, "has no readable meta"):
             restored = m.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
-        except Exception as e:
-            raise CheckpointError(
-                f"checkpoint step {step} ({Path(directory) / str(step)}) has no readable meta: {e}"
-            ) from e
     return step, restored[META]
 
 
 def _restore(
     m: ocp.CheckpointManager, directory: str | Path, step: int, abstract: Any, failure: str
 ) -> tuple[Any, Any]:
-    """(verified state tree, meta) of `step` restored into `abstract`; CheckpointError naming the step otherwise."""
+    """(state tree, meta) of `step` restored into `abstract`, unless its weights differ from the checksum recorded
+    when they were saved (bit rot on disk); CheckpointError naming the step otherwise."""
     import orbax.checkpoint as ocp
 
-    try:
+    with _step_failing(directory, step, failure):
         items = {STATE: ocp.args.StandardRestore(abstract), META: ocp.args.JsonRestore()}
         both = m.restore(step, args=ocp.args.Composite(**items))
-    except Exception as e:
-        raise CheckpointError(f"checkpoint step {step} ({Path(directory) / str(step)}) {failure}: {e}") from e
-    return _verified(both[STATE], both[META], step, directory), both[META]
+    recorded = both[META].get("weights_sha256")  # checkpoints saved before the checksum was recorded have none
+    if recorded is not None and weights_checksum(both[STATE]) != recorded:
+        raise CheckpointError(
+            f"{_step_name(directory, step)} is damaged: its weights differ from the checksum recorded when it was "
+            "saved (a byte changed on disk); read another step (<run>/latest or checkpoints/<step>) or a backup"
+        )
+    return both[STATE], both[META]
 
 
 def restore_tree(directory: str | Path, step: int, target: Any) -> dict[str, Any]:
@@ -381,12 +370,8 @@ def restore_variables(directory: str | Path, step: int) -> tuple[dict[str, Any],
         # The saved shardings name the saving run's devices (other processes, other hosts): read every array
         # onto this process's first device instead.
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        try:
+        with _step_failing(directory, step, "could not be read"):
             saved = m.item_metadata(step)[STATE]
-        except Exception as e:
-            raise CheckpointError(
-                f"checkpoint step {step} ({Path(directory) / str(step)}) could not be read: {e}"
-            ) from e
         abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), saved)
         restored, meta = _restore(m, directory, step, abstract, "could not be read")
     # A run with --ema-decay evaluated (and picked its best step by) the EMA: those are its weights.

@@ -18,16 +18,10 @@ from porting.errors import LayoutMismatch, PortingError
 
 CanonicalStateDict = dict[str, np.ndarray]
 
-# Float dtypes numpy reports with kind "V" (ml_dtypes) but which are still floating point.
-_EXTRA_FLOAT_DTYPES = frozenset({"bfloat16"})
+# A float dtype numpy reports with kind "V" (ml_dtypes), not "f".
+BFLOAT16 = "bfloat16"
 # Keep long error messages readable: list this many keys per category, then a count.
 MAX_LISTED = 40
-
-
-def is_float_dtype(dtype: Any) -> bool:
-    """True for numpy float dtypes and bfloat16."""
-    dtype = np.dtype(dtype)
-    return dtype.kind == "f" or dtype.name in _EXTRA_FLOAT_DTYPES
 
 
 def _describe_type(value: Any) -> str:
@@ -40,18 +34,17 @@ def to_float32(key: str, value: Any) -> np.ndarray:
     if hasattr(value, "detach") and hasattr(value, "is_floating_point"):  # torch.Tensor, without importing torch
         if not value.is_floating_point():
             raise PortingError(f"{key}: expected a floating-point tensor, got dtype {value.dtype}")
-        tensor = value.detach().cpu()
-        arr = tensor.float().numpy() if str(tensor.dtype) != "torch.float32" else tensor.numpy()
+        arr = value.detach().cpu().float().numpy()  # .float() of a float32 tensor is the tensor itself, no copy
     elif hasattr(value, "dtype") and hasattr(value, "shape"):
         arr = np.asarray(value)
-        if not is_float_dtype(arr.dtype):
+        if arr.dtype.kind != "f" and arr.dtype.name != BFLOAT16:
             raise PortingError(f"{key}: expected a floating-point array, got dtype {arr.dtype}")
     else:
         raise PortingError(f"{key}: expected a tensor or array, got {_describe_type(value)}")
     arr = np.ascontiguousarray(arr, dtype=np.float32)
-    if not np.all(np.isfinite(arr)):
-        bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
-        raise PortingError(f"{key}: contains {bad} NaN or Inf value(s) of {arr.size}")
+    finite = np.count_nonzero(np.isfinite(arr))
+    if finite != arr.size:
+        raise PortingError(f"{key}: contains {arr.size - finite} NaN or Inf value(s) of {arr.size}")
     return arr
 
 
@@ -88,8 +81,8 @@ def check_and_convert(
     optional = set(optional)
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected and k not in optional]
-    problems = [listing(title, keys) for title, keys in (("missing keys", missing), ("unexpected keys", unexpected))
-                if keys]  # fmt: skip
+    problems = [listing("missing keys", missing)] if missing else []
+    problems += [listing("unexpected keys", unexpected)] if unexpected else []
     for key, want in expected.items():
         got = shape_of(found[key]) if key in found else tuple(want)
         if got is None:
@@ -104,8 +97,8 @@ def check_and_convert(
 
 def check_leaky_slope(value: Any, what: str = "leaky_slope") -> float | None:
     """A LeakyReLU slope: a finite number, or None for "not given"; PortingError otherwise (NaN, Inf, text)."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
-                              or not math.isfinite(value)):  # fmt: skip
+    finite = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if value is not None and not finite:
         raise PortingError(
             f"{what} must be a finite number such as {DARKNET_LEAKY_SLOPE} (Darknet) or {SEED_LEAKY_SLOPE} (the seed), "
             f"got {value!r}"
@@ -123,9 +116,7 @@ def check_num_classes(value: Any, what: str = "num_classes") -> int | None:
 def check_counter(key: str, value: Any) -> None:
     """A num_batches_tracked entry must be an integer scalar (it is dropped, Flax and Darknet have none)."""
     shape = shape_of(value)
-    dtype = getattr(value, "dtype", None)
-    is_int = dtype is not None and ("int" in str(dtype))
-    if shape not in ((), (1,)) or not is_int:
+    if shape not in ((), (1,)) or "int" not in str(getattr(value, "dtype", "")):
         raise PortingError(f"{key}: expected an integer scalar counter, got {_describe_type(value)} of shape {shape}")
 
 
