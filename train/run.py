@@ -24,7 +24,7 @@ from darknet_arch import DarknetConfig
 from porting.runs import RUN_CONFIG, RunMeta, trainer_preprocessing, val_record  # RUN_CONFIG: marks a run
 from train.data import DataSplits, load_splits, make_eval_iter, make_train_iter
 from train.data.pipeline import records_fingerprint
-from train.logging_utils import METRICS_FILE, Progress, RunLogger, atomic_write_text, ensure_writable_dir, epoch_of
+from train.logging_utils import METRICS_FILE, Progress, RunLogger, atomic_write_text, epoch_of
 from train.options import DEMO_DATA, RunConfig, dumps, path_fields
 
 DATA_SUMMARY_FILE = "data_summary.json"
@@ -360,7 +360,10 @@ def prepare_workdir(
             if config.overwrite:
                 for p in _contents(workdir):
                     shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-            ensure_writable_dir(workdir / checkpoint_dir, probe_in=workdir)
+            (workdir / checkpoint_dir).mkdir(parents=True, exist_ok=True)
+            probe = workdir / f".write-test-{os.getpid()}"  # a read-only folder fails here, not at the first save
+            probe.write_text("ok")
+            probe.unlink()
         except OSError as e:
             lock.release()
             raise WorkdirError(f"--workdir {workdir} is not writable: {e}") from e
