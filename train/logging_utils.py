@@ -6,7 +6,6 @@ No jax or torch here, so train.flax and train.torch write identical files.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -73,12 +72,9 @@ class RunLogger:
     """JSON lines + TensorBoard scalars + PNG plots for one workdir (a no-op on processes other than 0)."""
 
     def __init__(self, workdir: str | Path, enabled: bool = True, tensorboard: bool = True) -> None:
-        self.workdir = Path(workdir)
-        self.enabled = enabled
-        self._tb = None
+        self.workdir, self.enabled = Path(workdir), enabled
         self._plotted_at = time.monotonic()
-        if enabled and tensorboard:
-            self._tb = _summary_writer_class()(str(self.workdir / TENSORBOARD_DIR))
+        self._tb = _summary_writer_class()(str(self.workdir / TENSORBOARD_DIR)) if enabled and tensorboard else None
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one record to metrics.jsonl and its scalars to TensorBoard (tagged kind/name)."""
@@ -162,13 +158,11 @@ def curves_figure(records: list[dict[str, Any]]) -> Figure:
 
 
 def _heat_map(
-    fig: Figure, ax: Axes, values: np.ndarray, class_names: list[str], title: str, fmt: str, vmax: float | None
+    fig: Figure, ax: Axes, values: np.ndarray, class_names: list[str], title: str, fmt: str, vmax: float
 ) -> None:
     """One confusion panel: the matrix (NaN cells left blank), its non-zero values written in, and a colour bar."""
     n = values.shape[0]
-    finite = values[np.isfinite(values)]
-    top = vmax if vmax is not None else (float(finite.max()) if finite.size else 0.0)
-    im = ax.imshow(np.ma.masked_invalid(values), cmap="Blues", vmin=0.0, vmax=top or None)
+    im = ax.imshow(np.ma.masked_invalid(values), cmap="Blues", vmin=0.0, vmax=vmax or None)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     ax.set_title(title)
     cut = MAX_TICK_LABEL_CHARS - 1  # and an ellipsis
@@ -178,7 +172,7 @@ def _heat_map(
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     for i, j in zip(*np.nonzero(np.nan_to_num(values)), strict=True):
-        color = "white" if values[i, j] > top / 2 else "black"  # readable on the dark half of the colour map
+        color = "white" if values[i, j] > vmax / 2 else "black"  # readable on the dark half of the colour map
         ax.text(j, i, format(values[i, j], fmt), ha="center", va="center", fontsize=6, color=color)
 
 
@@ -195,7 +189,7 @@ def confusion_figure(cm: np.ndarray, class_names: list[str]) -> Figure:
     size = max(CONFUSION_MIN_INCHES, CONFUSION_INCHES_PER_CLASS * cm.shape[0] + 2)
     fig = Figure(figsize=(2 * size + 2, size))
     counts_ax, recall_ax = fig.subplots(1, 2)
-    _heat_map(fig, counts_ax, cm, class_names, "counts", ".0f", vmax=None)
+    _heat_map(fig, counts_ax, cm, class_names, "counts", ".0f", vmax=float(cm.max(initial=0.0)))
     totals = cm.sum(axis=1, keepdims=True)  # rows of classes with no true examples stay NaN (blank)
     recall = np.divide(cm, totals, out=np.full_like(cm, np.nan), where=totals > 0)
     # Fixed 0..1 scale, so a small class's diagonal reads as good or bad on its own, not against the big classes.
@@ -206,13 +200,6 @@ def confusion_figure(cm: np.ndarray, class_names: list[str]) -> Figure:
 def plot_confusion(cm: np.ndarray, class_names: list[str], path: Path) -> None:
     """Write confusion_figure(cm, class_names) to `path` as a PNG."""
     _save_fig(confusion_figure(cm, class_names), path)
-
-
-def format_seconds(s: float) -> str:
-    if not math.isfinite(s):
-        return "?"
-    s = int(s)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
 def epoch_of(step: int, steps_per_epoch: int) -> int:
@@ -253,14 +240,14 @@ class Progress:
         """Measure the ETA from now, with `step` steps done (update calls it after the first step it sees)."""
         self._t0, self._clock_step = self._clock(), step
 
-    def eta(self, step: int) -> float:
-        """Seconds left after `step` steps, at the step time measured since start_clock (NaN before any)."""
-        remaining = self.total - step
-        if remaining <= 0:
-            return 0.0
+    def eta(self, step: int) -> str:
+        """Time left after `step` steps at the step time measured since start_clock: M:SS, H:MM:SS, or ? before any."""
+        if step >= self.total:
+            return "0:00"
         if self._clock_step is None or step <= self._clock_step:
-            return float("nan")
-        return (self._clock() - self._t0) / (step - self._clock_step) * remaining
+            return "?"
+        s = int((self._clock() - self._t0) / (step - self._clock_step) * (self.total - step))
+        return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
     def update(self, step: int, loss: float, images_per_s: float) -> None:
         """Report that `step` steps are done (epoch shown 1-based, as on validation lines)."""
@@ -269,7 +256,7 @@ class Progress:
         if not self.enabled or not (self.tty or step % self.every == 0 or step == self.total):
             return
         epoch = epoch_of(step, self.steps_per_epoch)
-        figures = f"loss {loss:.4f} {images_per_s:.1f} img/s ETA {format_seconds(self.eta(step))}"
+        figures = f"loss {loss:.4f} {images_per_s:.1f} img/s ETA {self.eta(step)}"
         if self.tty:
             filled = int(BAR_WIDTH * step / max(self.total, 1))
             bar = "#" * filled + "." * (BAR_WIDTH - filled)
