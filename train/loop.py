@@ -114,10 +114,8 @@ def input_norm_for(config: RunConfig, record: Any) -> tuple[RunConfig, str]:
         why = "the weights' record" if expected else f"the default (the weights record no known one: {record.mean})"
         return dataclasses.replace(config, input_norm=chosen), f"input normalisation {chosen}, from {why}"
     if expected is not None and expected != config.input_norm:
-        return (
-            config,
-            f"input normalisation {config.input_norm} (forced by --input-norm; the weights expect {expected})",
-        )
+        forced = f"forced by --input-norm; the weights expect {expected}"
+        return config, f"input normalisation {config.input_norm} ({forced})"
     return config, f"input normalisation {config.input_norm} (--input-norm)"
 
 
@@ -139,8 +137,7 @@ def check_resume(config: RunConfig, workdir: Path, splits: DataSplits) -> tuple[
     meta = candidates[0][1]
     saved = TrainConfig.from_json(meta["config"])
     config = resolved_as_saved(config, saved)  # the slope and input norm it may have taken from --init-from
-    diffs = config_differences(saved, config)
-    if diffs:
+    if diffs := config_differences(saved, config):
         raise run.WorkdirError("--resume with another config than the saved run: " + "; ".join(diffs))
     run.check_same_data(meta, splits)
     return candidates, config
@@ -151,12 +148,10 @@ def restore_newest(directory: Path, candidates: list[tuple[int, dict]], target: 
     errors = []
     for step, meta in candidates:
         try:
-            state = target.replace(**ckpt.restore_tree(directory, step, state_tree(target)))
+            return target.replace(**ckpt.restore_tree(directory, step, state_tree(target))), meta
         except ckpt.CheckpointError as e:
             errors.append(str(e))
             print(f"warning: --resume skips checkpoint step {step}: {e}", file=sys.stderr)
-            continue
-        return state, meta
     raise ckpt.CheckpointError("--resume: no checkpoint could be restored: " + "; ".join(errors))
 
 
