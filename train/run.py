@@ -202,8 +202,7 @@ class StepTracker:
             self.logger.log({"kind": "train_epoch", "step": loop.step, "epoch": epoch, **train})
         self.loss_sum, self.correct, self.seen = 0.0, 0, 0
         # Ties go to the later step, as orbax's best-checkpoint ranking does.
-        is_best = val["macro_f1"] >= loop.best_f1
-        if is_best:
+        if is_best := val["macro_f1"] >= loop.best_f1:
             loop.best_f1, loop.best_step = val["macro_f1"], loop.step
         self.logger.log({"kind": "val", "step": loop.step, "epoch": epoch, **val})
         self.logger.plot(class_names, force=loop.step >= self.total_steps)
@@ -369,18 +368,14 @@ def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) ->
     for name, arr in (("labels", labels), ("preds", preds)):
         if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
             raise ValueError(f"{name} must be in [0, {num_classes}), got range [{arr.min()}, {arr.max()}]")
-    return np.bincount(labels * num_classes + preds, minlength=num_classes * num_classes).reshape(
-        num_classes, num_classes
-    )
+    return np.bincount(labels * num_classes + preds, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
 def per_class_f1(cm: np.ndarray) -> np.ndarray:
     """F1 of each class; 0 where the class is neither present nor predicted (sklearn's zero_division=0)."""
     cm = np.asarray(cm, dtype=np.float64)
     tp = np.diag(cm)
-    fp = cm.sum(axis=0) - tp
-    fn = cm.sum(axis=1) - tp
-    denom = 2 * tp + fp + fn
+    denom = cm.sum(axis=0) + cm.sum(axis=1)  # 2 TP + FP + FN: the predicted plus the true count of each class
     return np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
 
 
