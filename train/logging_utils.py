@@ -97,8 +97,7 @@ class RunLogger:
         try:
             records = read_metrics(self.workdir)
             _save_fig(curves_figure(records), self.workdir / CURVES_PNG)
-            evals = [r for r in records if r.get("kind") == "val"]
-            if evals:
+            if evals := [r for r in records if r.get("kind") == "val"]:
                 plot_confusion(np.asarray(evals[-1]["confusion_matrix"]), class_names, self.workdir / CONFUSION_PNG)
         except Exception as e:  # MemoryError included: a picture must never cost the run its checkpoint
             cause = (str(e).splitlines() or [""])[0][:MAX_WARNING_CHARS]  # one short line, whatever e holds

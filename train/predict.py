@@ -65,12 +65,10 @@ class Predictor:
         resizing = ("interpolation", "crop_pct", "crop_mode")
         # Mean and std follow the record (normalize takes them); the scale and resize are train.predict's own.
         given = TRAINER_DEFAULTS.without(*resizing, "mean", "std")
-        problems = contradictions([(where, pre), ("train.predict gives", given)])
-        if problems:
+        if problems := contradictions([(where, pre), ("train.predict gives", given)]):
             raise CheckpointError(f"--checkpoint {where}: the weights expect other input than train.predict gives "
                                   "(uint8 RGB / 255):\n  " + "\n  ".join(problems))  # fmt: skip
-        resize = contradictions([(where, pre), ("train.predict resizes", TRAINER_DEFAULTS.only(*resizing))])
-        if resize:
+        if resize := contradictions([(where, pre), ("train.predict resizes", TRAINER_DEFAULTS.only(*resizing))]):
             warnings.warn(f"{where} was trained with another resize than train.predict's: {'; '.join(resize)}",
                           stacklevel=2)  # fmt: skip
         run, defaults = result.run_config or {}, TrainConfig()
@@ -129,8 +127,7 @@ def submission_csv(eval_folder: Path, preds: np.ndarray) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
-    for row, p in zip(rows, preds, strict=True):
-        writer.writerow({**row, "ans": int(p)})
+    writer.writerows({**row, "ans": int(p)} for row, p in zip(rows, preds, strict=True))
     return buf.getvalue()
 
 
