@@ -6,7 +6,6 @@ No jax or torch here, so train.flax and train.torch write identical files.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -36,14 +35,6 @@ MAX_WARNING_CHARS = 120  # of an exception's text in a one-line warning
 # metrics.jsonl by this much). A redraw took 0.7 s on the 2-core CPU, where the demo's epochs take 6 s: drawn
 # every epoch they were 9% of the README's main job.
 PLOT_MIN_INTERVAL_S = 30.0
-
-
-def ensure_writable_dir(folder: str | Path, probe_in: str | Path | None = None) -> None:
-    """Create `folder` (with parents) and prove `probe_in` (default: the folder) writable; OSError otherwise."""
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    probe = Path(probe_in if probe_in is not None else folder) / f".write-test-{os.getpid()}"
-    probe.write_text("ok")
-    probe.unlink()
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -81,12 +72,9 @@ class RunLogger:
     """JSON lines + TensorBoard scalars + PNG plots for one workdir (a no-op on processes other than 0)."""
 
     def __init__(self, workdir: str | Path, enabled: bool = True, tensorboard: bool = True) -> None:
-        self.workdir = Path(workdir)
-        self.enabled = enabled
-        self._tb = None
+        self.workdir, self.enabled = Path(workdir), enabled
         self._plotted_at = time.monotonic()
-        if enabled and tensorboard:
-            self._tb = _summary_writer_class()(str(self.workdir / TENSORBOARD_DIR))
+        self._tb = _summary_writer_class()(str(self.workdir / TENSORBOARD_DIR)) if enabled and tensorboard else None
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one record to metrics.jsonl and its scalars to TensorBoard (tagged kind/name)."""
@@ -95,28 +83,21 @@ class RunLogger:
         with open(self.workdir / METRICS_FILE, "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
         if self._tb is not None:
-            step = int(record.get("step", 0))
-            kind = record.get("kind", "train")
+            step, kind = int(record.get("step", 0)), record.get("kind", "train")
             for key, value in record.items():
-                if key in ("step", "kind", "epoch") or not isinstance(value, (int, float)) or isinstance(value, bool):
-                    continue
-                self._tb.add_scalar(f"{kind}/{key}", value, step)
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step", "epoch"):
+                    self._tb.add_scalar(f"{kind}/{key}", value, step)
             self._tb.flush()
 
     def plot(self, class_names: list[str], force: bool = False) -> None:
         """Redraw curves.png and confusion_matrix.png from metrics.jsonl, at most every PLOT_MIN_INTERVAL_S."""
-        if not self.enabled:
+        if not self.enabled or not (force or time.monotonic() - self._plotted_at >= PLOT_MIN_INTERVAL_S):
             return
-        if force or time.monotonic() - self._plotted_at >= PLOT_MIN_INTERVAL_S:
-            self._draw(class_names)
-
-    def _draw(self, class_names: list[str]) -> None:
         self._plotted_at = time.monotonic()
         try:
             records = read_metrics(self.workdir)
-            plot_curves(records, self.workdir / CURVES_PNG)
-            evals = [r for r in records if r.get("kind") == "val"]
-            if evals:
+            _save_fig(curves_figure(records), self.workdir / CURVES_PNG)
+            if evals := [r for r in records if r.get("kind") == "val"]:
                 plot_confusion(np.asarray(evals[-1]["confusion_matrix"]), class_names, self.workdir / CONFUSION_PNG)
         except Exception as e:  # MemoryError included: a picture must never cost the run its checkpoint
             cause = (str(e).splitlines() or [""])[0][:MAX_WARNING_CHARS]  # one short line, whatever e holds
@@ -145,17 +126,6 @@ def _save_fig(fig: Figure, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def tick_label(name: str) -> str:
-    """`name` as an axis label: cut to MAX_TICK_LABEL_CHARS with an ellipsis."""
-    return name if len(name) <= MAX_TICK_LABEL_CHARS else name[: MAX_TICK_LABEL_CHARS - 1] + "…"
-
-
-def _positive_or_nan(values: list[float]) -> np.ndarray:
-    """Losses for a log axis: non-positive or non-finite values become gaps instead of breaking the scale."""
-    arr = np.asarray(values, dtype=np.float64)
-    return np.where(np.isfinite(arr) & (arr > 0), arr, np.nan)
-
-
 def curves_figure(records: list[dict[str, Any]]) -> Figure:
     """Loss (log axis), accuracy and val macro F1 against the step: train per epoch, val per evaluation."""
     from matplotlib.figure import Figure  # no pyplot: no global figure state, no backend to choose
@@ -167,54 +137,41 @@ def curves_figure(records: list[dict[str, Any]]) -> Figure:
     any_positive_loss = False
     for name, rs in (("train", train), ("val", val)):
         if rs:
-            losses = _positive_or_nan([r["loss"] for r in rs])
+            losses = np.asarray([r["loss"] for r in rs], dtype=np.float64)
+            # Non-positive or non-finite losses become gaps on the log axis instead of breaking its scale.
+            losses = np.where(np.isfinite(losses) & (losses > 0), losses, np.nan)
             any_positive_loss |= bool(np.isfinite(losses).any())
             loss_ax.plot([r["step"] for r in rs], losses, marker="o", label=name)
             acc_ax.plot([r["step"] for r in rs], [r["accuracy"] for r in rs], marker="o", label=name)
     # A log axis: the first evaluation's loss can be 100x the later ones and would flatten them on a linear one.
     if any_positive_loss:
         loss_ax.set_yscale("log")
-    for ax, title in ((loss_ax, "loss"), (acc_ax, "accuracy")):
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        if ax.get_lines():
-            ax.legend()
+    for ax, title in ((loss_ax, "loss"), (acc_ax, "accuracy"), (f1_ax, "val macro F1")):
+        ax.set(title=title, xlabel="step")
+    if train or val:
+        loss_ax.legend()
+        acc_ax.legend()
     if val:
         f1_ax.plot([r["step"] for r in val], [r["macro_f1"] for r in val], marker="o", color="C2")
-    f1_ax.set_title("val macro F1")
-    f1_ax.set_xlabel("step")
     return fig
 
 
-def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
-    """Write curves_figure(records) to `path` as a PNG."""
-    _save_fig(curves_figure(records), path)
-
-
-def row_normalised(cm: np.ndarray) -> np.ndarray:
-    """Each row divided by its sum (the recall view); rows of classes with no true examples are NaN."""
-    cm = np.asarray(cm, dtype=np.float64)
-    totals = cm.sum(axis=1, keepdims=True)
-    return np.divide(cm, totals, out=np.full_like(cm, np.nan), where=totals > 0)
-
-
 def _heat_map(
-    fig: Figure, ax: Axes, values: np.ndarray, class_names: list[str], title: str, fmt: str, vmax: float | None
+    fig: Figure, ax: Axes, values: np.ndarray, class_names: list[str], title: str, fmt: str, vmax: float
 ) -> None:
     """One confusion panel: the matrix (NaN cells left blank), its non-zero values written in, and a colour bar."""
     n = values.shape[0]
-    finite = values[np.isfinite(values)]
-    top = vmax if vmax is not None else (float(finite.max()) if finite.size else 0.0)
-    im = ax.imshow(np.ma.masked_invalid(values), cmap="Blues", vmin=0.0, vmax=top or None)
+    im = ax.imshow(np.ma.masked_invalid(values), cmap="Blues", vmin=0.0, vmax=vmax or None)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     ax.set_title(title)
-    labels = [tick_label(name) for name in class_names]
+    cut = MAX_TICK_LABEL_CHARS - 1  # and an ellipsis
+    labels = [name if len(name) <= MAX_TICK_LABEL_CHARS else name[:cut] + "…" for name in class_names]
     ax.set_xticks(range(n), labels, rotation=90, fontsize=7)
     ax.set_yticks(range(n), labels, fontsize=7)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     for i, j in zip(*np.nonzero(np.nan_to_num(values)), strict=True):
-        color = "white" if values[i, j] > top / 2 else "black"  # readable on the dark half of the colour map
+        color = "white" if values[i, j] > vmax / 2 else "black"  # readable on the dark half of the colour map
         ax.text(j, i, format(values[i, j], fmt), ha="center", va="center", fontsize=6, color=color)
 
 
@@ -222,7 +179,7 @@ def confusion_figure(cm: np.ndarray, class_names: list[str]) -> Figure:
     """Two heat maps, rows true class and columns predicted: counts, and rows normalised to sum 1 (recall)."""
     from matplotlib.figure import Figure
 
-    cm = np.asarray(cm)
+    cm = np.asarray(cm, dtype=np.float64)
     if cm.ndim != 2 or cm.shape[0] != cm.shape[1] or cm.shape[0] != len(class_names):
         raise ValueError(
             f"confusion matrix of shape {cm.shape} does not match {len(class_names)} class names: "
@@ -231,22 +188,17 @@ def confusion_figure(cm: np.ndarray, class_names: list[str]) -> Figure:
     size = max(CONFUSION_MIN_INCHES, CONFUSION_INCHES_PER_CLASS * cm.shape[0] + 2)
     fig = Figure(figsize=(2 * size + 2, size))
     counts_ax, recall_ax = fig.subplots(1, 2)
-    _heat_map(fig, counts_ax, cm.astype(np.float64), class_names, "counts", ".0f", vmax=None)
+    _heat_map(fig, counts_ax, cm, class_names, "counts", ".0f", vmax=float(cm.max(initial=0.0)))
+    totals = cm.sum(axis=1, keepdims=True)  # rows of classes with no true examples stay NaN (blank)
+    recall = np.divide(cm, totals, out=np.full_like(cm, np.nan), where=totals > 0)
     # Fixed 0..1 scale, so a small class's diagonal reads as good or bad on its own, not against the big classes.
-    _heat_map(fig, recall_ax, row_normalised(cm), class_names, "rows normalised (recall)", ".2f", vmax=1.0)
+    _heat_map(fig, recall_ax, recall, class_names, "rows normalised (recall)", ".2f", vmax=1.0)
     return fig
 
 
 def plot_confusion(cm: np.ndarray, class_names: list[str], path: Path) -> None:
     """Write confusion_figure(cm, class_names) to `path` as a PNG."""
     _save_fig(confusion_figure(cm, class_names), path)
-
-
-def format_seconds(s: float) -> str:
-    if not math.isfinite(s):
-        return "?"
-    s = int(s)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
 def epoch_of(step: int, steps_per_epoch: int) -> int:
@@ -275,8 +227,7 @@ class Progress:
     ) -> None:
         if steps_per_epoch < 1:
             raise ValueError(f"Progress: steps_per_epoch must be a positive integer, got {steps_per_epoch}")
-        self.total, self.every, self.enabled = total, every, enabled
-        self.steps_per_epoch = steps_per_epoch
+        self.total, self.every, self.enabled, self.steps_per_epoch = total, every, enabled, steps_per_epoch
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty()
         self._clock = clock
@@ -288,35 +239,30 @@ class Progress:
         """Measure the ETA from now, with `step` steps done (update calls it after the first step it sees)."""
         self._t0, self._clock_step = self._clock(), step
 
-    def eta(self, step: int) -> float:
-        """Seconds left after `step` steps, at the step time measured since start_clock (NaN before any)."""
-        remaining = self.total - step
-        if remaining <= 0:
-            return 0.0
+    def eta(self, step: int) -> str:
+        """Time left after `step` steps at the step time measured since start_clock: M:SS, H:MM:SS, or ? before any."""
+        if step >= self.total:
+            return "0:00"
         if self._clock_step is None or step <= self._clock_step:
-            return float("nan")
-        return (self._clock() - self._t0) / (step - self._clock_step) * remaining
+            return "?"
+        s = int((self._clock() - self._t0) / (step - self._clock_step) * (self.total - step))
+        return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
     def update(self, step: int, loss: float, images_per_s: float) -> None:
         """Report that `step` steps are done (epoch shown 1-based, as on validation lines)."""
         if self._clock_step is None:
             self.start_clock(step)
-        if not self.enabled:
+        if not self.enabled or not (self.tty or step % self.every == 0 or step == self.total):
             return
-        eta = format_seconds(self.eta(step))
         epoch = epoch_of(step, self.steps_per_epoch)
+        figures = f"loss {loss:.4f} {images_per_s:.1f} img/s ETA {self.eta(step)}"
         if self.tty:
             filled = int(BAR_WIDTH * step / max(self.total, 1))
             bar = "#" * filled + "." * (BAR_WIDTH - filled)
-            line = f"\r[{bar}] {step}/{self.total} ep {epoch} loss {loss:.4f} {images_per_s:.1f} img/s ETA {eta}"
-            self.stream.write(line)
-            self.stream.flush()
-        elif step % self.every == 0 or step == self.total:
-            # bench.e2e parses these lines (PROGRESS_RE): keep "step N/T epoch E loss L R img/s".
-            self.stream.write(
-                f"step {step}/{self.total} epoch {epoch} loss {loss:.4f} {images_per_s:.1f} img/s ETA {eta}\n"
-            )
-            self.stream.flush()
+            self.stream.write(f"\r[{bar}] {step}/{self.total} ep {epoch} {figures}")
+        else:  # bench.e2e parses these lines (PROGRESS_RE): keep "step N/T epoch E loss L R img/s".
+            self.stream.write(f"step {step}/{self.total} epoch {epoch} {figures}\n")
+        self.stream.flush()
 
     def message(self, text: str) -> None:
         """A line that does not get overwritten by the bar."""

@@ -96,8 +96,7 @@ def check_resume(config: RunConfig, workdir: Path, splits: DataSplits) -> tuple[
     meta = candidates[0][1]
     saved = TrainConfig.from_json(meta["config"])
     config = resolved_as_saved(config, saved)  # the slope and input norm it may have taken from --init-from
-    diffs = config_differences(saved, config)
-    if diffs:
+    if diffs := config_differences(saved, config):
         raise run.WorkdirError("--resume with another config than the saved run: " + "; ".join(diffs))
     run.check_same_data(meta, splits)
     return candidates, config
@@ -108,12 +107,10 @@ def restore_newest(directory: Path, candidates: list[tuple[int, dict]], target: 
     errors = []
     for step, meta in candidates:
         try:
-            state = target.replace(**ckpt.restore_tree(directory, step, state_tree(target)))
+            return target.replace(**ckpt.restore_tree(directory, step, state_tree(target))), meta
         except ckpt.CheckpointError as e:
             errors.append(str(e))
             print(f"warning: --resume skips checkpoint step {step}: {e}", file=sys.stderr)
-            continue
-        return state, meta
     raise ckpt.CheckpointError("--resume: no checkpoint could be restored: " + "; ".join(errors))
 
 
@@ -143,13 +140,13 @@ class RunStart:
     init_notes: tuple[str, ...] = ()
 
 
-def plan_run(config: RunConfig, base_config: DarknetConfig, splits: DataSplits | None = None) -> RunStart:
+def plan_run(config: RunConfig) -> RunStart:
     """Read the data, the --resume checkpoint's meta and the --init-from weights; refuse what cannot work.
 
     Everything that can refuse the run happens here, before the workdir is touched: a bad --data or --init-from
     must not cost an --overwrite'd run. Nothing is written.
     """
-    splits = splits or run.load_run_splits(config)
+    splits, base_config = run.load_run_splits(config), config.model_config
     class_names = list(splits.class_names)
     run.check_workdir(config, ckpt.CHECKPOINT_DIR)
     if config.resume:
@@ -166,34 +163,27 @@ def plan_run(config: RunConfig, base_config: DarknetConfig, splits: DataSplits |
     return RunStart(config, model_config, splits, (), variables, tuple(notes))
 
 
-def train(
-    config: RunConfig,
-    *,
-    model_config: DarknetConfig | None = None,
-    splits: DataSplits | None = None,
-    topology: Topology | None = None,
-    verbose: bool = True,
-) -> dict[str, Any]:
+def train(config: RunConfig) -> dict[str, Any]:
     """Run (or resume) training as `config` (already resolved and validated) says; returns the summary."""
     t_entry = time.perf_counter()
     setup_compilation_cache(config.compile_cache)
-    topology = topology or make_topology()
+    topology = make_topology()
     check_batch_size(config.batch_size, topology)
-    start = plan_run(config, model_config or config.model_config, splits)
+    start = plan_run(config)
     lock = run.prepare_workdir(start.config, ckpt.CHECKPOINT_DIR, topology.is_main, sync=distributed.barrier)
     try:
-        return _train(start, topology, verbose and topology.is_main, t_entry)
+        return _train(start, topology, t_entry)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(start: RunStart, topology: Topology, verbose: bool, t_entry: float) -> dict[str, Any]:
-    """The loop of train(), in a held workdir."""
+def _train(start: RunStart, topology: Topology, t_entry: float) -> dict[str, Any]:
+    """The loop of train(), in a held workdir; only the main process prints."""
     config, model_config, splits = start.config, start.model_config, start.splits
     class_names, num_classes, is_main = list(splits.class_names), len(splits.class_names), topology.is_main
     workdir = Path(config.workdir)
-    say = print if verbose else (lambda *a, **k: None)
+    say = print if is_main else (lambda *a, **k: None)
 
     local_batch = topology.local_batch_size(config.batch_size)
     train_iter, eval_iter = run.make_run_iterators(
@@ -256,7 +246,7 @@ def _train(start: RunStart, topology: Topology, verbose: bool, t_entry: float) -
     train_fn = jax.jit(step, donate_argnums=state_donation(), compiler_options=remat_compiler_options(config.remat))
     eval_fn = jax.jit(functools.partial(eval_step, mean_std=config.mean_std))
     logger = RunLogger(workdir, enabled=is_main)
-    tracker = run.StepTracker(loop, config, steps_per_epoch, total_steps, logger, verbose=verbose)
+    tracker = run.StepTracker(loop, config, steps_per_epoch, total_steps, logger, verbose=is_main)
     run_meta = run.meta_writer(config, model_config, splits)
 
     def save(val: dict | None = None) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import io
 import os
 import sys
@@ -24,11 +25,9 @@ from porting.errors import EXIT_BAD_INPUT, EXIT_OK
 from porting.runs import CheckpointError
 from porting.serve_predict import predictions_csv
 from train.data import NO_LABEL, DataError, Records, load_eval_folder, make_eval_iter
+from train.data.mask import EVAL_CSV
 from train.data.scan import is_image_name
 from train.logging_utils import atomic_write_text
-from train.options import DEFAULT_INPUT_NORM, INPUT_NORMS
-
-EVAL_CSV = "info.csv"
 
 
 @dataclasses.dataclass
@@ -41,12 +40,11 @@ class Predictor:
     image_size: int
     precision: str
     batch_size: int
-    source: str = ""  # the checkpoint folder and step it was restored from
-    mean_std: tuple[tuple[float, ...], tuple[float, ...]] = INPUT_NORMS[DEFAULT_INPUT_NORM]
-    _fn: Any = dataclasses.field(default=None, repr=False)
+    source: str  # the checkpoint folder and step it was restored from
+    mean_std: tuple[tuple[float, ...], tuple[float, ...]]
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, batch_size: int | None = None) -> Predictor:
+    def from_checkpoint(cls, path: str | os.PathLike) -> Predictor:
         """Any weights location porting reads (a run folder or step, a Hub-layout directory, any weights file), with
         the class names, image size and slope its preprocessing record gives; refused if the record lacks one, or
         asks for other input than train.state.normalize makes."""
@@ -67,12 +65,10 @@ class Predictor:
         resizing = ("interpolation", "crop_pct", "crop_mode")
         # Mean and std follow the record (normalize takes them); the scale and resize are train.predict's own.
         given = TRAINER_DEFAULTS.without(*resizing, "mean", "std")
-        problems = contradictions([(where, pre), ("train.predict gives", given)])
-        if problems:
+        if problems := contradictions([(where, pre), ("train.predict gives", given)]):
             raise CheckpointError(f"--checkpoint {where}: the weights expect other input than train.predict gives "
                                   "(uint8 RGB / 255):\n  " + "\n  ".join(problems))  # fmt: skip
-        resize = contradictions([(where, pre), ("train.predict resizes", TRAINER_DEFAULTS.only(*resizing))])
-        if resize:
+        if resize := contradictions([(where, pre), ("train.predict resizes", TRAINER_DEFAULTS.only(*resizing))]):
             warnings.warn(f"{where} was trained with another resize than train.predict's: {'; '.join(resize)}",
                           stacklevel=2)  # fmt: skip
         run, defaults = result.run_config or {}, TrainConfig()
@@ -82,37 +78,34 @@ class Predictor:
             class_names=list(names),
             image_size=size,
             precision=str(run.get("precision", defaults.precision)),
-            batch_size=batch_size or int(run.get("batch_size", defaults.batch_size)),
+            batch_size=int(run.get("batch_size", defaults.batch_size)),
             source=where,
             mean_std=(tuple(mean), tuple(std)),
         )
 
     def probabilities(self, records: Records) -> np.ndarray:
         """(len(records), num_classes) softmax probabilities, in record order."""
-        probs, variables = self._probs_fn()
+        probs, variables = self._probs_fn
         out = []
         for batch in make_eval_iter(records, batch_size=self.batch_size, image_size=self.image_size):
             p = np.asarray(probs(variables, batch["image"]))
             out.append(p[batch["mask"]])
         return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
 
+    @functools.cached_property
     def _probs_fn(self) -> tuple[Any, Any]:
         """The jitted softmax(model(normalize(uint8))) and its variables, BatchNorm folded (built once)."""
-        if self._fn is None:
-            import jax
+        import jax
 
-            from flax_darknet import fold_for_inference
-            from train.state import create_model, normalize
+        from flax_darknet import fold_for_inference
+        from train.state import create_model, normalize
 
-            # Folded: one fewer per-channel pass per conv and no statistics (equal to 1e-6, tests/test_fold_bn.py).
-            unfolded = create_model(self.model_config, len(self.class_names), self.precision)
-            model, variables = fold_for_inference(unfolded, self.variables)
-            mean, std = self.mean_std
-            fn = jax.jit(
-                lambda v, images: jax.nn.softmax(model.apply(v, normalize(images, mean=mean, std=std)), axis=-1)
-            )
-            self._fn = (fn, variables)
-        return self._fn
+        # Folded: one fewer per-channel pass per conv and no statistics (equal to 1e-6, tests/test_fold_bn.py).
+        unfolded = create_model(self.model_config, len(self.class_names), self.precision)
+        model, variables = fold_for_inference(unfolded, self.variables)
+        mean, std = self.mean_std
+        fn = jax.jit(lambda v, images: jax.nn.softmax(model.apply(v, normalize(images, mean=mean, std=std)), axis=-1))
+        return fn, variables
 
 
 def list_images(folder: Path) -> Records:
@@ -134,8 +127,7 @@ def submission_csv(eval_folder: Path, preds: np.ndarray) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
-    for row, p in zip(rows, preds, strict=True):
-        writer.writerow({**row, "ans": int(p)})
+    writer.writerows({**row, "ans": int(p)} for row, p in zip(rows, preds, strict=True))
     return buf.getvalue()
 
 
@@ -160,9 +152,8 @@ def predict(checkpoint: str, data: str, out: str | None, force: bool = False) ->
     print(f"using checkpoint {predictor.source}")
     records = load_eval_folder(folder) if is_eval else list_images(folder)
     probs = predictor.probabilities(records)
-    preds = probs.argmax(-1)
     if is_eval:
-        text = submission_csv(folder, preds)
+        text = submission_csv(folder, probs.argmax(-1))
     else:
         text = predictions_csv(folder, records.paths, probs, predictor.class_names)
     try:

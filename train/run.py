@@ -16,7 +16,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any
 
 import numpy as np
 
@@ -24,7 +24,7 @@ from darknet_arch import DarknetConfig
 from porting.runs import RUN_CONFIG, RunMeta, trainer_preprocessing, val_record  # RUN_CONFIG: marks a run
 from train.data import DataSplits, load_splits, make_eval_iter, make_train_iter
 from train.data.pipeline import records_fingerprint
-from train.logging_utils import METRICS_FILE, Progress, RunLogger, atomic_write_text, ensure_writable_dir, epoch_of
+from train.logging_utils import METRICS_FILE, Progress, RunLogger, atomic_write_text, epoch_of
 from train.options import DEMO_DATA, RunConfig, dumps, path_fields
 
 DATA_SUMMARY_FILE = "data_summary.json"
@@ -88,29 +88,18 @@ def load_run_splits(config: RunConfig) -> DataSplits:
     )
 
 
-class PipelineArgs(TypedDict):
-    """What the train and eval pipelines of one run share."""
-
-    batch_size: int
-    image_size: int
-    num_workers: int
-    process_index: int
-    process_count: int
-    cache_dir: str | None
-
-
 def make_run_iterators(
     config: RunConfig, splits: DataSplits, *, batch_size: int, process_index: int = 0, process_count: int = 1
 ) -> tuple[Any, Any]:
     """(infinite train iterator, one-pass eval iterable) of `batch_size` rows per process."""
-    common = PipelineArgs(
-        batch_size=batch_size,
-        image_size=config.image_size,
-        num_workers=config.num_workers,
-        process_index=process_index,
-        process_count=process_count,
-        cache_dir=config.cache_dir,
-    )
+    common: dict[str, Any] = {
+        "batch_size": batch_size,
+        "image_size": config.image_size,
+        "num_workers": config.num_workers,
+        "process_index": process_index,
+        "process_count": process_count,
+        "cache_dir": config.cache_dir,
+    }
     train_iter = make_train_iter(splits.train, seed=config.seed, augment=config.augment, **common)
     return train_iter, make_eval_iter(splits.val, **common)
 
@@ -127,11 +116,9 @@ class SignalFlag:
     def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
         self.signals = signals
         self.signum: int | None = None
-        self._old: dict[int, Any] = {}
 
     def __enter__(self) -> SignalFlag:
-        for s in self.signals:
-            self._old[s] = signal.signal(s, self._handle)
+        self._old = {s: signal.signal(s, self._handle) for s in self.signals}
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -165,8 +152,8 @@ class StepTracker:
         logger: RunLogger,
         verbose: bool = True,
     ) -> None:
-        self.loop, self.config, self.steps_per_epoch, self.logger = loop, config, steps_per_epoch, logger
-        self.total_steps = total_steps
+        self.loop, self.config, self.logger = loop, config, logger
+        self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
         self.progress = Progress(total_steps, config.log_every, steps_per_epoch=steps_per_epoch, enabled=verbose)
         self.loss_sum, self.correct, self.seen = 0.0, 0, 0
         self.lr = float("nan")
@@ -215,8 +202,7 @@ class StepTracker:
             self.logger.log({"kind": "train_epoch", "step": loop.step, "epoch": epoch, **train})
         self.loss_sum, self.correct, self.seen = 0.0, 0, 0
         # Ties go to the later step, as orbax's best-checkpoint ranking does.
-        is_best = val["macro_f1"] >= loop.best_f1
-        if is_best:
+        if is_best := val["macro_f1"] >= loop.best_f1:
             loop.best_f1, loop.best_step = val["macro_f1"], loop.step
         self.logger.log({"kind": "val", "step": loop.step, "epoch": epoch, **val})
         self.logger.plot(class_names, force=loop.step >= self.total_steps)
@@ -244,8 +230,6 @@ def finish(workdir: Path, loop: LoopState, train_seconds: float, last_val: dict 
 def write_summary(workdir: Path, summary: dict) -> None:
     """summary.json."""
     atomic_write_text(workdir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
-
-
 
 
 class WorkdirError(ValueError):
@@ -289,13 +273,10 @@ def _contents(workdir: Path, checkpoint_dir: str | None = None) -> list[Path]:
     if not workdir.is_dir():
         return []
     skeleton = {WorkdirLock.FILE}
-    if checkpoint_dir and _is_empty_dir(workdir / checkpoint_dir):
-        skeleton.add(checkpoint_dir)
+    folder = workdir / checkpoint_dir if checkpoint_dir else None
+    if folder and folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
+        skeleton.add(folder.name)
     return [p for p in workdir.iterdir() if p.name not in skeleton]
-
-
-def _is_empty_dir(path: Path) -> bool:
-    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
 
 
 def check_workdir(config: RunConfig, checkpoint_dir: str) -> None:
@@ -317,23 +298,14 @@ def check_workdir(config: RunConfig, checkpoint_dir: str) -> None:
             f"--overwrite: {workdir} is not a training run folder (it has no {RUN_CONFIG}); "
             "refusing to delete it. Choose another --workdir"
         )
+    if not (used and config.overwrite):
+        return
     for name in path_fields():
         value = getattr(config, name)
-        if (
-            name != "workdir"
-            and used
-            and config.overwrite
-            and value
-            and value != DEMO_DATA
-            and _inside(Path(value), workdir)
-        ):
+        inside = value and value != DEMO_DATA and Path(value).resolve().is_relative_to(workdir.resolve())
+        if name != "workdir" and inside:
             flag = "--" + name.replace("_", "-")
             raise WorkdirError(f"--overwrite would delete {flag} {value}, which is inside {workdir}; choose another")
-
-
-def _inside(path: Path, folder: Path) -> bool:
-    path, folder = path.resolve(), folder.resolve()
-    return path == folder or folder in path.parents
 
 
 def prepare_workdir(
@@ -353,20 +325,20 @@ def prepare_workdir(
         lock = WorkdirLock(workdir)
         try:
             lock.acquire()
+            try:
+                check_workdir(config, checkpoint_dir)  # again under the lock: another run may have started meanwhile
+                if config.overwrite:
+                    for p in _contents(workdir):
+                        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+                (workdir / checkpoint_dir).mkdir(parents=True, exist_ok=True)
+                probe = workdir / f".write-test-{os.getpid()}"  # a read-only folder fails here, not at the first save
+                probe.write_text("ok")
+                probe.unlink()
+            except BaseException:
+                lock.release()
+                raise
         except OSError as e:
             raise WorkdirError(f"--workdir {workdir} is not writable: {e}") from e
-        try:
-            check_workdir(config, checkpoint_dir)  # again under the lock: another run may have started meanwhile
-            if config.overwrite:
-                for p in _contents(workdir):
-                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-            ensure_writable_dir(workdir / checkpoint_dir, probe_in=workdir)
-        except OSError as e:
-            lock.release()
-            raise WorkdirError(f"--workdir {workdir} is not writable: {e}") from e
-        except BaseException:
-            lock.release()
-            raise
     sync("workdir-ready")
     return lock
 
@@ -396,18 +368,14 @@ def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) ->
     for name, arr in (("labels", labels), ("preds", preds)):
         if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
             raise ValueError(f"{name} must be in [0, {num_classes}), got range [{arr.min()}, {arr.max()}]")
-    return np.bincount(labels * num_classes + preds, minlength=num_classes * num_classes).reshape(
-        num_classes, num_classes
-    )
+    return np.bincount(labels * num_classes + preds, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
 def per_class_f1(cm: np.ndarray) -> np.ndarray:
     """F1 of each class; 0 where the class is neither present nor predicted (sklearn's zero_division=0)."""
     cm = np.asarray(cm, dtype=np.float64)
     tp = np.diag(cm)
-    fp = cm.sum(axis=0) - tp
-    fn = cm.sum(axis=1) - tp
-    denom = 2 * tp + fp + fn
+    denom = cm.sum(axis=0) + cm.sum(axis=1)  # 2 TP + FP + FN: the predicted plus the true count of each class
     return np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
 
 
