@@ -25,7 +25,7 @@ from porting.errors import EXIT_BAD_INPUT, EXIT_OK
 from porting.runs import CheckpointError
 from porting.serve_predict import predictions_csv
 from train.data import NO_LABEL, DataError, Records, load_eval_folder, make_eval_iter
-from train.data.mask import EVAL_CSV
+from train.data.formats import EVAL_CSV
 from train.data.scan import is_image_name
 from train.logging_utils import atomic_write_text
 
