@@ -95,3 +95,33 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step(tmp_path):
     assert step == stopped == meta["loop"]["step"]
     assert meta["data_state"]["step"] == stopped
     assert os.listdir(workdir / CHECKPOINT_DIR)
+
+
+def test_a_stop_at_an_epoch_end_between_periodic_checkpoints_saves_that_step(tmp_path, monkeypatch):
+    """With --checkpoint-every, an epoch end that is neither periodic, the last step nor the best saves nothing by
+    itself: a SIGTERM that lands on it must still save the step the run stops at."""
+    from train import flax as train_flax
+    from train import loop, run
+
+    seen: dict[str, int] = {"steps": 0}
+    make_iterators, place_batch = run.make_run_iterators, loop.place_batch
+
+    def iterators(*args, **kwargs):
+        train_iter, eval_iter = make_iterators(*args, **kwargs)
+        seen["steps_per_epoch"] = train_iter.steps_per_epoch
+        return train_iter, eval_iter
+
+    def placed(*args, **kwargs):
+        seen["steps"] += 1
+        if seen["steps"] == seen["steps_per_epoch"]:  # during the step that ends the first epoch
+            os.kill(os.getpid(), signal.SIGTERM)
+        return place_batch(*args, **kwargs)
+
+    monkeypatch.setattr(run, "make_run_iterators", iterators)
+    monkeypatch.setattr(loop, "place_batch", placed)
+    monkeypatch.setattr(run.StepTracker, "end_epoch", lambda self, *a, **k: False)  # never the best
+    workdir = tmp_path / "w"
+    args = tiny_cli_args(workdir, "--epochs", "3", "--batch-size", "8", "--checkpoint-every", "1000")
+    assert train_flax.main(args) == 128 + signal.SIGTERM
+    step, meta = read_meta(workdir / CHECKPOINT_DIR)
+    assert step == seen["steps_per_epoch"] == meta["loop"]["step"]

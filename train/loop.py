@@ -282,16 +282,19 @@ def _train(start: RunStart, topology: Topology, t_entry: float) -> dict[str, Any
                     save()
                     checkpointer.wait()
                     raise tracker.nonfinite_error(workdir)
+                saved = False
                 if end_of_epoch:
                     last_val = evaluate(state, eval_iter, eval_fn, topology, class_names)
                     is_best = tracker.end_epoch(last_val, class_names)
-                    if config.checkpoint_every is None or periodic or loop.step == total_steps or is_best:
+                    saved = config.checkpoint_every is None or periodic or loop.step == total_steps or is_best
+                    if saved:
                         save(last_val)
                 elif periodic:
                     save()
+                    saved = True
                 if signum is not None:
-                    if not (end_of_epoch or periodic):
-                        save()
+                    if not saved:  # an epoch end between periodic checkpoints saves nothing by itself
+                        save(last_val if end_of_epoch else None)
                     checkpointer.wait()
                     raise run.Interrupted(signum, loop.step)
     except (run.Interrupted, run.NonFiniteError):
