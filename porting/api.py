@@ -264,9 +264,10 @@ def load(path: str | os.PathLike | Location, options: LoadOptions = LoadOptions(
     if record.leaky_slope is None:
         notes.append(f"{label} records no leaky slope and its format implies none: pass the one it was trained with "
                      "(leaky_slope / --leaky-slope) to have it recorded")  # fmt: skip
-    same = loaded.flax_variables if classes == loaded.num_classes else None  # a replaced head: convert the state
+    kept = classes == loaded.num_classes  # else a replaced head: convert the state; its metrics were the old head's
+    same, metrics = (loaded.flax_variables, loaded.metrics) if kept else (None, None)
     return Loaded(state, classes, record, loaded.source_format, tuple(notes), cfg.with_slope(record.leaky_slope),
-                  location, loaded.run_config, same, loaded.metrics)  # fmt: skip
+                  location, loaded.run_config, same, metrics)  # fmt: skip
 
 
 def load_options(**options: Any) -> LoadOptions:

@@ -85,8 +85,11 @@ def convert(
     location = locate(src)
     dst_side = DIRECTIONS[direction_of(location, dst, direction)][1]
     atomic.check_destination(dst, force)
-    if os.path.abspath(location.path) == os.path.abspath(dst):
-        raise PortingError(f"SRC and DST are the same path {dst!r}")
+    target = os.path.abspath(dst)
+    for src_path in {location.given, location.path} - {""}:  # a run folder and the step it names
+        if os.path.commonpath([os.path.abspath(src_path), target]) == target:
+            raise PortingError(f"SRC {src_path!r} is {'DST' if os.path.abspath(src_path) == target else 'inside DST'} "
+                               f"{dst!r}: writing DST would replace it; choose another DST")  # fmt: skip
     loaded = load(location, asked)
     cfg = loaded.config
     meta = {"num_classes": loaded.num_classes, "source_format": loaded.source_format,

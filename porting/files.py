@@ -27,7 +27,7 @@ from porting.atomic import atomic_write, remove_temporaries, write_bytes, write_
 from porting.errors import PortingError, failing_as, parse_json
 from porting.hub import HUB_PYTORCH
 from porting.preprocessing import Preprocessing, combine
-from porting.runs import EMA, trainer_meta
+from porting.runs import EMA, checked_val, trainer_meta
 from porting.state import check_leaky_slope, check_num_classes
 
 TORCH_SUFFIXES = (".pt", ".pth")
@@ -44,7 +44,7 @@ VARIABLES = ("params", "batch_stats")  # the Flax collections a weights file hol
 META_FIELDS = ("num_classes", "source_format", "preprocessing")
 LEGACY_SLOPE = "leaky_slope"
 # What a training checkpoint's metadata adds (porting.runs.trainer_meta); read, never written.
-TRAINER_FIELDS = ("model_config", "run_config", "val")
+TRAINER_FIELDS = ("model_config", "run_config")
 # The side (framework) each format belongs to; a direction such as torch2flax names two sides.
 FORMAT_SIDES = {"torch": "torch", "safetensors": "torch", "msgpack": "flax", "orbax": "flax", "darknet": "darknet"}
 SIDE_HELP = {
@@ -104,6 +104,8 @@ def clean_meta(raw: Any, where: str) -> Meta:
     for key in TRAINER_FIELDS:
         if isinstance(raw.get(key), Mapping):
             meta[key] = dict(raw[key])
+    if (val := checked_val(raw.get("val"), where)) is not None:
+        meta["val"] = val
     return meta
 
 

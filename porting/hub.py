@@ -17,7 +17,7 @@ from darknet_arch import ARCHS, SEED_LEAKY_SLOPE, DarknetConfig
 from porting import atomic, keymap
 from porting.errors import PortingError, failing_as, parse_json, shown
 from porting.preprocessing import IMAGENET_MEAN, IMAGENET_STD, PIXEL_SCALE, UINT8_RGB, Preprocessing, combine
-from porting.state import CanonicalStateDict
+from porting.state import CanonicalStateDict, float32_slope
 from porting.torch_flax import canonical_to_torch, torch_to_timm_state_dict
 
 HUB_CONFIG = "config.json"
@@ -230,13 +230,17 @@ def write_hub(dst: str | os.PathLike, state: CanonicalStateDict, config: Darknet
         )
     if record.leaky_slope is None:
         raise PortingError(f"cannot write {dst!r}: the weights record no leaky slope; pass --leaky-slope")
-    record = record.replace(input=UINT8_RGB, scale=PIXEL_SCALE)  # what the folder states: timm's ToTensor
+    # What the folder states: timm's ToTensor input, and the slope as the float32 its tensors hold (the models
+    # compute in float32, so the function is the same; a reader then finds the record and the tensors agree).
+    slope = float32_slope(record.leaky_slope)
+    record = record.replace(input=UINT8_RGB, scale=PIXEL_SCALE, leaky_slope=slope)
+    config = config.with_slope(slope)
     timm_state = torch_to_timm_state_dict(canonical_to_torch(state, config), config)
     if config.leaky_slope != SEED_LEAKY_SLOPE:
         import torch
 
-        slope = torch.tensor([config.leaky_slope], dtype=torch.float32)
-        timm_state.update({unit.timm_act_key(): slope.clone() for unit in keymap.conv_units(config)})
+        held = torch.tensor([slope], dtype=torch.float32)
+        timm_state.update({unit.timm_act_key(): held.clone() for unit in keymap.conv_units(config)})
     contents = {
         HUB_SAFETENSORS: save({k: v.contiguous() for k, v in timm_state.items()}),
         HUB_CONFIG: json.dumps(_timm_config(architecture, config, num_classes, record), indent=2).encode(),

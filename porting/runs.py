@@ -15,6 +15,7 @@ import base64
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import shutil
 from collections.abc import Iterator, Mapping
@@ -25,7 +26,7 @@ import numpy as np
 
 from darknet_arch import ARCHS, DarknetConfig
 from porting.atomic import remove_temporaries
-from porting.errors import PortingError, failing_as
+from porting.errors import PortingError, failing_as, shown
 from porting.preprocessing import TRAINER_DEFAULTS, Preprocessing, combine
 from porting.state import weights_sha256
 
@@ -78,6 +79,20 @@ class RunMeta:
         Older items may lack fields (model_config): readers of any run use trainer_meta, which fills them in."""
         fields = {f.name: d[f.name] for f in dataclasses.fields(cls)}
         return cls(**{**fields, "data_state": decode_data_state(fields["data_state"])})
+
+
+def checked_val(raw: Any, where: str) -> dict[str, float] | None:
+    """A checkpoint's recorded validation metrics (VAL_FIELDS, finite numbers), None when it records none."""
+    if raw is None:
+        return None
+    val: dict[str, float] = {}
+    for key in VAL_FIELDS:
+        value = raw.get(key) if isinstance(raw, Mapping) else None
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+            fields = ", ".join(VAL_FIELDS)
+            raise PortingError(f"{where}: metadata val must map {fields} to finite numbers, got {shown(raw)}")
+        val[key] = float(value)
+    return val
 
 
 def val_record(val: Mapping[str, Any] | None) -> dict[str, float] | None:
@@ -137,7 +152,7 @@ def trainer_meta(payload: Mapping[str, Any], where: str) -> dict[str, Any]:
         "preprocessing": record.filled(TRAINER_DEFAULTS).to_json(),
         "model_config": None if config is None else config.to_dict(),
         "run_config": dict(run),
-        "val": dict(payload["val"]) if isinstance(payload.get("val"), Mapping) else None,
+        "val": checked_val(payload.get("val"), where),
     }
 
 

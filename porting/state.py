@@ -106,6 +106,12 @@ def check_leaky_slope(value: Any, what: str = "leaky_slope") -> float | None:
     return None if value is None else float(value)
 
 
+def float32_slope(slope: float) -> float:
+    """The slope a float32 tensor holds, as its shortest decimal (0.1, not 0.10000000149): what the models compute
+    with (their activations are float32), so the slope a record states for weights stored as float32."""
+    return float(np.format_float_positional(np.float32(slope), unique=True))
+
+
 def check_num_classes(value: Any, what: str = "num_classes") -> int | None:
     """A head width: a positive int, or None for "not given" (take it from the file); PortingError otherwise."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):

@@ -22,7 +22,9 @@ from porting.state import (
     check_leaky_slope,
     check_num_classes,
     check_running_var,
+    float32_slope,
     listing,
+    shape_of,
     to_float32,
 )
 
@@ -116,11 +118,10 @@ def split_prelu_slope(
         )
     slopes = {}
     for key in keys:
-        value = to_float32(key, state_dict[key])
-        if value.size != 1:
-            raise PortingError(f"{key} holds {value.size} slopes; Darknet-53's LeakyReLU has one per unit")
-        # The shortest decimal that is this float32 (0.1, not 0.10000000149): the slope a record states.
-        slopes[key] = float(np.format_float_positional(value.reshape(-1)[0], unique=True))
+        shape = shape_of(state_dict[key])
+        if shape != (1,):  # what timm's nn.PReLU(num_parameters=1) holds and loads
+            raise PortingError(f"{key} has shape {shape}; timm's one-slope PReLU holds shape (1,)")
+        slopes[key] = float32_slope(float(to_float32(key, state_dict[key])[0]))
     if len(set(slopes.values())) != 1:
         first, other = keys[0], next(k for k in keys if slopes[k] != slopes[keys[0]])
         raise PortingError(

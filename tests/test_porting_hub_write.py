@@ -85,6 +85,10 @@ def test_a_runs_hub_folder_carries_its_validation_metrics_and_reads_back_bitwise
     val = runs.read_meta(tiny_run / runs.CHECKPOINT_DIR, step)[1]["val"]
     assert f"| {val['loss']:.4f} | {val['accuracy']:.4f} | {val['macro_f1']:.4f} |" in card
     assert json.loads((out / "config.json").read_text())["architecture"] == "tiny"
+    # A replaced head is not the head those metrics measured: its card shows none.
+    replaced = ["--num-classes", "5", "--reset-head"]
+    assert cli.main(["flax2hub", str(tiny_run / "best"), str(tmp_path / "new"), *replaced]) == EXIT_OK
+    assert "Validation" not in (tmp_path / "new" / "README.md").read_text()
     back, original = porting.load_flax_variables(out), porting.load_flax_variables(tiny_run / "best")
     assert back.preprocessing == original.preprocessing
     for key, value in original.state.items():
@@ -110,6 +114,15 @@ def test_weights_timm_cannot_be_told_about_are_refused_with_nothing_written(tmp_
         assert all(w in err for w in words) and "Traceback" not in err, err
     assert cli.main(["torch2hub", str(tmp_path / "bare.pt"), str(tmp_path / "taken")]) == EXIT_BAD_INPUT
     assert "already exists" in capsys.readouterr().err
+    # A DST that holds SRC (a Hub DST is any folder name): --force would have replaced the folder and SRC with it.
+    assert cli.main(["torch2hub", str(tmp_path / "bare.pt"), str(tmp_path), "--force"]) == EXIT_BAD_INPUT
+    assert "inside DST" in capsys.readouterr().err
+    bad_val = {"state_dict": headed.state_dict(), "meta": {"val": {"loss": "low"}}}
+    torch.save(bad_val, tmp_path / "taken" / "val.pt")
+    before = _tree(tmp_path)
+    assert cli.main(["torch2hub", str(tmp_path / "taken" / "val.pt"), str(tmp_path / "out")]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "metadata val must map loss, accuracy, macro_f1 to finite numbers" in err and "Traceback" not in err
     assert _tree(tmp_path) == before
 
 
@@ -124,6 +137,10 @@ def test_prelu_slopes_that_are_not_one_leaky_slope_are_refused(tmp_path, capsys)
     torch.save({**state, **slopes, keys[-1]: torch.tensor([0.25])}, tmp_path / "learned.pt")
     assert cli.main(["torch2flax", str(tmp_path / "learned.pt"), str(tmp_path / "o.msgpack"), "--arch", "tiny"]) == 2
     assert "PReLU slopes differ" in capsys.readouterr().err
+
+    torch.save({**state, **slopes, keys[0]: torch.tensor(0.1)}, tmp_path / "scalar.pt")  # timm's PReLU refuses it
+    assert cli.main(["torch2flax", str(tmp_path / "scalar.pt"), str(tmp_path / "o.msgpack"), "--arch", "tiny"]) == 2
+    assert "shape (1,)" in capsys.readouterr().err
 
     torch.save({**state, **slopes}, tmp_path / "one.pt")  # one slope: read as that LeakyReLU slope
     assert porting.load_flax_variables(tmp_path / "one.pt", config=TINY).leaky_slope == DARKNET_LEAKY_SLOPE
@@ -156,3 +173,17 @@ def test_timms_own_slope_needs_no_model_args(tmp_path):
     for key, value in model.state_dict().items():
         if key in back.state:
             np.testing.assert_array_equal(back.state[key], value.numpy(), err_msg=key)
+
+
+@pytest.mark.parametrize(("given", "held"), [(0.123456789, 0.12345679), (0.0100000001, SEED_LEAKY_SLOPE)])
+def test_the_folder_records_the_float32_slope_its_tensors_hold(tmp_path, given, held):
+    """The models compute in float32: a slope float32 cannot hold exactly is written as the float32 it becomes, so the
+    record and the tensors agree on reading; one that becomes timm's 0.01 is timm's plain LeakyReLU."""
+    model = torch_ref.Darknet53(3, given, config=TINY)
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    args = ["--leaky-slope", str(given), "--preprocessing", json.dumps(RECORD)]
+    assert cli.main(["torch2hub", str(tmp_path / "w.pt"), str(tmp_path / "hub"), *args]) == EXIT_OK
+    config = json.loads((tmp_path / "hub" / "config.json").read_text())
+    assert config["preprocessing"]["leaky_slope"] == held
+    assert ("model_args" in config) == (held != SEED_LEAKY_SLOPE)
+    assert porting.load_flax_variables(tmp_path / "hub").leaky_slope == held

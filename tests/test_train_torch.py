@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 
@@ -82,9 +83,29 @@ def test_train_torch_starts_from_weights_keeps_an_ema_and_resumes(tmp_path, caps
     run = porting.load_flax_variables(workdir)  # the EMA: what was evaluated and chosen
     np.testing.assert_array_equal(run.state["fc.weight"], saved["ema"]["fc.weight"].numpy())
 
-    # The slope it took from the weights is the saved run's, not a changed flag; the EMA is restored with the rest.
-    assert main([*tiny_cli_args(workdir, "--steps", "2", "--batch-size", "8", *flags), "--resume"]) == 0
-    assert "resumed from step 2" in capsys.readouterr().out
+    # Stopped after step 1 and resumed, the run ends where the straight one did, EMA included: the slope it took from
+    # the weights is the saved run's (not a changed flag) and the EMA is restored with the rest.
+    import signal
+
+    import train.torch
+
+    step = train.torch.train_step
+
+    def stopped_after_the_first(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # seen at the end of this step: the run saves it and stops
+        return step(*args, **kwargs)
+
+    again = tmp_path / "again"
+    args = tiny_cli_args(again, "--steps", "2", "--batch-size", "8", *flags)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train.torch, "train_step", stopped_after_the_first)
+        assert main(args) == 128 + signal.SIGTERM
+    assert main([*args, "--resume"]) == 0
+    assert "resumed from step 1" in capsys.readouterr().out
+    resumed = torch.load(again / TORCH_CHECKPOINT_DIR / TORCH_LATEST, weights_only=True)
+    assert resumed["loop"]["step"] == 2
+    for key, value in saved["ema"].items():
+        assert torch.equal(resumed["ema"][key], value), key
 
 
 def test_a_run_that_recorded_flags_train_torch_never_applied_is_not_resumed_as_if_it_had(tmp_path, capsys):
