@@ -136,7 +136,8 @@ def hub_meta(directory: str | os.PathLike) -> dict[str, Any]:
         raise PortingError(f"{where}: pretrained_cfg: {exc}") from None
     ours, _ = Preprocessing.from_json(raw.get("preprocessing"), f"{where} preprocessing", strict=False)
     record = combine([(f"{where} pretrained_cfg", timm_record), (f"{where} preprocessing", ours)], where)
-    classes = raw.get("num_classes", cfg.get("num_classes"))
+    # timm builds the head model_args' num_classes asks for, ahead of the top-level one (timm._factory).
+    classes = args.get("num_classes", raw.get("num_classes", cfg.get("num_classes")))
     if classes is not None and (isinstance(classes, bool) or not isinstance(classes, int) or classes < 1):
         raise PortingError(f"{where}: num_classes must be an int >= 1, got {shown(classes)}")
     return {"num_classes": classes, "preprocessing": record.to_json(), "model_config": config.to_dict(),

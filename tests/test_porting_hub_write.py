@@ -154,6 +154,11 @@ def test_prelu_slopes_that_are_not_one_leaky_slope_are_refused(tmp_path, capsys)
                                                  "pretrained_cfg": {}}))  # fmt: skip
     with pytest.raises(porting.PortingError, match="lack PReLU slopes"):
         porting.load_flax_variables(hub)
+    # timm builds model_args' num_classes ahead of the top-level one: a 7-class model for these 3-class weights.
+    (hub / "config.json").write_text(json.dumps({"architecture": "tiny", "num_classes": 3,
+                                                 "model_args": {"num_classes": 7}, "pretrained_cfg": {}}))  # fmt: skip
+    with pytest.raises(porting.PortingError, match="records 7 classes, but its head has 3"):
+        porting.load_flax_variables(hub)
 
 
 def test_timms_own_slope_needs_no_model_args(tmp_path):
