@@ -53,8 +53,9 @@ def raise_if_stopped() -> None:
 
 
 @contextlib.contextmanager
-def failing_as(prefix: str, suffix: str = "") -> Iterator[None]:
-    """Turn whatever a third-party reader or writer raises into ONE PortingError: prefix, the cause, suffix."""
+def failing_as(prefix: str, suffix: str = "", error: type[PortingError] = PortingError) -> Iterator[None]:
+    """Turn whatever a third-party reader or writer raises into ONE `error` (a PortingError): prefix, the cause,
+    suffix."""
     try:
         yield
     except PortingError:
@@ -64,7 +65,7 @@ def failing_as(prefix: str, suffix: str = "") -> Iterator[None]:
             cause = f"[Errno {exc.errno}] {exc.strerror}"  # without the temporary's name that str(exc) carries
         else:
             cause = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
-        raise PortingError(f"{prefix}: {cause}{suffix}") from exc
+        raise error(f"{prefix}: {cause}{suffix}") from exc
 
 
 def parse_json(text: str | bytes, where: str) -> Any:

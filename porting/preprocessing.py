@@ -207,20 +207,20 @@ def _validate(record: Preprocessing, where: str) -> None:
     if record.input is not None and record.input != UINT8_RGB:
         raise PortingError(f"{where}: input {record.input!r} is not supported; the models take {UINT8_RGB!r}")
     if record.scale is not None:
-        set_(record, "scale", _number(record.scale, "scale"))
+        set_(record, "scale", _number(record.scale, f"{where}: scale"))
         if record.scale <= 0:
             raise PortingError(f"{where}: scale must be positive (1/255 maps uint8 to [0, 1]), got {record.scale}")
     if record.mean is not None:
-        set_(record, "mean", _finite_floats(record.mean, "mean"))
+        set_(record, "mean", _finite_floats(record.mean, f"{where}: mean"))
     if record.std is not None:
-        set_(record, "std", _finite_floats(record.std, "std", positive=True))
+        set_(record, "std", _finite_floats(record.std, f"{where}: std", positive=True))
     if record.image_size is not None and (isinstance(record.image_size, bool) or not isinstance(record.image_size, int)
                                           or not 1 <= record.image_size <= MAX_IMAGE_SIZE):  # fmt: skip
         raise PortingError(f"{where}: image_size must be an int in 1..{MAX_IMAGE_SIZE}, got {record.image_size!r}")
     if record.interpolation is not None and record.interpolation not in INTERPOLATIONS:
         raise PortingError(f"{where}: interpolation {record.interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
     if record.crop_pct is not None:
-        set_(record, "crop_pct", _number(record.crop_pct, "crop_pct"))
+        set_(record, "crop_pct", _number(record.crop_pct, f"{where}: crop_pct"))
         if not MIN_CROP_PCT <= record.crop_pct <= 1:
             raise PortingError(f"{where}: crop_pct must be in [{MIN_CROP_PCT}, 1], got {record.crop_pct}")
     if record.crop_mode is not None and record.crop_mode not in CROP_MODES:

@@ -160,8 +160,8 @@ class Artefact:
     def _load_jax(self, data: bytes) -> Any:
         import jax
 
-        with failing_as(f"{self.path!r} is not a serialised jax.export program"):  # flatbuffer, version errors
-            exported = jax.export.deserialize(bytearray(data))
+        with failing_as(f"{self.path!r} is not a serialised jax.export program", error=ServingError):
+            exported = jax.export.deserialize(bytearray(data))  # flatbuffer, version errors
         self._check_shapes(exported.in_avals[0].shape, exported.out_avals[0].shape)
         backend = jax.export.default_export_platform()  # 'cuda', not jax's 'gpu'
         if backend not in exported.platforms:
@@ -176,7 +176,8 @@ class Artefact:
     def _load_onnx(self, data: bytes) -> Any:
         import onnxruntime as ort
 
-        with failing_as(f"{self.path!r} is not an ONNX model onnxruntime can load"):  # its own pybind error types
+        # onnxruntime raises its own pybind error types
+        with failing_as(f"{self.path!r} is not an ONNX model onnxruntime can load", error=ServingError):
             session = ort.InferenceSession(data, providers=ort.get_available_providers())
         self._check_shapes(session.get_inputs()[0].shape, session.get_outputs()[0].shape)
         return lambda batch: tuple(session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch}))
@@ -190,7 +191,11 @@ class Artefact:
 def resize_record(pre: Any, where: str) -> Preprocessing:
     """A sidecar's preprocessing as a record: every field's type and range checked (porting.preprocessing's bounds:
     a file's number never sizes an allocation unchecked), and refused unless it names the whole resize."""
-    record = Preprocessing.from_json(pre, where, strict=False)[0]
+    fields = {k: pre.get(k) for k in RESIZE_FIELDS} if isinstance(pre, dict) else pre  # the resize's fields only
+    try:
+        record = Preprocessing.from_json(fields, where, strict=False)[0]
+    except PortingError as exc:
+        raise ServingError(str(exc)) from None
     missing = [k for k in RESIZE_FIELDS if getattr(record, k) is None]
     if missing:
         raise ServingError(f"{where}: preprocessing {shown(pre)} gives no {', '.join(missing)}, which the resize needs")

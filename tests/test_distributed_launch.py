@@ -49,6 +49,8 @@ def test_cluster_detection_needs_a_multi_task_launch():
     assert detect_cluster({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}) is None
     assert detect_cluster({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1"}) == "ompi"
     assert detect_cluster({}) is None
+    assert detect_cluster({"SLURM_JOB_ID": "7", "SLURM_NTASKS": " 2\n"}) == "slurm"  # as int() reads it
+    assert detect_cluster({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "two"}) is None
 
 
 def test_unreachable_coordinator_fails_within_timeout():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -207,3 +208,19 @@ def test_a_program_for_another_platform_is_refused_advising_only_what_helps(sour
     monkeypatch.setattr(jax.export, "default_export_platform", lambda: "cuda")  # as on a GPU machine
     with pytest.raises(ServingError, match="or set JAX_PLATFORMS=cpu"):
         Artefact(source["out"] / "darknet53.jax")
+
+
+def test_a_broken_program_or_resize_record_is_a_serving_error_naming_what(source, monkeypatch) -> None:
+    """What the runner cannot use is a ServingError (its callers catch that), and a sidecar's field is named as the
+    sidecar's preprocessing; a resize needs only the resize's fields."""
+    import jax
+
+    from porting.serve_predict import Artefact, ServingError, resize_record
+
+    monkeypatch.setattr(jax.export, "deserialize", lambda data: (_ for _ in ()).throw(ValueError("not a flatbuffer")))
+    with pytest.raises(ServingError, match=re.escape("is not a serialised jax.export program: ValueError: not a")):
+        Artefact(source["out"] / "darknet53.jax")
+    resize = {"image_size": 8, "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center"}
+    with pytest.raises(ServingError, match=re.escape("'m.json': preprocessing: crop_pct must be a finite number")):
+        resize_record({**resize, "crop_pct": float("nan")}, "'m.json'")
+    assert resize_record({**resize, "mean": "checked by the sidecar's reader"}, "'m.json'").image_size == 8

@@ -96,7 +96,11 @@ def detect_cluster(environ: dict[str, str] | None = None) -> str | None:
     """'slurm' or 'ompi' when this process was launched as one of several tasks by them, else None."""
     env = os.environ if environ is None else environ
     for name, (size, other) in _CLUSTER_ENVS.items():
-        if other in env and env.get(size, "").isdecimal() and int(env[size]) > 1:
+        try:
+            tasks = int(env[size])  # as the launchers' own readers take it (" 2", "2\n" included)
+        except (KeyError, ValueError):
+            continue
+        if other in env and tasks > 1:
             return name
     return None
 
