@@ -33,8 +33,8 @@ NOT_WRITTEN = "; nothing was written (free space on that disk, or choose a writa
 def _remove(path: str) -> None:
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
+    else:  # cleanup after a failure must not replace that failure's error with its own (as rmtree above)
+        with contextlib.suppress(OSError):
             os.remove(path)
 
 
