@@ -86,7 +86,8 @@ def convert(
     dst_side = DIRECTIONS[direction_of(location, dst, direction)][1]
     atomic.check_destination(dst, force)
     target = os.path.abspath(dst)
-    for src_path in {location.given, location.path} - {""}:  # a run folder and the step it names
+    given = set() if is_hub_id(src) else {location.given}  # a Hub id names no local path; its cache folder does
+    for src_path in given | {location.path}:  # a run folder and the step it names
         if os.path.commonpath([os.path.abspath(src_path), target]) == target:
             raise PortingError(f"SRC {src_path!r} is {'DST' if os.path.abspath(src_path) == target else 'inside DST'} "
                                f"{dst!r}: writing DST would replace it; choose another DST")  # fmt: skip
